@@ -1,0 +1,5 @@
+import sys
+
+from dagman.cli import main
+
+sys.exit(main())
