@@ -1,0 +1,98 @@
+"""Window attention kernels for the 3D Swin backbone.
+
+``window_attention(q, k, v, bias, scale)`` computes ``softmax(scale * q k^T + bias) v`` for a batch of
+windows that share one additive bias (relative-position bias, plus the shifted-window mask of that group
+of windows), without materialising the attention matrices where the device allows:
+
+- CUDA and other devices: :func:`torch.nn.functional.scaled_dot_product_attention` (the fused kernels
+  there differentiate the additive bias).
+- CPU: PyTorch's fused CPU flash kernel computes the forward pass and the gradients of q, k and v, but
+  not the gradient of ``attn_mask`` (with a bias that requires grad, SDPA falls back to the slow
+  materialising path). :class:`_FlashWindowAttentionCPU` therefore runs the flash kernel forward and
+  backward, and adds the bias gradient ``sum_windows P * (dP - rowsum(dO * O))`` computed in small
+  cache-sized chunks from the saved log-sum-exp, so no full ``(windows, heads, L, L)`` tensor is stored.
+- ``explicit_window_attention`` is the reference path that also returns the probabilities (used when a
+  caller asks for attention maps, e.g. for the head-diversity measure).
+
+Shapes: q, k, v ``(W, H, L, d)`` (any strides with a unit last stride), bias ``(H, L, L)``; output
+``(W, H, L, d)``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+_aten = torch.ops.aten
+_CHUNK_ELEMENTS = 1 << 20  # elements of one (chunk, H, L, L) block in the bias-gradient loop
+
+
+def _cpu_flash_available() -> bool:
+    return hasattr(_aten, "_scaled_dot_product_flash_attention_for_cpu") and hasattr(
+        _aten, "_scaled_dot_product_flash_attention_for_cpu_backward"
+    )
+
+
+class _FlashWindowAttentionCPU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, bias, scale):  # type: ignore[override]
+        mask = bias.to(q.dtype).unsqueeze(0)
+        out, lse = _aten._scaled_dot_product_flash_attention_for_cpu(
+            q, k, v, 0.0, False, attn_mask=mask, scale=scale
+        )
+        ctx.save_for_backward(q, k, v, out, lse, mask)
+        ctx.scale = scale
+        ctx.bias_dtype = bias.dtype
+        ctx.bias_needs_grad = bias.requires_grad
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):  # type: ignore[override]
+        q, k, v, out, lse, mask = ctx.saved_tensors
+        grad_out = grad_out.contiguous()
+        dq, dk, dv = _aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            grad_out, q, k, v, out, lse, 0.0, False, attn_mask=mask, scale=ctx.scale
+        )
+        dbias = None
+        if ctx.bias_needs_grad:
+            dbias = _bias_grad(q, k, v, out, lse, mask, grad_out, ctx.scale)
+            dbias = dbias.to(ctx.bias_dtype)
+        return dq, dk, dv, dbias, None
+
+
+def _bias_grad(q, k, v, out, lse, mask, grad_out, scale) -> torch.Tensor:
+    """d loss / d bias = sum over windows of P * (dO V^T - rowsum(dO * O)), chunked over windows.
+
+    q, k, v, out, grad_out: (W, H, L, d); lse: (W, H, L); mask: (1, H, L, L). Returns (H, L, L) float32.
+    """
+    n_win, heads, length, dim = q.shape
+    acc = torch.zeros(heads, length, length, dtype=torch.float32, device=q.device)
+    chunk = max(1, _CHUNK_ELEMENTS // (heads * length * length))
+    m = mask.float()
+    delta_all = (grad_out.float() * out.float()).sum(-1, keepdim=True)  # (W, H, L, 1)
+    for s in range(0, n_win, chunk):
+        e = min(n_win, s + chunk)
+        qc, kc, vc, gc = (t[s:e].float() for t in (q, k, v, grad_out))
+        logits = torch.matmul(qc, kc.transpose(-1, -2)).mul_(scale).add_(m)
+        probs = logits.sub_(lse[s:e].float().unsqueeze(-1)).exp_()
+        dprobs = torch.matmul(gc, vc.transpose(-1, -2)).sub_(delta_all[s:e])
+        acc += probs.mul_(dprobs).sum(0)
+    return acc
+
+
+def explicit_window_attention(q, k, v, bias, scale) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference attention that materialises and returns the probabilities ``(W, H, L, L)``."""
+    logits = torch.matmul(q * scale, k.transpose(-1, -2)) + bias.to(q.dtype).unsqueeze(0)
+    probs = logits.softmax(-1)
+    return torch.matmul(probs, v), probs
+
+
+def window_attention(q, k, v, bias, scale: float) -> torch.Tensor:
+    """Fused window attention with a shared additive bias. See the module docstring for shapes."""
+    if q.device.type == "cpu" and _cpu_flash_available() and q.dtype in (torch.float32, torch.bfloat16, torch.float16):
+        if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad or bias.requires_grad):
+            return _FlashWindowAttentionCPU.apply(q, k, v, bias, scale)
+        return _aten._scaled_dot_product_flash_attention_for_cpu(
+            q, k, v, 0.0, False, attn_mask=bias.to(q.dtype).unsqueeze(0), scale=scale
+        )[0]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype).unsqueeze(0), scale=scale)
