@@ -61,7 +61,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # KEY=VALUE overrides may stand anywhere among the options of a command that takes them
+    if extra:
+        if hasattr(args, "overrides") and all("=" in t and not t.startswith("-") for t in extra):
+            args.overrides = list(args.overrides or []) + extra
+        else:
+            parser.parse_args(argv)  # reports the unrecognised arguments the usual way (exit 2)
     run = getattr(args, "_run", None)
     if run is None:
         group_parser = getattr(args, "_group_parser", None)

@@ -1,13 +1,99 @@
-"""Placeholder: being implemented."""
+"""``dagman pretrain``: resolve the pretraining config (presets + file + overrides) and train.
 
-HELP = "(not yet implemented)"
+The training engine is not part of this module yet: ``--print-config`` prints the resolved config as YAML;
+anything else stops with a one-line error once the config has been validated.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+HELP = "pretrain a 3D Swin encoder with DAGMaN or a baseline (smit, ibot, attmask, ablations)"
+
+DESCRIPTION = """\
+Pretrain a 3D Swin transformer on a prepared CT cache with DAGMaN (attention-guided masking, noisy teacher,
+semantic-attention block) or one of the baselines, all from one code path.
+
+The configuration is resolved in this order, later wins:
+  1. defaults of the size preset   (--size: tiny | small | paper; paper = the paper's settings)
+  2. the method preset             (--method: dagman | dagman-no-nt | dagman-no-sa | smit | ibot | attmask)
+  3. a YAML file                   (--config FILE; partial and nested, e.g. a saved RUN/config.yaml)
+  4. the options --data, --steps, --seed
+  5. KEY=VALUE overrides           (dotted keys, values read as YAML; put them last; quote lists)
+Use --print-config to see every key with its meaning and unit. Durations are in epochs; an epoch is
+(number of volumes // global batch) optimiser steps unless train.steps_per_epoch is set, and --steps N
+squeezes the whole schedule (warm-ups included) into N steps. The learning rate is given for a global
+batch of 8 and scaled linearly with data.batch_size x number of processes.
+
+examples:
+  dagman pretrain --size tiny --method smit --print-config optim.lr=0.001
+  dagman pretrain --method dagman --size paper --data CACHE --out runs/dagman
+  dagman pretrain --method ibot --size small --data CACHE --out runs/ibot train.precision=fp32
+  dagman pretrain --method dagman --size small --data CACHE --out runs/nt0 mask.teacher_drop_ratio=0
+  dagman pretrain --config runs/dagman/config.yaml --out runs/dagman --resume
+  dagman pretrain --data CACHE --out runs/ablate loss.amip=false 'model.depths=[2,2,6,2]'
+  # one node, 4 GPUs (global batch 4 x data.batch_size):
+  torchrun --standalone --nproc_per_node 4 -m dagman pretrain --size paper --data CACHE --out runs/paper
+  # two nodes:
+  torchrun --nnodes 2 --nproc_per_node 4 --rdzv_backend c10d --rdzv_endpoint HOST:29500 \\
+      -m dagman pretrain --size paper --data CACHE --out runs/paper
+"""
 
 
-def add_arguments(parser):
-    pass
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--method",
+        metavar="M",
+        help="method preset: dagman, dagman-no-nt, dagman-no-sa, smit, ibot, attmask "
+        "(default: the config file's, else dagman)",
+    )
+    parser.add_argument(
+        "--size", metavar="S", help="size preset: tiny, small, paper (default: the config file's, else paper)"
+    )
+    parser.add_argument("--config", metavar="FILE", help="YAML file applied on top of the presets")
+    parser.add_argument("--data", metavar="CACHE", help="prepared cache folder (from `dagman data prepare`)")
+    parser.add_argument("--out", metavar="RUN", help="run folder: config.yaml, checkpoints/, metrics, encoder")
+    parser.add_argument("--steps", type=int, metavar="N", help="train for N optimiser steps (sets train.total_steps)")
+    parser.add_argument("--resume", action="store_true", help="continue from RUN/checkpoints/last.pt")
+    parser.add_argument("--seed", type=int, metavar="N", help="random seed (sets train.seed)")
+    parser.add_argument(
+        "--print-config", action="store_true", help="print the resolved config as YAML and exit"
+    )
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="KEY=VALUE",
+        help="config overrides with dotted keys, e.g. optim.lr=1e-3 model.depths=[2,2,2,2] mask.student=random",
+    )
 
 
-def run(args):
+def resolve_config(args: argparse.Namespace):
+    """The validated :class:`dagman.config.Config` for parsed ``args`` (presets, --config, options,
+    overrides). Raises ConfigError on any problem."""
+    from dagman.config import load_config
+
+    overrides: list[str] = []
+    if args.data is not None:
+        overrides.append(f"data.cache={args.data}")
+    if args.steps is not None:
+        overrides.append(f"train.total_steps={args.steps}")
+    if args.seed is not None:
+        overrides.append(f"train.seed={args.seed}")
+    overrides.extend(args.overrides or [])
+    return load_config(size=args.size, method=args.method, file=args.config, overrides=overrides)
+
+
+def run(args: argparse.Namespace) -> int:
+    import sys
+
+    from dagman.config import to_yaml
     from dagman.errors import DagmanError
 
-    raise DagmanError("not implemented yet")
+    cfg = resolve_config(args)
+    if args.print_config:
+        sys.stdout.write(to_yaml(cfg))
+        return 0
+    raise DagmanError(
+        "training arrives with the pretraining engine (not built yet); "
+        "use --print-config to inspect the resolved config"
+    )

@@ -6,11 +6,12 @@ of windows), without materialising the attention matrices where the device allow
 
 - CUDA and other devices: :func:`torch.nn.functional.scaled_dot_product_attention` (the fused kernels
   there differentiate the additive bias).
-- CPU: PyTorch's fused CPU flash kernel computes the forward pass and the gradients of q, k and v, but
-  not the gradient of ``attn_mask`` (with a bias that requires grad, SDPA falls back to the slow
-  materialising path). :class:`_FlashWindowAttentionCPU` therefore runs the flash kernel forward and
-  backward, and adds the bias gradient ``sum_windows P * (dP - rowsum(dO * O))`` computed in small
-  cache-sized chunks from the saved log-sum-exp, so no full ``(windows, heads, L, L)`` tensor is stored.
+- CPU: PyTorch's fused CPU flash kernel computes the forward pass, but SDPA cannot differentiate
+  ``attn_mask`` there (with a bias that requires grad it falls back to the slow materialising path).
+  :class:`_FlashWindowAttentionCPU` runs the flash kernel forward (keeping only the output and the
+  log-sum-exp) and its own backward that recomputes the probabilities a few windows at a time and
+  returns dq, dk, dv and the bias gradient in one pass, so no full ``(windows, heads, L, L)`` tensor
+  is ever stored.
 - ``explicit_window_attention`` is the reference path that also returns the probabilities (used when a
   caller asks for attention maps, e.g. for the head-diversity measure).
 
@@ -49,35 +50,41 @@ class _FlashWindowAttentionCPU(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):  # type: ignore[override]
         q, k, v, out, lse, mask = ctx.saved_tensors
-        grad_out = grad_out.contiguous()
-        dq, dk, dv = _aten._scaled_dot_product_flash_attention_for_cpu_backward(
-            grad_out, q, k, v, out, lse, 0.0, False, attn_mask=mask, scale=ctx.scale
-        )
-        dbias = None
-        if ctx.bias_needs_grad:
-            dbias = _bias_grad(q, k, v, out, lse, mask, grad_out, ctx.scale)
-            dbias = dbias.to(ctx.bias_dtype)
-        return dq, dk, dv, dbias, None
+        dq, dk, dv, dbias = _chunked_attention_backward(q, k, v, out, lse, mask, grad_out, ctx.scale)
+        return dq, dk, dv, (dbias.to(ctx.bias_dtype) if ctx.bias_needs_grad else None), None
 
 
-def _bias_grad(q, k, v, out, lse, mask, grad_out, scale) -> torch.Tensor:
-    """d loss / d bias = sum over windows of P * (dO V^T - rowsum(dO * O)), chunked over windows.
+def _chunked_attention_backward(q, k, v, out, lse, mask, grad_out, scale):
+    """Attention backward from the saved log-sum-exp, a few windows at a time so every intermediate
+    ``(chunk, H, L, L)`` block stays in cache:
 
-    q, k, v, out, grad_out: (W, H, L, d); lse: (W, H, L); mask: (1, H, L, L). Returns (H, L, L) float32.
+    P = exp(scale q k^T + bias - lse);  dV = P^T dO;  dS = P * (dO V^T - rowsum(dO * O));
+    dQ = scale dS K;  dK = scale dS^T Q;  dbias = sum over windows of dS.
+
+    One pass gives all four gradients (the flash kernel's own backward would recompute P again just to
+    get dq, dk, dv). Shapes: q, k, v, out, grad_out (W, H, L, d); lse (W, H, L); mask (1, H, L, L).
+    Intermediates in float32 whatever the input dtype; dbias (H, L, L) float32.
     """
     n_win, heads, length, dim = q.shape
-    acc = torch.zeros(heads, length, length, dtype=torch.float32, device=q.device)
+    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    dbias = torch.zeros(heads, length, length, dtype=torch.float32, device=q.device)
     chunk = max(1, _CHUNK_ELEMENTS // (heads * length * length))
     m = mask.float()
-    delta_all = (grad_out.float() * out.float()).sum(-1, keepdim=True)  # (W, H, L, 1)
+    delta = (grad_out.float() * out.float()).sum(-1, keepdim=True)  # (W, H, L, 1)
     for s in range(0, n_win, chunk):
         e = min(n_win, s + chunk)
         qc, kc, vc, gc = (t[s:e].float() for t in (q, k, v, grad_out))
-        logits = torch.matmul(qc, kc.transpose(-1, -2)).mul_(scale).add_(m)
-        probs = logits.sub_(lse[s:e].float().unsqueeze(-1)).exp_()
-        dprobs = torch.matmul(gc, vc.transpose(-1, -2)).sub_(delta_all[s:e])
-        acc += probs.mul_(dprobs).sum(0)
-    return acc
+        probs = torch.matmul(qc, kc.transpose(-1, -2)).mul_(scale).add_(m)
+        probs.sub_(lse[s:e].float().unsqueeze(-1)).exp_()
+        dv[s:e] = torch.matmul(probs.transpose(-1, -2), gc)
+        ds = torch.matmul(gc, vc.transpose(-1, -2)).sub_(delta[s:e]).mul_(probs)
+        dbias += ds.sum(0)
+        ds.mul_(scale)
+        dq[s:e] = torch.matmul(ds, kc)
+        dk[s:e] = torch.matmul(ds.transpose(-1, -2), qc)
+    return dq, dk, dv, dbias
 
 
 def explicit_window_attention(q, k, v, bias, scale) -> tuple[torch.Tensor, torch.Tensor]:

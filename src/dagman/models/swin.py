@@ -94,6 +94,16 @@ class WindowPlan:
     inverse: torch.Tensor
     groups: list[tuple[int, int, torch.Tensor | None]]
     window_coords: torch.Tensor
+    full_mask: torch.Tensor | None = None  # (windows, L, L) over all groups; built lazily for GPU kernels
+
+    def window_mask(self) -> torch.Tensor | None:
+        """The shifted-window mask of every window in plan order, ``(windows, L, L)``, or None."""
+        if self.full_mask is None and any(m is not None for _, _, m in self.groups):
+            n = self.tokens_per_window
+            dev = self.perm.device
+            parts = [(m if m is not None else torch.zeros(n, n, device=dev)).expand(e - s, n, n) for s, e, m in self.groups]
+            self.full_mask = torch.cat(parts, 0)
+        return self.full_mask
 
     @property
     def tokens_per_window(self) -> int:
@@ -203,6 +213,14 @@ class WindowAttention(nn.Module):
         qkv = self.qkv(x).view(t // n, n, 3, h, c // h)
         bias = self.relative_bias(n)
         use_explicit = keep_attention or (self.training and self.attn_drop.p > 0)
+        if x.device.type != "cpu" and not use_explicit:
+            # accelerators: one fused call over all windows; the (windows, heads, L, L) bias is cheap there,
+            # and one launch beats one per mask group at these small sizes
+            q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+            mask = plan.window_mask()
+            am = bias.unsqueeze(0) if mask is None else bias.unsqueeze(0) + mask.unsqueeze(1)
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=am.to(q.dtype), scale=self.scale)
+            return self.proj_drop(self.proj(o.transpose(1, 2).reshape(t, c))), None
         outs, probs_all = [], []
         # one split (its backward is a single concatenation; per-group slicing would allocate a zero-filled
         # full-size gradient per group)

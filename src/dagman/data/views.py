@@ -1,0 +1,506 @@
+"""Two-view sampling for pretraining: random crop pairs of the same prepared volume, lightly augmented.
+
+Data flow (one sample)::
+
+    cache (float16 (X, Y, Z) .npy, memory-mapped)  --index i, epoch e-->  rng = default_rng([seed, e, i])
+        -> volume v = i mod n_volumes
+        -> view1, view2: independent uniform crop origins, per-axis flips, intensity x * a + b
+        -> {"view1": (1, S, S, S), "view2": (1, S, S, S), "volume": v, "origin1": (3,), "origin2": (3,)}
+
+Determinism: every random number of sample ``i`` at epoch ``e`` comes from ``np.random.default_rng([seed,
+e, i])``; nothing depends on the worker id, the number of workers, the process or the DDP rank. The
+loader built by :func:`two_view_loader` sends batches of ``(epoch, i)`` keys from the main process to the
+workers, so the epoch reaches persistent workers too (a ``set_epoch`` on the main process's dataset copy
+would not). Call ``loader.sampler.set_epoch(e)`` at the start of every epoch, as with
+``DistributedSampler``.
+
+Speed: a crop slices the memory map (only the pages under the crop are read), flips are negative-stride
+views of that slice, and a single ``np.copyto`` reads the float16 voxels and writes float32 straight
+into the batch tensor (allocated in shared memory inside a worker, so no collate copy and no copy on
+the way to the main process); the intensity change is two in-place passes over the crop.
+``benchmarks/loader_speed.py`` measures pairs per second.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections import OrderedDict
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+
+from dagman.data.cache import (
+    CACHE_FORMAT_VERSION,
+    MANIFEST,
+    SKIPPED,
+    VOLUMES_DIR,
+    CacheEntry,
+    atomic_write_json,
+    cache_entries,
+    open_volume,
+)
+from dagman.errors import ConfigError, DataError
+
+__all__ = ["TwoViewDataset", "EpochBatchSampler", "two_view_loader", "make_synthetic_cache"]
+
+_MAX_NAMED = 5  # volumes named in a one-line error before "and N more"
+
+
+def _crop_shape(crop_size: int | Sequence[int]) -> tuple[int, int, int]:
+    if isinstance(crop_size, (int, np.integer)):
+        shape = (int(crop_size),) * 3
+    else:
+        shape = tuple(int(s) for s in crop_size)
+    if len(shape) != 3 or min(shape) < 1:
+        raise ConfigError(f"crop_size must be a positive int or 3 positive ints, got {crop_size!r}")
+    return shape  # type: ignore[return-value]
+
+
+def _interval(name: str, value: tuple[float, float] | None, identity: float) -> tuple[float, float]:
+    if value is None:
+        return (identity, identity)
+    try:
+        lo, hi = (float(v) for v in value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name} must be a pair (low, high), got {value!r}") from None
+    if not (np.isfinite(lo) and np.isfinite(hi)) or lo > hi:
+        raise ConfigError(f"{name} must be a finite pair with low <= high, got {value!r}")
+    return (lo, hi)
+
+
+def _fmt_shape(shape: Sequence[int]) -> str:
+    return "x".join(str(int(s)) for s in shape)
+
+
+class TwoViewDataset(Dataset):
+    """Pairs of random crops of the same prepared volume, each lightly augmented (map-style dataset).
+
+    Args:
+        cache: folder of a prepared cache (see :mod:`dagman.data.cache`).
+        crop_size: crop edge ``S`` in voxels (int, or three ints ``(Sx, Sy, Sz)``).
+        flip_prob: probability of flipping each view along each axis, independently.
+        intensity_scale: ``a`` drawn uniformly from ``(low, high)`` per view; ``None`` or ``(1, 1)``: off.
+        intensity_shift: ``b`` drawn uniformly from ``(low, high)`` per view; ``None`` or ``(0, 0)``: off.
+            A view is ``crop * a + b`` (values may leave ``[0, 1]`` slightly; nothing is clipped).
+        samples_per_volume: samples per volume per epoch. An *epoch* is ``len(self) = n_volumes *
+            samples_per_volume`` samples; sample ``i`` uses volume ``i % n_volumes``, so every volume
+            appears exactly ``samples_per_volume`` times per epoch, with fresh crops each time.
+        seed: non-negative int; with the epoch and the index it fixes every random number.
+        max_open_volumes: memory maps kept open per process (least recently used are closed; each
+            holds a file descriptor).
+
+    Item ``i`` (or ``(epoch, i)``; plain ``i`` uses the epoch of :meth:`set_epoch`) is a dict::
+
+        "view1", "view2": (1, Sx, Sy, Sz) float32 tensors, crops of the same volume
+        "volume":         int, index of the volume in ``self.entries`` (manifest order)
+        "origin1", "origin2": (3,) int64 tensors, voxel index of each crop's corner in the (X, Y, Z)
+                          volume (before flipping: the view is ``volume[o:o+S]`` flipped/scaled)
+
+    A list of keys gives a whole batch (:meth:`batch`), which is how :func:`two_view_loader` reads it.
+
+    Raises :class:`DataError` at construction when the cache is empty, a volume file is missing, or a
+    volume is smaller than the crop in some axis (naming them: the first five, then a count).
+    """
+
+    def __init__(
+        self,
+        cache: str | os.PathLike,
+        crop_size: int | Sequence[int] = 128,
+        *,
+        flip_prob: float = 0.5,
+        intensity_scale: tuple[float, float] | None = (0.9, 1.1),
+        intensity_shift: tuple[float, float] | None = (-0.1, 0.1),
+        samples_per_volume: int = 1,
+        seed: int = 0,
+        max_open_volumes: int = 64,
+    ) -> None:
+        self.cache = Path(cache)
+        self.crop_shape = _crop_shape(crop_size)
+        if not 0.0 <= float(flip_prob) <= 1.0:
+            raise ConfigError(f"flip_prob must be in [0, 1], got {flip_prob!r}")
+        self.flip_prob = float(flip_prob)
+        self.intensity_scale = _interval("intensity_scale", intensity_scale, 1.0)
+        self.intensity_shift = _interval("intensity_shift", intensity_shift, 0.0)
+        if int(samples_per_volume) < 1:
+            raise ConfigError(f"samples_per_volume must be >= 1, got {samples_per_volume!r}")
+        self.samples_per_volume = int(samples_per_volume)
+        if int(seed) < 0:
+            raise ConfigError(f"seed must be a non-negative int, got {seed!r}")
+        self.seed = int(seed)
+        if int(max_open_volumes) < 1:
+            raise ConfigError(f"max_open_volumes must be >= 1, got {max_open_volumes!r}")
+        self.max_open_volumes = int(max_open_volumes)
+        self.epoch = 0
+
+        self.entries: list[CacheEntry] = cache_entries(self.cache)
+        self._check_entries()
+        self._reset_open_volumes()
+
+    # ----------------------------------------------------------------------------------------- checks
+    def _check_entries(self) -> None:
+        if not self.entries:
+            raise DataError(f"{self.cache}: the cache holds no volumes")
+        missing = [e.file for e in self.entries if not (self.cache / e.file).is_file()]
+        if missing:
+            raise DataError(
+                f"{self.cache}: {len(missing)} volume file(s) listed in {MANIFEST} are missing: "
+                + self._name_some(missing)
+            )
+        small = [e for e in self.entries if any(d < s for d, s in zip(e.shape, self.crop_shape))]
+        if small:
+            raise DataError(
+                f"{self.cache}: {len(small)} volume(s) smaller than the crop {_fmt_shape(self.crop_shape)} "
+                "in some axis: "
+                + self._name_some([f"{e.id} ({_fmt_shape(e.shape)})" for e in small])
+                + "; use a smaller crop or re-prepare the cache with a matching minimum size"
+            )
+
+    @staticmethod
+    def _name_some(items: list[str]) -> str:
+        named = ", ".join(items[:_MAX_NAMED])
+        return named + (f" and {len(items) - _MAX_NAMED} more" if len(items) > _MAX_NAMED else "")
+
+    # ------------------------------------------------------------------ per-process memory-map cache
+    def _reset_open_volumes(self) -> None:
+        self._open: OrderedDict[int, np.ndarray] = OrderedDict()
+        self._open_pid = os.getpid()
+
+    def __getstate__(self) -> dict:
+        # Memory maps never travel: pickling one would copy the whole volume (spawn), and a forked
+        # worker re-opens its own (see _volume).
+        state = self.__dict__.copy()
+        state["_open"] = OrderedDict()
+        state["_open_pid"] = None
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._reset_open_volumes()
+
+    def _volume(self, v: int) -> np.ndarray:
+        """The memory-mapped ``(X, Y, Z)`` volume ``v``, opened once per process (LRU-bounded)."""
+        if self._open_pid != os.getpid():  # forked worker: drop the parent's maps, open our own
+            self._reset_open_volumes()
+        vol = self._open.get(v)
+        if vol is not None:
+            self._open.move_to_end(v)
+            return vol
+        entry = self.entries[v]
+        vol = open_volume(self.cache, entry)
+        if vol.ndim != 3 or tuple(vol.shape) != entry.shape or vol.dtype.kind != "f":
+            raise DataError(
+                f"{self.cache / entry.file}: holds a {vol.dtype} array of shape {_fmt_shape(vol.shape)}, "
+                f"the manifest says float16 {_fmt_shape(entry.shape)}; re-prepare the cache"
+            )
+        self._open[v] = vol
+        while len(self._open) > self.max_open_volumes:
+            self._open.popitem(last=False)
+        return vol
+
+    # ------------------------------------------------------------------------------------ sampling
+    @property
+    def n_volumes(self) -> int:
+        return len(self.entries)
+
+    def __len__(self) -> int:
+        return self.n_volumes * self.samples_per_volume
+
+    def set_epoch(self, epoch: int) -> None:
+        """Epoch used for plain integer indices (the loader passes ``(epoch, i)`` keys explicitly)."""
+        if int(epoch) < 0:
+            raise ConfigError(f"epoch must be >= 0, got {epoch!r}")
+        self.epoch = int(epoch)
+
+    def __getitem__(self, key: int | tuple[int, int] | list) -> dict:
+        """``ds[i]`` or ``ds[(epoch, i)]``: one sample; ``ds[[key, ...]]``: a batch (see :meth:`batch`)."""
+        if isinstance(key, list):
+            return self.batch(key)
+        batch = self.batch([key])
+        return {
+            "view1": batch["view1"][0],
+            "view2": batch["view2"][0],
+            "volume": int(batch["volume"][0]),
+            "origin1": batch["origin1"][0],
+            "origin2": batch["origin2"][0],
+        }
+
+    def _key(self, key: int | tuple[int, int]) -> tuple[int, int]:
+        if isinstance(key, tuple):
+            epoch, index = (int(k) for k in key)
+        else:
+            epoch, index = self.epoch, int(key)
+        if not 0 <= index < len(self):
+            raise IndexError(f"sample index {index} out of range for {len(self)} samples")
+        if epoch < 0:
+            raise IndexError(f"epoch must be >= 0, got {epoch}")
+        return epoch, index
+
+    def batch(self, keys: Sequence[int | tuple[int, int]]) -> dict:
+        """The samples ``keys`` (each ``i`` or ``(epoch, i)``) written straight into batch tensors.
+
+        Returns ``"view1"``/``"view2"`` ``(B, 1, Sx, Sy, Sz) float32``, ``"volume"`` ``(B,) int64``,
+        ``"origin1"``/``"origin2"`` ``(B, 3) int64``; sample ``b`` equals ``self[keys[b]]``. In a
+        ``DataLoader`` worker the view tensors are allocated in shared memory, so handing the batch to
+        the main process copies nothing (``default_collate`` would stack per-sample tensors: one more
+        copy of every voxel).
+        """
+        keys = [self._key(k) for k in keys]
+        shape = (len(keys), 1, *self.crop_shape)
+        views = (_new_batch_tensor(shape), _new_batch_tensor(shape))
+        volumes = np.empty(len(keys), dtype=np.int64)
+        origins = (np.empty((len(keys), 3), dtype=np.int64), np.empty((len(keys), 3), dtype=np.int64))
+        for b, (epoch, index) in enumerate(keys):
+            rng = np.random.default_rng([self.seed, epoch, index])
+            v = index % self.n_volumes
+            vol = self._volume(v)
+            volumes[b] = v
+            for view, origin in zip(views, origins):
+                origin[b] = self._write_view(vol, rng, view[b, 0].numpy())
+        return {
+            "view1": views[0],
+            "view2": views[1],
+            "volume": torch.from_numpy(volumes),
+            "origin1": torch.from_numpy(origins[0]),
+            "origin2": torch.from_numpy(origins[1]),
+        }
+
+    def _write_view(self, vol: np.ndarray, rng: np.random.Generator, out: np.ndarray) -> np.ndarray:
+        """Write one augmented crop of ``vol`` into ``out`` ``(Sx, Sy, Sz) float32``; return its origin.
+
+        The random numbers are always drawn in the same order and number (origin, flips, scale, shift),
+        whatever the settings, so turning one augmentation off does not change the others' draws.
+        """
+        crop = self.crop_shape
+        origin = rng.integers(0, np.asarray(vol.shape) - np.asarray(crop) + 1, size=3, dtype=np.int64)
+        flips = rng.random(3) < self.flip_prob
+        scale = np.float32(rng.uniform(*self.intensity_scale))
+        shift = np.float32(rng.uniform(*self.intensity_shift))
+
+        # A view into the memory map: only the pages under the crop are read, by the copy below.
+        window = vol[tuple(slice(o, o + s) for o, s in zip(origin, crop))]
+        window = window[tuple(slice(None, None, -1) if f else slice(None) for f in flips)]
+        np.copyto(out, window, casting="same_kind")  # read + float16 -> float32, one pass
+        if scale != 1.0:
+            out *= scale
+        if shift != 0.0:
+            out += shift
+        return origin
+
+
+def _new_batch_tensor(shape: tuple[int, ...]) -> torch.Tensor:
+    """An uninitialised float32 tensor; in shared memory inside a DataLoader worker (as
+    ``default_collate`` allocates its output there), so sending it to the main process is free."""
+    new_shared = getattr(torch.UntypedStorage, "_new_shared", None)  # what default_collate uses
+    if torch.utils.data.get_worker_info() is None or new_shared is None:
+        return torch.empty(shape, dtype=torch.float32)  # (without it, sending copies to shared memory)
+    storage = new_shared(int(np.prod(shape)) * 4)
+    return torch.empty(0, dtype=torch.float32).set_(storage, 0, shape)
+
+
+class EpochBatchSampler(Sampler):
+    """Yields batches of ``(epoch, index)`` keys: a rank's share of a seeded permutation of the dataset.
+
+    The order is a function of ``(seed, epoch)`` only (``DistributedSampler``'s: ``torch.randperm`` with
+    seed ``seed + epoch``), so it can be recomputed on resume. With ``num_replicas`` ranks, rank ``r``
+    takes every ``num_replicas``-th index from position ``r``; with ``drop_last`` the tail that does not
+    divide evenly among ranks and the last incomplete batch are dropped (so the ranks' shares are
+    disjoint); otherwise indices are repeated to pad the ranks and the last batch may be short.
+    Call :meth:`set_epoch` before each epoch; the epoch travels inside the keys, so it reaches
+    persistent workers.
+    """
+
+    def __init__(
+        self,
+        dataset: TwoViewDataset,
+        batch_size: int,
+        *,
+        num_replicas: int = 1,
+        rank: int = 0,
+        shuffle: bool = True,
+        seed: int = 0,
+        drop_last: bool = True,
+    ) -> None:
+        if int(batch_size) < 1:
+            raise ConfigError(f"batch_size must be >= 1, got {batch_size!r}")
+        self.dataset = dataset
+        self.batch_size = int(batch_size)
+        self.drop_last = bool(drop_last)
+        self.indices = DistributedSampler(
+            dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed, drop_last=drop_last
+        )
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+        self.indices.set_epoch(self.epoch)
+        self.dataset.set_epoch(self.epoch)
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        epoch, batch = self.epoch, []
+        for index in self.indices:
+            batch.append((epoch, int(index)))
+            if len(batch) == self.batch_size:
+                yield batch
+                batch = []
+        if batch and not self.drop_last:
+            yield batch
+
+    def __len__(self) -> int:
+        n = len(self.indices)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+
+def _limit_worker_threads(worker_id: int) -> None:
+    """Worker init: one torch thread per worker (the workers already run in parallel)."""
+    torch.set_num_threads(1)
+
+
+def two_view_loader(
+    dataset: TwoViewDataset,
+    batch_size: int,
+    *,
+    workers: int = 2,
+    shuffle: bool = True,
+    seed: int = 0,
+    distributed: bool | None = None,
+    num_replicas: int | None = None,
+    rank: int | None = None,
+    drop_last: bool = True,
+    pin_memory: bool | None = None,
+    persistent_workers: bool = True,
+    prefetch_factor: int = 4,
+) -> DataLoader:
+    """A ``DataLoader`` of two-view batches over ``dataset``.
+
+    Batches are dicts: ``"view1"``/``"view2"`` ``(B, 1, S, S, S) float32``, ``"volume"`` ``(B,) int64``,
+    ``"origin1"``/``"origin2"`` ``(B, 3) int64``. ``loader.sampler`` is an :class:`EpochBatchSampler`;
+    call ``loader.sampler.set_epoch(e)`` before iterating epoch ``e``. Each batch is built whole by
+    :meth:`TwoViewDataset.batch` in a worker (the loader runs with automatic batching off, so
+    ``loader.batch_size`` is ``None``; ``loader.sampler.batch_size`` holds it).
+
+    Args:
+        workers: worker processes (0: load in the main process). Each worker uses one torch thread.
+        shuffle, seed: shuffle order per epoch, a function of ``(seed, epoch)``.
+        distributed: shard across DDP ranks. ``None``: when ``torch.distributed`` is initialised or
+            ``num_replicas``/``rank`` are given. ``num_replicas``/``rank`` default to the process group's.
+        drop_last: drop the incomplete last batch (and, across ranks, the samples that do not divide
+            evenly, so that the ranks' shares are disjoint).
+        pin_memory: ``None``: when CUDA is available.
+        persistent_workers, prefetch_factor: passed to ``DataLoader`` (ignored with ``workers=0``);
+            ``prefetch_factor`` batches are loaded ahead per worker.
+
+    Raises :class:`ConfigError` when ``distributed=True`` without a process group or rank/num_replicas,
+    or when ``drop_last`` would leave no batch at all.
+    """
+    if int(workers) < 0:
+        raise ConfigError(f"workers must be >= 0, got {workers!r}")
+    dist_ready = torch.distributed.is_available() and torch.distributed.is_initialized()
+    if distributed is None:
+        distributed = dist_ready or num_replicas is not None or rank is not None
+    if distributed:
+        if num_replicas is None or rank is None:
+            if not dist_ready:
+                raise ConfigError(
+                    "distributed loading needs an initialised torch.distributed process group "
+                    "(or explicit num_replicas and rank)"
+                )
+            num_replicas = torch.distributed.get_world_size() if num_replicas is None else num_replicas
+            rank = torch.distributed.get_rank() if rank is None else rank
+        if not 0 <= int(rank) < int(num_replicas):
+            raise ConfigError(f"rank must be in [0, num_replicas={num_replicas}), got {rank}")
+    else:
+        num_replicas, rank = 1, 0
+    sampler = EpochBatchSampler(
+        dataset, batch_size, num_replicas=int(num_replicas), rank=int(rank), shuffle=shuffle, seed=seed,
+        drop_last=drop_last,
+    )
+    if len(sampler) == 0:
+        raise ConfigError(
+            f"{dataset.cache}: {len(sampler.indices)} samples per epoch per rank make no batch of "
+            f"{batch_size}; raise samples_per_volume or lower the batch size"
+        )
+    if pin_memory is None:
+        pin_memory = torch.cuda.is_available()
+    extra = {}
+    if workers > 0:
+        extra = dict(
+            persistent_workers=persistent_workers,
+            prefetch_factor=prefetch_factor,
+            worker_init_fn=_limit_worker_threads,
+        )
+    # batch_size=None: each item the sampler yields (a list of keys) goes to dataset[keys] whole.
+    return DataLoader(
+        dataset, batch_size=None, sampler=sampler, num_workers=workers, pin_memory=pin_memory, **extra
+    )
+
+
+def make_synthetic_cache(
+    out: str | os.PathLike,
+    n_volumes: int = 8,
+    shape: Sequence[int] | Sequence[Sequence[int]] = (200, 170, 180),
+    *,
+    seed: int = 0,
+    spacing: float = 2.0,
+) -> Path:
+    """Write a SYNTHETIC prepared cache (no real CT) in the :mod:`dagman.data.cache` layout.
+
+    Each volume is ``float16`` in ``[0, 1]``: a soft ellipsoidal "body" plus uniform noise, so that
+    every crop is distinct. For tests and benchmarks of the sampler only.
+
+    Args:
+        out: cache folder (created; an existing manifest is overwritten).
+        n_volumes: number of volumes.
+        shape: one ``(X, Y, Z)`` for all volumes, or one shape per volume.
+        seed: content seed.
+        spacing: the spacing in mm recorded in the manifest.
+
+    Returns the cache folder.
+    """
+    out = Path(out)
+    shapes = [tuple(int(s) for s in shape)] * n_volumes if np.ndim(shape) == 1 else [
+        tuple(int(s) for s in sh) for sh in shape
+    ]
+    if len(shapes) != n_volumes or any(len(s) != 3 or min(s) < 1 for s in shapes):
+        raise ConfigError(f"shape must be one (X, Y, Z) or {n_volumes} of them, got {shape!r}")
+    (out / VOLUMES_DIR).mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    entries = []
+    for k, shp in enumerate(shapes):
+        axes = [np.linspace(-1.0, 1.0, n, dtype=np.float32) for n in shp]
+        r2 = axes[0][:, None, None] ** 2 + axes[1][None, :, None] ** 2 + axes[2][None, None, :] ** 2
+        body = np.clip(1.2 - r2, 0.0, 1.0) * np.float32(0.6)
+        vol = (body + rng.random(shp, dtype=np.float32) * np.float32(0.4)).astype(np.float16)
+        vid = f"synthetic_{k:04d}"
+        rel = f"{VOLUMES_DIR}/{vid}.npy"
+        tmp = out / VOLUMES_DIR / f".{vid}.npy.tmp"
+        with open(tmp, "wb") as fh:
+            np.save(fh, vol)
+        os.replace(tmp, out / rel)
+        digest = hashlib.sha256((out / rel).read_bytes()).hexdigest()
+        entries.append(
+            {
+                "id": vid,
+                "source": f"synthetic:{seed}:{k}",
+                "source_sha256": digest,
+                "shape": list(shp),
+                "spacing": [spacing] * 3,
+                "source_shape": list(shp),
+                "source_spacing": [spacing] * 3,
+                "file": rel,
+                "sha256": digest,
+            }
+        )
+    atomic_write_json(out / SKIPPED, [])
+    atomic_write_json(
+        out / MANIFEST,
+        {
+            "version": CACHE_FORMAT_VERSION,
+            "settings": {"synthetic": True, "spacing": spacing, "seed": seed, "format_version": CACHE_FORMAT_VERSION},
+            "volumes": entries,
+        },
+    )
+    return out
