@@ -247,12 +247,36 @@ def test_loader_argument_errors(cache):
 def test_volume_smaller_than_crop_is_named(tmp_path):
     cache = make_synthetic_cache(tmp_path, 3, [(40, 40, 40), (40, 30, 40), (12, 40, 40)])
     with pytest.raises(DataError) as err:
-        TwoViewDataset(cache, 32)
+        TwoViewDataset(cache, 32, pad_value=None)
     message = str(err.value)
     assert "2 volume(s) smaller than the crop 32x32x32" in message
     assert "synthetic_0001 (40x30x40)" in message and "synthetic_0002 (12x40x40)" in message
     assert "synthetic_0000" not in message and "\n" not in message
-    assert len(TwoViewDataset(cache, 12)) == 3  # fine for a smaller crop
+    assert len(TwoViewDataset(cache, 12, pad_value=None)) == 3  # fine for a smaller crop
+
+
+def test_volume_smaller_than_crop_is_padded_by_default(tmp_path):
+    cache = make_synthetic_cache(tmp_path, 1, [(40, 20, 36)])
+    vol = np.load(cache / "volumes" / "synthetic_0000.npy").astype(np.float32)
+    ds = TwoViewDataset(cache, 32, flip_prob=0.0, intensity_scale=None, intensity_shift=None, pad_value=0.0)
+    seen_offsets = set()
+    for i in range(20):
+        ds.set_epoch(i)
+        s = ds[0]
+        for view, origin in ((s["view1"][0].numpy(), s["origin1"].numpy()), (s["view2"][0].numpy(), s["origin2"].numpy())):
+            ox, oy, oz = (int(o) for o in origin)
+            assert 0 <= ox <= 8 and -12 <= oy <= 0 and 0 <= oz <= 4
+            seen_offsets.add(oy)
+            # the whole y axis (20) sits at -oy inside the 32-voxel crop, zeros around it
+            np.testing.assert_array_equal(view[:, -oy:-oy + 20, :], vol[ox:ox + 32, :, oz:oz + 32])
+            assert not view[:, : -oy, :].any() and not view[:, -oy + 20 :, :].any()
+    assert len(seen_offsets) > 3  # the placement inside the crop is random
+    # with flips, the padded crop is flipped as a whole
+    flipped = TwoViewDataset(cache, 32, flip_prob=1.0, intensity_scale=None, intensity_shift=None)
+    f = flipped[0]
+    plain = TwoViewDataset(cache, 32, flip_prob=0.0, intensity_scale=None, intensity_shift=None)[0]
+    assert torch.equal(f["origin1"], plain["origin1"])
+    np.testing.assert_array_equal(f["view1"][0].numpy(), plain["view1"][0].numpy()[::-1, ::-1, ::-1])
 
 
 def test_bad_cache_and_bad_arguments(tmp_path, cache):

@@ -16,17 +16,40 @@ pages it touches.
 reused only when its settings match. A manifest entry::
 
     {"id": str,               # file stem under volumes/, unique, filesystem-safe
-     "source": str,           # the input path (file, DICOM folder, or "dataset.json#<index>")
+     "source": str,           # the input path: image file or DICOM folder (an image listed in a
+                              # dataset.json keeps its own path; see "listed_in")
      "source_sha256": str,    # checksum of the source bytes (all files of a DICOM series, in order)
      "shape": [X, Y, Z],      # prepared shape
      "spacing": [s, s, s],    # prepared spacing in mm
      "source_shape": [...], "source_spacing": [...],
      "file": "volumes/<id>.npy",
      "sha256": str}           # checksum of the prepared .npy file
+
+Fields added by ``dagman data prepare`` (readers must not require them)::
+
+     "listed_in": str,        # "<dataset.json>#<index>" when the source came from an image list
+     "format": str,           # "nifti" | "nrrd" | "metaimage" | "dicom"
+     "modality": str | None,  # DICOM Modality ("CT"); None when the format does not record it
+     "series_uid": str,       # DICOM SeriesInstanceUID (DICOM only)
+     "affine": 4x4,           # voxel index of the prepared array -> RAS world mm
+     "source_affine": 4x4,    # voxel index of the grid *as stored in the source* -> RAS mm (DICOM: columns,
+                              # rows, slices sorted along the normal), so inv(source_affine) @ affine maps
+                              # prepared voxels into the source file's voxels
+     "source_file_shape": [...],  # shape of that stored grid
+     "source_orientation": str,  # its axis codes, e.g. "LPS"
+     "crop": [[x0, x1], [y0, y1], [z0, z1]],  # body crop, half-open, in the resampled (uncropped) grid
+     "source_size": int, "source_mtime_ns": int, "source_files": int,
+                              # quick change check: when all three are unchanged the source is trusted to
+                              # still match source_sha256; otherwise it is hashed again
+     "seconds": float}        # time it took to prepare
+
+The ``source`` of every entry is an absolute path; ``source_shape`` / ``source_spacing`` are in the canonical
+``(X, Y, Z)`` axis order. ``skipped.json`` lists the inputs of the latest run that could not be used.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -44,12 +67,21 @@ VOLUMES_DIR = "volumes"
 CACHE_FORMAT_VERSION = 1
 
 
+def _file_mode() -> int:
+    """Permissions a plain ``open(path, "w")`` would give (0666 minus the umask); ``mkstemp`` uses 0600, which
+    would hide a shared cache from other users."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Write ``text`` to ``path`` atomically (temporary file in the same folder, fsync, rename)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, _file_mode())
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(text)
             fh.flush()
@@ -65,6 +97,74 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+class _HashingWriter:
+    """File-like wrapper that computes the sha256 of everything written through it."""
+
+    def __init__(self, fh):
+        self.fh = fh
+        self.digest = hashlib.sha256()
+
+    def write(self, data) -> int:
+        self.digest.update(data)
+        return self.fh.write(data)
+
+
+TMP_SUFFIX = ".tmp"
+
+
+def atomic_save_npy(path: str | os.PathLike, array: np.ndarray) -> str:
+    """Save ``array`` as ``.npy`` at ``path`` atomically; returns the sha256 (hex) of the file's bytes.
+
+    Writes ``.<name>.<random>.tmp`` in the same folder, fsyncs and renames; the temporary file is removed
+    on any exception, including ``KeyboardInterrupt``, so no partial ``.npy`` is ever left at ``path``.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent)
+    try:
+        os.fchmod(fd, _file_mode())
+        with os.fdopen(fd, "wb") as fh:
+            writer = _HashingWriter(fh)
+            np.lib.format.write_array(writer, np.ascontiguousarray(array), allow_pickle=False)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    return writer.digest.hexdigest()
+
+
+def remove_stale_temp_files(folder: str | os.PathLike) -> int:
+    """Delete temporary files (``.*.tmp``) left in ``folder`` by a killed writer; returns how many."""
+    folder = Path(folder)
+    removed = 0
+    if folder.is_dir():
+        for p in folder.iterdir():
+            if p.name.startswith(".") and p.name.endswith(TMP_SUFFIX) and p.is_file():
+                p.unlink(missing_ok=True)
+                removed += 1
+    return removed
+
+
+def file_sha256(paths: "list[str | os.PathLike] | str | os.PathLike", chunk: int = 1 << 20) -> str:
+    """sha256 (hex) of the concatenated bytes of one file or of several files in the given order."""
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    digest = hashlib.sha256()
+    for p in paths:
+        with open(p, "rb") as fh:
+            while True:
+                block = fh.read(chunk)
+                if not block:
+                    break
+                digest.update(block)
+    return digest.hexdigest()
 
 
 @dataclass(frozen=True)

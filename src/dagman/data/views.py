@@ -92,6 +92,10 @@ class TwoViewDataset(Dataset):
         seed: non-negative int; with the epoch and the index it fixes every random number.
         max_open_volumes: memory maps kept open per process (least recently used are closed; each
             holds a file descriptor).
+        pad_value: along an axis where a volume is shorter than the crop, the whole axis is taken and
+            placed at a random offset inside the crop, the rest filled with this value (0 = the bottom
+            of the HU window, i.e. air), as MONAI's ``SpatialPad`` before a random crop. ``None``:
+            refuse such volumes instead.
 
     Item ``i`` (or ``(epoch, i)``; plain ``i`` uses the epoch of :meth:`set_epoch`) is a dict::
 
@@ -102,8 +106,10 @@ class TwoViewDataset(Dataset):
 
     A list of keys gives a whole batch (:meth:`batch`), which is how :func:`two_view_loader` reads it.
 
-    Raises :class:`DataError` at construction when the cache is empty, a volume file is missing, or a
-    volume is smaller than the crop in some axis (naming them: the first five, then a count).
+    Raises :class:`DataError` at construction when the cache is empty, a volume file is missing, or (with
+    ``pad_value=None``) a volume is smaller than the crop in some axis (naming them: the first five, then
+    a count). ``origin`` is negative along an axis that was padded (the volume starts ``-origin`` voxels
+    into the crop).
     """
 
     def __init__(
@@ -117,6 +123,7 @@ class TwoViewDataset(Dataset):
         samples_per_volume: int = 1,
         seed: int = 0,
         max_open_volumes: int = 64,
+        pad_value: float | None = 0.0,
     ) -> None:
         self.cache = Path(cache)
         self.crop_shape = _crop_shape(crop_size)
@@ -134,6 +141,7 @@ class TwoViewDataset(Dataset):
         if int(max_open_volumes) < 1:
             raise ConfigError(f"max_open_volumes must be >= 1, got {max_open_volumes!r}")
         self.max_open_volumes = int(max_open_volumes)
+        self.pad_value = None if pad_value is None else float(pad_value)
         self.epoch = 0
 
         self.entries: list[CacheEntry] = cache_entries(self.cache)
@@ -151,7 +159,7 @@ class TwoViewDataset(Dataset):
                 + self._name_some(missing)
             )
         small = [e for e in self.entries if any(d < s for d, s in zip(e.shape, self.crop_shape))]
-        if small:
+        if small and self.pad_value is None:
             raise DataError(
                 f"{self.cache}: {len(small)} volume(s) smaller than the crop {_fmt_shape(self.crop_shape)} "
                 "in some axis: "
@@ -275,15 +283,24 @@ class TwoViewDataset(Dataset):
         whatever the settings, so turning one augmentation off does not change the others' draws.
         """
         crop = self.crop_shape
-        origin = rng.integers(0, np.asarray(vol.shape) - np.asarray(crop) + 1, size=3, dtype=np.int64)
+        excess = np.asarray(vol.shape) - np.asarray(crop)
+        offset = rng.integers(0, np.abs(excess) + 1, size=3, dtype=np.int64)
+        origin = np.where(excess >= 0, offset, -offset)  # negative: the axis is padded
         flips = rng.random(3) < self.flip_prob
         scale = np.float32(rng.uniform(*self.intensity_scale))
         shift = np.float32(rng.uniform(*self.intensity_shift))
 
-        # A view into the memory map: only the pages under the crop are read, by the copy below.
-        window = vol[tuple(slice(o, o + s) for o, s in zip(origin, crop))]
-        window = window[tuple(slice(None, None, -1) if f else slice(None) for f in flips)]
-        np.copyto(out, window, casting="same_kind")  # read + float16 -> float32, one pass
+        flip = tuple(slice(None, None, -1) if f else slice(None) for f in flips)
+        if (excess >= 0).all():
+            # A view into the memory map: only the pages under the crop are read, by the copy below.
+            window = vol[tuple(slice(o, o + s) for o, s in zip(origin, crop))]
+            np.copyto(out, window[flip], casting="same_kind")  # read + float16 -> float32, one pass
+        else:
+            lo = np.maximum(origin, 0)
+            hi = np.minimum(origin + np.asarray(crop), vol.shape)
+            out.fill(self.pad_value if self.pad_value is not None else 0.0)
+            target = out[flip][tuple(slice(a - o, b - o) for a, b, o in zip(lo, hi, origin))]
+            np.copyto(target, vol[tuple(slice(a, b) for a, b in zip(lo, hi))], casting="same_kind")
         if scale != 1.0:
             out *= scale
         if shift != 0.0:
