@@ -1,0 +1,123 @@
+"""Losses of the pretraining method: DINO/iBOT distillation cross-entropy with a centred, sharpened teacher
+(AITD, GITD, AMPD) and the masked-voxel L1 reconstruction (AMIP). method.md sec 5.
+
+Both are small ``nn.Module`` s computing in float32 (inputs are cast), with no device calls: move the module
+with ``.to(device)`` (the centre is a buffer). Use one :class:`DistillationLoss` per centre: one for
+image-level tokens (AITD and GITD — or one each), one for patch tokens (AMPD); the centres are saved with
+``state_dict()``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+__all__ = ["DistillationLoss", "MaskedReconstructionLoss"]
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+class DistillationLoss(nn.Module):
+    """DINO/iBOT cross-entropy between a centred, sharpened teacher and the student over ``K`` prototypes.
+
+    ``forward(student_logits, teacher_logits, student_temp, teacher_temp, weights=None)``:
+
+    - logits ``(B, K)`` (image tokens) or ``(B, T, K)`` (patch tokens), same shape for both;
+    - ``P_t = softmax((t - center) / teacher_temp)`` (no gradient), ``log P_s = log_softmax(s / student_temp)``,
+      ``ce = -sum_k P_t log P_s`` per sample (per token);
+    - ``(B, K)``: the mean of ``ce`` over samples;
+    - ``(B, T, K)`` without ``weights``: the mean over all tokens and samples;
+    - ``(B, T, K)`` with ``weights`` ``(B, T)`` (float or bool, e.g. the AMPD student mask): per sample the
+      weighted mean over tokens ``sum_t w ce / sum_t w`` (0 for a sample whose weights sum to 0), then the
+      mean over all B samples (iBOT's convention: unmasked samples count, as zeros).
+
+    Returns a 0-dim float32 tensor. The centre is not updated by ``forward``; call
+    :meth:`update_center` with the teacher logits after computing the loss (DINO order: the loss uses the
+    centre from before this step)."""
+
+    center: torch.Tensor
+
+    def __init__(self, out_dim: int, center_momentum: float = 0.9) -> None:
+        super().__init__()
+        if not 0.0 <= center_momentum <= 1.0:
+            raise ValueError(f"center_momentum must be in [0, 1], got {center_momentum}")
+        self.out_dim = out_dim
+        self.center_momentum = float(center_momentum)
+        self.register_buffer("center", torch.zeros(1, out_dim))
+
+    def teacher_probs(self, teacher_logits: torch.Tensor, teacher_temp: float) -> torch.Tensor:
+        """Centred, sharpened teacher distribution ``softmax((t - center) / teacher_temp)``, float32, detached;
+        same shape as ``teacher_logits``."""
+        t = teacher_logits.detach().float()
+        return F.softmax((t - self.center) / teacher_temp, dim=-1)
+
+    def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, student_temp: float,
+                teacher_temp: float, weights: torch.Tensor | None = None) -> torch.Tensor:
+        if student_logits.shape != teacher_logits.shape:
+            raise ValueError(f"student {tuple(student_logits.shape)} and teacher {tuple(teacher_logits.shape)} "
+                             "logits differ in shape")
+        if student_logits.dim() not in (2, 3) or student_logits.shape[-1] != self.out_dim:
+            raise ValueError(f"logits must be (B, {self.out_dim}) or (B, T, {self.out_dim}), "
+                             f"got {tuple(student_logits.shape)}")
+        p_t = self.teacher_probs(teacher_logits, teacher_temp)
+        log_p_s = F.log_softmax(student_logits.float() / student_temp, dim=-1)
+        ce = -(p_t * log_p_s).sum(dim=-1)  # (B,) or (B, T)
+        if weights is None:
+            return ce.mean()
+        if ce.dim() != 2 or weights.shape != ce.shape:
+            raise ValueError(f"weights must be (B, T) = {tuple(ce.shape)} for (B, T, K) logits, "
+                             f"got {tuple(weights.shape)}")
+        w = weights.to(ce.dtype)
+        total = w.sum(dim=1)
+        per_sample = (ce * w).sum(dim=1) / total.clamp_min(torch.finfo(ce.dtype).tiny)
+        return torch.where(total > 0, per_sample, torch.zeros_like(per_sample)).mean()
+
+    @torch.no_grad()
+    def update_center(self, teacher_logits: torch.Tensor) -> None:
+        """EMA of the centre: ``center <- m * center + (1 - m) * mean(teacher_logits)``, the mean over every
+        sample (and token) of ``(B, K)`` / ``(B, T, K)`` logits, and over all processes (sum and count
+        all-reduced) when ``torch.distributed`` is initialised."""
+        t = teacher_logits.detach().float().reshape(-1, self.out_dim)
+        total = t.sum(dim=0, keepdim=True)
+        count = torch.tensor([float(t.shape[0])], device=t.device)
+        if _distributed():
+            dist.all_reduce(total)
+            dist.all_reduce(count)
+        batch_center = total / count.clamp_min(1.0)
+        self.center.mul_(self.center_momentum).add_(batch_center.to(self.center.device), alpha=1 - self.center_momentum)
+
+    def extra_repr(self) -> str:
+        return f"out_dim={self.out_dim}, center_momentum={self.center_momentum}"
+
+
+class MaskedReconstructionLoss(nn.Module):
+    """AMIP: L1 between predicted and target voxels on masked voxels only.
+
+    ``forward(pred, target, mask)``: ``pred``, ``target`` ``(B, C, D, H, W)``; ``mask`` bool ``(B, D, H, W)``
+    or ``(B, 1, D, H, W)`` at voxel resolution, or on a coarser grid ``(B, d, h, w)`` whose sizes divide
+    ``(D, H, W)`` (each cell then covers a ``D/d x H/h x W/w`` cuboid, e.g. a token-grid mask).
+    Returns ``sum |pred - target| over masked voxels and channels / (masked voxels * C)``: the mean absolute
+    error over every masked voxel of the batch (each voxel weighs the same, SimMIM's convention), float32;
+    exactly 0 (still differentiable, zero gradient) when nothing is masked."""
+
+    def forward(self, pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        if pred.shape != target.shape or pred.dim() != 5:
+            raise ValueError(f"pred {tuple(pred.shape)} and target {tuple(target.shape)} must both be (B, C, D, H, W)")
+        if mask.dim() == 5:
+            if mask.shape[1] != 1:
+                raise ValueError(f"a 5-D mask must be (B, 1, D, H, W), got {tuple(mask.shape)}")
+            mask = mask[:, 0]
+        size = tuple(pred.shape[2:])
+        if mask.dim() != 4 or mask.shape[0] != pred.shape[0] or any(v % m for v, m in zip(size, mask.shape[1:])):
+            raise ValueError(f"mask {tuple(mask.shape)} must be (B, d, h, w) dividing the voxel grid {size}")
+        for axis, (v, m) in enumerate(zip(size, mask.shape[1:])):
+            if v != m:
+                mask = mask.repeat_interleave(v // m, dim=axis + 1)
+        w = mask.to(torch.float32).unsqueeze(1)  # (B, 1, D, H, W)
+        err = (pred.float() - target.float()).abs()
+        masked_voxels = w.sum() * pred.shape[1]
+        return (err * w).sum() / masked_voxels.clamp_min(1.0)

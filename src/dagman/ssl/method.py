@@ -1,0 +1,260 @@
+"""One student/teacher step of DAGMaN and of every baseline, from one code path.
+
+The step reads in the order of the data flow (method notes, sections 4-5)::
+
+    teacher(views, drop masks) -> importance map S -> student masks -> student(masked views) -> losses
+
+A method preset (``dagman``, ``dagman-no-nt``, ``dagman-no-sa``, ``smit``, ``ibot``, ``attmask``) is only
+configuration: which student mask generator runs, whether the teacher's input is patch-dropped, whether
+the semantic-attention (SA) block exists, and which of the four losses are on.
+
+Views are stacked: ``x = cat([u, v])`` ``(2B, 1, S, S, S)``, so each network runs once per step on both
+views. Cross-view terms pair the student's view ``u`` with the teacher's view ``v`` and vice versa; each
+distillation term is summed over its two view pairs.
+
+Stage numbering follows the backbone's outputs: stage ``s`` is ``SwinFeatures.maps[s]`` (s = 3: after the
+third merging, width ``8 * embed_dim``; ``128^3`` input -> ``8^3`` tokens). Mask units are the tokens of
+``mask.unit_stage``.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn as nn
+
+from dagman.models.heads import (
+    PrototypeLayer,
+    ProjectionMLP,
+    ReconstructionHead,
+    reconstruction_upsample,
+)
+from dagman.models.semantic_attention import SemanticAttention
+from dagman.models.swin import DropPath, MaskTokenEncoder, SwinFeatures, build_backbone
+from dagman.ssl.losses import DistillationLoss, MaskedReconstructionLoss
+from dagman.ssl.masking import student_mask_from_config, teacher_drop_mask
+
+ATTENTION_MASKS = ("attention_hint", "attention_high", "attention_low")
+
+
+@dataclass
+class NetworkOutput:
+    """What one network pass produced (absent parts are None). ``N`` = mask-unit tokens per sample.
+
+    ``features``: the backbone's :class:`SwinFeatures`; ``cls`` ``(B, C_sa)`` SA [CLS] token;
+    ``importance`` ``(B, N)`` SA importance map (sums to 1); ``cls_logits``, ``global_logits`` ``(B, K)``;
+    ``patch_logits`` ``(B, N, K)``; ``reconstruction`` ``(B, 1, D, H, W)``.
+    """
+
+    features: SwinFeatures
+    cls: torch.Tensor | None = None
+    importance: torch.Tensor | None = None
+    cls_logits: torch.Tensor | None = None
+    global_logits: torch.Tensor | None = None
+    patch_logits: torch.Tensor | None = None
+    reconstruction: torch.Tensor | None = None
+
+
+class SSLNetwork(nn.Module):
+    """Backbone (+ mask token) with the SA block, projection heads and reconstruction head that ``cfg``
+    asks for. The student is one of these; the teacher is an exact copy (:func:`make_teacher`)."""
+
+    def __init__(self, cfg) -> None:
+        super().__init__()
+        self.cfg = cfg
+        model_kwargs = asdict(cfg.model)
+        self.encoder = MaskTokenEncoder(build_backbone(**model_kwargs))
+        widths = self.encoder.backbone.stage_widths
+        heads, loss = cfg.heads, cfg.loss
+        self.unit_stage = cfg.mask.unit_stage
+        self.global_stage = loss.global_token_stage
+        self.sa = None
+        if cfg.sa.enabled:
+            self.sa_stage = cfg.sa.stage
+            self.sa = SemanticAttention(widths[cfg.sa.stage], num_heads=cfg.sa.num_heads,
+                                        num_blocks=cfg.sa.num_blocks, mlp_ratio=cfg.sa.mlp_ratio,
+                                        layerscale_init=cfg.sa.layerscale_init, qkv_bias=cfg.sa.qkv_bias,
+                                        drop_path=cfg.sa.drop_path_rate)
+
+        def mlp(width):
+            return ProjectionMLP(width, heads.hidden_dim, heads.bottleneck_dim, heads.num_layers)
+
+        def prototypes():
+            return PrototypeLayer(heads.bottleneck_dim, heads.num_prototypes, heads.norm_last_layer)
+
+        self.cls_mlp = mlp(widths[cfg.sa.stage]) if loss.aitd else None
+        self.global_mlp = mlp(widths[self.global_stage]) if loss.gitd else None
+        self.patch_mlp = mlp(widths[self.unit_stage]) if loss.ampd else None
+        image_layer = prototypes() if (loss.aitd or loss.gitd) else None
+        self.cls_prototypes = image_layer if loss.aitd else None
+        self.global_prototypes = None
+        if loss.gitd:
+            self.global_prototypes = image_layer if heads.share_image_last_layer else prototypes()
+        self.patch_prototypes = None
+        if loss.ampd:
+            shared = image_layer if (image_layer is not None and not heads.separate_patch_last_layer) else None
+            self.patch_prototypes = shared if shared is not None else prototypes()
+
+    @property
+    def backbone(self):
+        return self.encoder.backbone
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, *, heads: bool = True) -> NetworkOutput:
+        """x ``(B, C, D, H, W)``; mask bool over the mask-unit grid ``(B, d, h, w)`` or None."""
+        feats = self.encoder(x, mask=mask)
+        out = NetworkOutput(features=feats)
+        if self.sa is not None:
+            sa = self.sa(feats.tokens[self.sa_stage])
+            out.cls, out.importance = sa.cls, sa.importance
+        if not heads:
+            return out
+        if self.cls_mlp is not None:
+            out.cls_logits = self.cls_prototypes(self.cls_mlp(out.cls))
+        if self.global_mlp is not None:
+            out.global_logits = self.global_prototypes(self.global_mlp(feats.tokens[self.global_stage].mean(1)))
+        if self.patch_mlp is not None:
+            out.patch_logits = self.patch_prototypes(self.patch_mlp(feats.tokens[self.unit_stage]))
+        return out
+
+
+class StudentNetwork(nn.Module):
+    """The student: an :class:`SSLNetwork` (``net``, the part the teacher mirrors) plus the AMIP
+    reconstruction head (1x1x1 conv + 3D pixel shuffle from the last stage to voxels), which only the
+    student has. Wrap this module in DDP; EMA pairs ``student.net`` with the teacher."""
+
+    def __init__(self, cfg) -> None:
+        super().__init__()
+        self.net = SSLNetwork(cfg)
+        self.reconstruction = None
+        if cfg.loss.amip:
+            last_width = self.net.backbone.stage_widths[-1]
+            self.reconstruction = ReconstructionHead(last_width, cfg.model.in_chans,
+                                                     reconstruction_upsample(cfg.model.patch_size, 4))
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> NetworkOutput:
+        out = self.net(x, mask)
+        if self.reconstruction is not None:
+            out.reconstruction = self.reconstruction(out.features.maps[-1])
+        return out
+
+
+def make_teacher(student: StudentNetwork, drop_path_rate: float = 0.0) -> SSLNetwork:
+    """The teacher at step 0: an exact copy of ``student.net`` (same weights and buffers), frozen, with
+    stochastic depth ``drop_path_rate`` (the teacher's is 0)."""
+    teacher = copy.deepcopy(getattr(student, "module", student).net)
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    for m in teacher.modules():
+        if isinstance(m, DropPath):
+            m.p = float(drop_path_rate)
+    return teacher
+
+
+@dataclass
+class StepResult:
+    """``loss``: the weighted total (0-dim, differentiable). ``parts``: every active loss by name
+    (``amip``, ``ampd``, ``aitd``, ``gitd``), detached floats. ``stats``: masked fractions etc.
+    ``masks``: the student mask, teacher drop mask and importance map (for pictures).
+    ``teacher_logits``: for :meth:`SSLMethod.update_centers`."""
+
+    loss: torch.Tensor
+    parts: dict[str, float]
+    stats: dict[str, float] = field(default_factory=dict)
+    masks: dict[str, torch.Tensor | None] = field(default_factory=dict)
+    teacher_logits: dict[str, torch.Tensor | None] = field(default_factory=dict)
+
+
+class SSLMethod(nn.Module):
+    """The loss side of a method: the four losses with their centres (buffers, saved with the state dict)
+    and the step :meth:`forward` that runs teacher -> masks -> student -> losses."""
+
+    def __init__(self, cfg) -> None:
+        super().__init__()
+        self.cfg = cfg
+        k = cfg.heads.num_prototypes
+        m = cfg.loss.center_momentum
+        self.aitd_loss = DistillationLoss(k, m) if cfg.loss.aitd else None
+        self.gitd_loss = DistillationLoss(k, m) if cfg.loss.gitd else None
+        self.ampd_loss = DistillationLoss(k, m) if cfg.loss.ampd else None
+        self.amip_loss = MaskedReconstructionLoss() if cfg.loss.amip else None
+        self.uses_attention = cfg.mask.student in ATTENTION_MASKS
+
+    def unit_grid(self, spatial: tuple[int, int, int]) -> tuple[int, int, int]:
+        """Mask-unit token grid for an input of ``spatial`` voxels (as the backbone computes it)."""
+        patch = self.cfg.model.patch_size
+        grid = [-(-s // p) for s, p in zip(spatial, patch)]
+        for _ in range(self.cfg.mask.unit_stage):
+            grid = [-(-g // 2) for g in grid]
+        return tuple(grid)  # type: ignore[return-value]
+
+    def forward(self, student: StudentNetwork, teacher: SSLNetwork, view1: torch.Tensor, view2: torch.Tensor,
+                values, generator: torch.Generator) -> StepResult:
+        """One step's losses. ``view1``, ``view2`` ``(B, 1, S, S, S)``: two views of the same volumes.
+        ``values``: this step's schedule values (``teacher_temp``, ``patch_teacher_temp``; see
+        :class:`dagman.train.schedules.StepValues`). ``generator``: all mask randomness."""
+        cfg = self.cfg
+        b = view1.shape[0]
+        x = torch.cat([view1, view2], 0)  # (2B, 1, S, S, S): view u then view v
+        grid = self.unit_grid(tuple(x.shape[2:]))
+
+        # 1. teacher on the (patch-dropped) views: distillation targets and, from the same pass, S
+        drop = None
+        if cfg.mask.teacher_drop_ratio > 0:
+            drop = teacher_drop_mask(2 * b, grid, cfg.mask.teacher_drop_ratio, generator).to(x.device)
+        with torch.no_grad():
+            t_out = teacher(x, mask=drop)
+            # 2. importance map -> attention-guided student masks
+            scores = None
+            if self.uses_attention:
+                if cfg.mask.attention_view == "clean" and drop is not None:
+                    scores = teacher(x, mask=None, heads=False).importance
+                else:
+                    scores = t_out.importance
+                scores = scores.float()
+        # 3. student masks
+        s_mask = student_mask_from_config(cfg.mask, batch=2 * b, grid=grid, generator=generator,
+                                          scores=scores, device=x.device).to(x.device)
+        # 4. student on the masked views
+        s_out = student(x, mask=s_mask)
+
+        # 5. named losses
+        parts: dict[str, torch.Tensor] = {}
+        tt, pt, st = values.teacher_temp, values.patch_teacher_temp, cfg.loss.student_temp
+
+        def cross_view(loss_fn, s_logits, t_logits, temp):
+            return (loss_fn(s_logits[:b], t_logits[b:], st, temp) + loss_fn(s_logits[b:], t_logits[:b], st, temp))
+
+        if self.aitd_loss is not None:
+            parts["aitd"] = cross_view(self.aitd_loss, s_out.cls_logits, t_out.cls_logits, tt)
+        if self.gitd_loss is not None:
+            parts["gitd"] = cross_view(self.gitd_loss, s_out.global_logits, t_out.global_logits, tt)
+        if self.ampd_loss is not None:
+            w = s_mask.reshape(2 * b, -1)
+            parts["ampd"] = (self.ampd_loss(s_out.patch_logits[:b], t_out.patch_logits[:b], st, pt, w[:b])
+                             + self.ampd_loss(s_out.patch_logits[b:], t_out.patch_logits[b:], st, pt, w[b:]))
+        if self.amip_loss is not None:
+            parts["amip"] = self.amip_loss(s_out.reconstruction, x, s_mask)
+        weights = {"amip": cfg.loss.amip_weight, "ampd": cfg.loss.ampd_weight, "aitd": cfg.loss.aitd_weight,
+                   "gitd": cfg.loss.gitd_weight}
+        total = sum(weights[name] * value for name, value in parts.items())
+
+        stats = {"student_mask_fraction": float(s_mask.float().mean())}
+        if drop is not None:
+            stats["teacher_drop_fraction"] = float(drop.float().mean())
+        return StepResult(
+            loss=total,
+            parts={k: float(v.detach()) for k, v in parts.items()},
+            stats=stats,
+            masks={"student": s_mask, "teacher_drop": drop, "importance": scores},
+            teacher_logits={"aitd": t_out.cls_logits, "gitd": t_out.global_logits, "ampd": t_out.patch_logits},
+        )
+
+    @torch.no_grad()
+    def update_centers(self, result: StepResult) -> None:
+        """EMA of the teacher-output centres with this step's teacher logits (all-reduced under DDP).
+        Called by the trainer once the step is known to be finite, after the losses used the old centres."""
+        for name, loss_fn in (("aitd", self.aitd_loss), ("gitd", self.gitd_loss), ("ampd", self.ampd_loss)):
+            if loss_fn is not None:
+                loss_fn.update_center(result.teacher_logits[name])

@@ -1,0 +1,220 @@
+"""Distillation and reconstruction losses: hand-computed values, centring, masks, gradients, DDP centre."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from dagman.ssl.losses import DistillationLoss, MaskedReconstructionLoss
+
+
+def _manual_ce(student, teacher, center, st, tt):
+    """-sum_k P_t log P_s for one pair of logit rows, with explicit loops (plain Python floats)."""
+    t = [(teacher[k] - center[k]) / tt for k in range(len(teacher))]
+    mt = max(t)
+    zt = sum(math.exp(v - mt) for v in t)
+    p_t = [math.exp(v - mt) / zt for v in t]
+    s = [student[k] / st for k in range(len(student))]
+    ms = max(s)
+    log_zs = ms + math.log(sum(math.exp(v - ms) for v in s))
+    return -sum(p_t[k] * (s[k] - log_zs) for k in range(len(s)))
+
+
+S2 = [[0.2, -0.1, 0.4], [1.0, 0.0, -1.0]]
+T2 = [[0.3, 0.1, -0.2], [0.05, 0.5, 0.0]]
+
+
+def test_image_token_loss_hand_value():
+    loss = DistillationLoss(3)
+    value = loss(torch.tensor(S2), torch.tensor(T2), student_temp=0.1, teacher_temp=0.04)
+    expected = (_manual_ce(S2[0], T2[0], [0] * 3, 0.1, 0.04) + _manual_ce(S2[1], T2[1], [0] * 3, 0.1, 0.04)) / 2
+    assert value.dtype == torch.float32 and value.dim() == 0
+    assert value.item() == pytest.approx(expected, rel=1e-5)
+    # a literal anchor for the first pair, by hand: teacher softmax of (0.3, 0.1, -0.2)/0.04 = (7.5, 2.5, -5)
+    # = (0.993304, 0.0066929, 3.69e-6); student log-softmax of (2, -1, 4): logsumexp = 4 + log(1 + e^-2 + e^-5)
+    # = 4.132844 -> (-2.132844, -5.132844, -0.132844); CE = 2.118563 + 0.034354 + 0.0000005 = 2.152918
+    p_t = np.exp([7.5, 2.5, -5.0]) / np.exp([7.5, 2.5, -5.0]).sum()
+    log_p_s = np.array([2.0, -1.0, 4.0]) - np.log(np.exp([2.0, -1.0, 4.0]).sum())
+    assert _manual_ce(S2[0], T2[0], [0] * 3, 0.1, 0.04) == pytest.approx(float(-(p_t * log_p_s).sum()), rel=1e-12)
+    assert float(-(p_t * log_p_s).sum()) == pytest.approx(2.152918, abs=2e-6)
+
+
+def test_patch_token_loss_hand_value_with_and_without_weights():
+    g = torch.Generator().manual_seed(0)
+    s = torch.randn(3, 4, 5, generator=g)
+    t = torch.randn(3, 4, 5, generator=g)
+    center = torch.randn(1, 5, generator=g)
+    w = torch.tensor([[1.0, 0.0, 1.0, 1.0], [0.0, 0.0, 0.0, 0.0], [0.5, 0.0, 0.0, 2.0]])
+    loss = DistillationLoss(5)
+    loss.center.copy_(center)
+    ce = np.zeros((3, 4))
+    for b in range(3):
+        for i in range(4):
+            ce[b, i] = _manual_ce(s[b, i].tolist(), t[b, i].tolist(), center[0].tolist(), 0.1, 0.07)
+    # no weights: mean over all tokens and samples
+    assert loss(s, t, 0.1, 0.07).item() == pytest.approx(ce.mean(), rel=1e-5)
+    # weights: per-sample weighted mean over tokens (sample 1 has none -> 0), then the mean over 3 samples
+    per_sample = [
+        (ce[0, 0] + ce[0, 2] + ce[0, 3]) / 3,
+        0.0,
+        (0.5 * ce[2, 0] + 2.0 * ce[2, 3]) / 2.5,
+    ]
+    assert loss(s, t, 0.1, 0.07, weights=w).item() == pytest.approx(sum(per_sample) / 3, rel=1e-5)
+    # a bool mask behaves as 0/1 weights
+    assert loss(s, t, 0.1, 0.07, weights=w > 0.7).item() == pytest.approx(
+        (per_sample[0] + 0.0 + ce[2, 3]) / 3, rel=1e-5
+    )
+
+
+def test_center_ema_update_values():
+    loss = DistillationLoss(3, center_momentum=0.9)
+    assert torch.equal(loss.center, torch.zeros(1, 3))
+    t1 = torch.tensor([[1.0, 2.0, 3.0], [3.0, 2.0, 1.0]])  # mean (2, 2, 2)
+    loss.update_center(t1)
+    assert torch.allclose(loss.center, torch.tensor([[0.2, 0.2, 0.2]]))
+    t2 = torch.tensor([[[0.0, 10.0, 0.0], [4.0, 0.0, 0.0]]])  # (1, 2, 3): mean over tokens (2, 5, 0)
+    loss.update_center(t2)
+    assert torch.allclose(loss.center, torch.tensor([[0.9 * 0.2 + 0.2, 0.9 * 0.2 + 0.5, 0.9 * 0.2]]))
+    # the centre is a buffer: saved and restored with the state dict
+    state = loss.state_dict()
+    assert set(state) == {"center"}
+    other = DistillationLoss(3)
+    other.load_state_dict(state)
+    assert torch.equal(other.center, loss.center)
+
+
+def test_forward_does_not_update_center_and_uses_it():
+    loss = DistillationLoss(4)
+    s, t = torch.randn(5, 4), torch.randn(5, 4)
+    offset = torch.tensor([[3.0, -1.0, 0.5, 2.0]])
+    base = loss(s, t, 0.1, 0.04)
+    assert torch.equal(loss.center, torch.zeros(1, 4))
+    # a per-prototype offset on the teacher is removed exactly by a centre equal to it
+    loss.center.copy_(offset)
+    assert loss(s, t + offset, 0.1, 0.04).item() == pytest.approx(base.item(), rel=1e-6)
+    # without the centre it changes the loss
+    assert abs(DistillationLoss(4)(s, t + offset, 0.1, 0.04).item() - base.item()) > 1e-2
+
+
+def test_centring_counters_a_dominant_prototype_and_sharpening():
+    """Teacher logits favouring prototype 0 on every sample: after enough centre updates the centred teacher
+    distribution is no longer dominated by it (DINO's collapse guard); a lower temperature sharpens."""
+    loss = DistillationLoss(3)
+    g = torch.Generator().manual_seed(1)
+    t = torch.randn(64, 3, generator=g) * 0.1 + torch.tensor([1.0, 0.0, 0.0])
+    before = loss.teacher_probs(t, 0.1)[:, 0].mean().item()
+    for _ in range(60):
+        loss.update_center(t)
+    after = loss.teacher_probs(t, 0.1)[:, 0].mean().item()
+    assert before > 0.99 and after < 0.5
+    p_sharp, p_soft = loss.teacher_probs(t, 0.04), loss.teacher_probs(t, 0.07)
+    entropy = lambda p: float(-(p * p.clamp_min(1e-30).log()).sum(-1).mean())  # noqa: E731
+    assert entropy(p_sharp) < entropy(p_soft)
+
+
+def test_gradients_flow_only_to_the_student():
+    loss = DistillationLoss(6)
+    s = torch.randn(2, 3, 6, requires_grad=True)
+    t = torch.randn(2, 3, 6, requires_grad=True)
+    loss(s, t, 0.1, 0.04, weights=torch.tensor([[1.0, 0, 1], [0, 1, 0]])).backward()
+    assert t.grad is None
+    assert s.grad is not None and s.grad.abs().sum() > 0
+    assert s.grad[0, 1].abs().sum() == 0  # unweighted tokens get no gradient
+    # the gradient of the CE wrt student logits is (P_s - P_t) / st / (weight sum * B), e.g. token (0, 0)
+    p_s = torch.softmax(s.detach()[0, 0] / 0.1, -1)
+    p_t = torch.softmax(t.detach()[0, 0] / 0.04, -1)
+    assert torch.allclose(s.grad[0, 0], (p_s - p_t) / 0.1 / 2 / 2, atol=1e-5)
+
+
+def test_distillation_rejects_mismatched_shapes():
+    loss = DistillationLoss(4)
+    with pytest.raises(ValueError):
+        loss(torch.randn(2, 4), torch.randn(3, 4), 0.1, 0.04)
+    with pytest.raises(ValueError):
+        loss(torch.randn(2, 5), torch.randn(2, 5), 0.1, 0.04)
+    with pytest.raises(ValueError):
+        loss(torch.randn(2, 3, 4), torch.randn(2, 3, 4), 0.1, 0.04, weights=torch.ones(2, 4))
+
+
+def _center_worker(rank: int, world: int, init_file: str, queue) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        loss = DistillationLoss(2, center_momentum=0.5)
+        # rank 0: two rows with mean (1, 1); rank 1: one row (4, -2). Global mean over 3 rows: (2, 0)
+        rows = torch.tensor([[0.0, 2.0], [2.0, 0.0]]) if rank == 0 else torch.tensor([[4.0, -2.0]])
+        loss.update_center(rows)
+        queue.put((rank, loss.center.tolist()))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_center_is_all_reduced_across_processes(tmp_path):
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_center_worker, args=(r, 2, str(tmp_path / "init"), queue)) for r in range(2)]
+    for p in procs:
+        p.start()
+    results = dict(queue.get(timeout=60) for _ in procs)
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    assert results[0] == results[1] == [[1.0, 0.0]]  # 0.5 * 0 + 0.5 * (2, 0)
+
+
+# ---------------------------------------------------------------------------------------------- AMIP
+
+
+def test_masked_reconstruction_hand_value():
+    pred = torch.tensor([[[[[1.0, 2.0], [3.0, 4.0]]]]])  # (1, 1, 1, 2, 2)
+    target = torch.tensor([[[[[0.0, 0.0], [5.0, 4.5]]]]])
+    mask = torch.tensor([[[[True, False], [True, True]]]])  # (1, 1, 2, 2)
+    # |1-0| + |3-5| + |4-4.5| over 3 masked voxels = 3.5 / 3
+    loss = MaskedReconstructionLoss()
+    assert loss(pred, target, mask).item() == pytest.approx(3.5 / 3)
+    assert loss(pred, target, mask[:, None]).item() == pytest.approx(3.5 / 3)  # (B, 1, D, H, W) mask
+
+
+def test_masked_reconstruction_multichannel_batch_and_coarse_mask():
+    g = torch.Generator().manual_seed(2)
+    pred = torch.randn(2, 2, 4, 4, 6, generator=g)
+    target = torch.randn(2, 2, 4, 4, 6, generator=g)
+    token_mask = torch.tensor([[[[True, False, False]], [[False, False, True]]],
+                               [[[False, False, False]], [[False, True, False]]]])  # (2, 2, 1, 3)
+    total, count = 0.0, 0
+    for b in range(2):
+        for z in range(4):
+            for y in range(4):
+                for x in range(6):
+                    if token_mask[b, z // 2, y // 4, x // 2]:
+                        count += 1
+                        for c in range(2):
+                            total += abs(pred[b, c, z, y, x].item() - target[b, c, z, y, x].item())
+    assert count == 3 * 2 * 4 * 2
+    value = MaskedReconstructionLoss()(pred, target, token_mask)
+    assert value.item() == pytest.approx(total / (count * 2), rel=1e-5)
+
+
+def test_masked_reconstruction_zero_mask_is_zero_with_grad():
+    pred = torch.randn(2, 1, 4, 4, 4, requires_grad=True)
+    value = MaskedReconstructionLoss()(pred, torch.zeros(2, 1, 4, 4, 4), torch.zeros(2, 4, 4, 4, dtype=torch.bool))
+    assert value.item() == 0.0 and value.requires_grad
+    value.backward()
+    assert torch.equal(pred.grad, torch.zeros_like(pred))
+
+
+def test_masked_reconstruction_gradient_only_on_masked_voxels():
+    pred = torch.zeros(1, 1, 2, 2, 2, requires_grad=True)
+    target = torch.ones(1, 1, 2, 2, 2)
+    mask = torch.zeros(1, 2, 2, 2, dtype=torch.bool)
+    mask[0, 0, 0, 0] = mask[0, 1, 1, 1] = True
+    MaskedReconstructionLoss()(pred, target, mask).backward()
+    expected = torch.zeros(1, 1, 2, 2, 2)
+    expected[0, 0, 0, 0, 0] = expected[0, 0, 1, 1, 1] = -0.5  # d/dp |p - 1| / 2 at p = 0
+    assert torch.equal(pred.grad, expected)
+    with pytest.raises(ValueError):
+        MaskedReconstructionLoss()(pred, target, torch.zeros(1, 3, 2, 2, dtype=torch.bool))
