@@ -84,16 +84,28 @@ def resolve_config(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
+    import json
     import sys
+    from pathlib import Path
 
     from dagman.config import to_yaml
     from dagman.errors import DagmanError
 
+    if args.resume and args.out and not args.config and (Path(args.out) / "config.yaml").is_file():
+        args.config = str(Path(args.out) / "config.yaml")  # resume with the run's own config (+ overrides)
     cfg = resolve_config(args)
     if args.print_config:
         sys.stdout.write(to_yaml(cfg))
         return 0
-    raise DagmanError(
-        "training arrives with the pretraining engine (not built yet); "
-        "use --print-config to inspect the resolved config"
-    )
+    if not args.out:
+        raise DagmanError("pretrain needs --out RUN (the run folder for checkpoints, metrics and the encoder)")
+    from dagman.train.loop import pretrain
+
+    summary = pretrain(cfg, args.out, resume=args.resume, progress=True)
+    if summary.get("encoder"):
+        final = summary["final"]
+        parts = ", ".join(f"{k[5:]} {v:.4f}" for k, v in final.items() if k.startswith("loss_"))
+        print(f"dagman pretrain: {summary['steps']} steps ({summary['steps_this_run']} this run, "
+              f"{summary['seconds']:.1f} s, {summary['skipped_steps']} skipped); last loss {final.get('loss', float('nan')):.4f}"
+              f" ({parts}); encoder -> {summary['encoder']}")
+    return 0

@@ -86,6 +86,7 @@ class TwoViewDataset(Dataset):
         intensity_scale: ``a`` drawn uniformly from ``(low, high)`` per view; ``None`` or ``(1, 1)``: off.
         intensity_shift: ``b`` drawn uniformly from ``(low, high)`` per view; ``None`` or ``(0, 0)``: off.
             A view is ``crop * a + b`` (values may leave ``[0, 1]`` slightly; nothing is clipped).
+        intensity_prob: probability that the scale (and, independently, the shift) is applied to a view.
         samples_per_volume: samples per volume per epoch. An *epoch* is ``len(self) = n_volumes *
             samples_per_volume`` samples; sample ``i`` uses volume ``i % n_volumes``, so every volume
             appears exactly ``samples_per_volume`` times per epoch, with fresh crops each time.
@@ -120,6 +121,7 @@ class TwoViewDataset(Dataset):
         flip_prob: float = 0.5,
         intensity_scale: tuple[float, float] | None = (0.9, 1.1),
         intensity_shift: tuple[float, float] | None = (-0.1, 0.1),
+        intensity_prob: float = 1.0,
         samples_per_volume: int = 1,
         seed: int = 0,
         max_open_volumes: int = 64,
@@ -132,6 +134,9 @@ class TwoViewDataset(Dataset):
         self.flip_prob = float(flip_prob)
         self.intensity_scale = _interval("intensity_scale", intensity_scale, 1.0)
         self.intensity_shift = _interval("intensity_shift", intensity_shift, 0.0)
+        if not 0.0 <= float(intensity_prob) <= 1.0:
+            raise ConfigError(f"intensity_prob must be in [0, 1], got {intensity_prob!r}")
+        self.intensity_prob = float(intensity_prob)
         if int(samples_per_volume) < 1:
             raise ConfigError(f"samples_per_volume must be >= 1, got {samples_per_volume!r}")
         self.samples_per_volume = int(samples_per_volume)
@@ -289,6 +294,9 @@ class TwoViewDataset(Dataset):
         flips = rng.random(3) < self.flip_prob
         scale = np.float32(rng.uniform(*self.intensity_scale))
         shift = np.float32(rng.uniform(*self.intensity_shift))
+        applied = rng.random(2) < self.intensity_prob  # scale and shift each apply with intensity_prob
+        scale = scale if applied[0] else np.float32(1.0)
+        shift = shift if applied[1] else np.float32(0.0)
 
         flip = tuple(slice(None, None, -1) if f else slice(None) for f in flips)
         if (excess >= 0).all():
@@ -350,6 +358,7 @@ class EpochBatchSampler(Sampler):
             dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed, drop_last=drop_last
         )
         self.epoch = 0
+        self.skip_batches = 0  # batches of the current epoch to pass over (resuming mid-epoch)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
@@ -357,11 +366,14 @@ class EpochBatchSampler(Sampler):
         self.dataset.set_epoch(self.epoch)
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
-        epoch, batch = self.epoch, []
+        epoch, batch, skip = self.epoch, [], int(self.skip_batches)
         for index in self.indices:
             batch.append((epoch, int(index)))
             if len(batch) == self.batch_size:
-                yield batch
+                if skip > 0:  # no data is read for a skipped batch: only its keys are computed
+                    skip -= 1
+                else:
+                    yield batch
                 batch = []
         if batch and not self.drop_last:
             yield batch

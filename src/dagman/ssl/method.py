@@ -23,6 +23,7 @@ import copy
 from dataclasses import asdict, dataclass, field
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 
 from dagman.models.heads import (
@@ -37,6 +38,29 @@ from dagman.ssl.losses import DistillationLoss, MaskedReconstructionLoss
 from dagman.ssl.masking import student_mask_from_config, teacher_drop_mask
 
 ATTENTION_MASKS = ("attention_hint", "attention_high", "attention_low")
+
+
+def _rank_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _local_rows(rank: int, world: int, b: int, device) -> torch.Tensor:
+    """This process's rows of a global ``(2 * world * b)`` batch ordered (view, rank, sample)."""
+    base = torch.arange(b, device=device) + rank * b
+    return torch.cat([base, base + world * b])
+
+
+def _gather_rows(t: torch.Tensor | None, b: int, world: int) -> torch.Tensor | None:
+    """All processes' ``(2b, ...)`` rows (view u then v) as one ``(2 * world * b, ...)`` tensor ordered
+    (view, rank, sample); ``t`` itself without a process group."""
+    if t is None or world == 1:
+        return t
+    parts = [torch.empty_like(t) for _ in range(world)]
+    dist.all_gather(parts, t.contiguous())
+    stacked = torch.stack(parts).view(world, 2, b, *t.shape[1:])  # (rank, view, sample, ...)
+    return stacked.transpose(0, 1).reshape(2 * world * b, *t.shape[1:])
 
 
 @dataclass
@@ -199,10 +223,16 @@ class SSLMethod(nn.Module):
         x = torch.cat([view1, view2], 0)  # (2B, 1, S, S, S): view u then view v
         grid = self.unit_grid(tuple(x.shape[2:]))
 
+        # Masks are drawn for the global batch, rows ordered (view, global sample), and each process keeps
+        # its rows: a sample gets the same mask whatever the number of processes (same generator on all).
+        rank, world = _rank_world()
+        rows = _local_rows(rank, world, b, x.device)
+        n_global = 2 * b * world
+
         # 1. teacher on the (patch-dropped) views: distillation targets and, from the same pass, S
         drop = None
         if cfg.mask.teacher_drop_ratio > 0:
-            drop = teacher_drop_mask(2 * b, grid, cfg.mask.teacher_drop_ratio, generator).to(x.device)
+            drop = teacher_drop_mask(n_global, grid, cfg.mask.teacher_drop_ratio, generator).to(x.device)[rows]
         with torch.no_grad():
             t_out = teacher(x, mask=drop)
             # 2. importance map -> attention-guided student masks
@@ -214,8 +244,9 @@ class SSLMethod(nn.Module):
                     scores = t_out.importance
                 scores = scores.float()
         # 3. student masks
-        s_mask = student_mask_from_config(cfg.mask, batch=2 * b, grid=grid, generator=generator,
-                                          scores=scores, device=x.device).to(x.device)
+        s_mask = student_mask_from_config(cfg.mask, batch=n_global, grid=grid, generator=generator,
+                                          scores=_gather_rows(scores, b, world), device=x.device)
+        s_mask = s_mask.to(x.device)[rows]
         # 4. student on the masked views
         s_out = student(x, mask=s_mask)
 

@@ -1,0 +1,309 @@
+"""The pretraining loop: data -> one student/teacher step -> optimiser -> EMA -> log -> checkpoint.
+
+``pretrain(cfg, out)`` runs on one CPU process with no process group, on one GPU, or under ``torchrun``
+(DDP; nccl on GPU, gloo on CPU). Everything a resume needs is in the checkpoint, and every random draw
+of step ``k`` is seeded from ``(seed, k)`` (masks: the same generator on every process; stochastic
+depth: ``(seed, rank, k)``) and the data order from ``(seed, epoch)``, so stopping after step ``k`` and
+resuming reproduces the uninterrupted run exactly (bitwise on CPU).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from dagman.config import Config, plan_steps, save_config, to_dict, to_yaml
+from dagman.errors import DagmanError
+from dagman.models.heads import last_layer_parameter_names, no_weight_decay_parameter_names
+from dagman.ssl.method import SSLMethod, SSLNetwork, StudentNetwork, make_teacher
+from dagman.train import checkpoint as ckpt
+from dagman.train.distributed import DistInfo, all_reduce_sum_, init_distributed
+from dagman.train.ema import update_teacher
+from dagman.train.logging import MetricsLogger
+from dagman.train.optim import cancel_gradients, clip_gradients, set_lr_wd
+from dagman.train.schedules import Schedules
+
+ENCODER_FILE = "encoder.safetensors"
+# Fault injection for the crash-safety tests: the process kills itself (os._exit) right after this step.
+KILL_AFTER_STEP_ENV = "DAGMAN_FAULT_KILL_AFTER_STEP"
+
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def step_seed(seed: int, step: int, rank: int = 0) -> int:
+    """A 63-bit seed for step ``step`` (and ``rank``), stable across runs and resumes."""
+    return (int(seed) * 1_000_003 + int(step) * 7_919 + int(rank) * 104_729 + 12_345) % (2**63 - 1)
+
+
+@dataclass
+class TrainState:
+    """Everything the loop mutates. ``student`` may be DDP-wrapped; ``step`` = optimiser steps done."""
+
+    cfg: Config
+    info: DistInfo
+    student: nn.Module
+    teacher: SSLNetwork
+    method: SSLMethod
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    schedules: Schedules
+    last_layer: list[torch.Tensor]
+    step: int = 0
+    skipped_steps: int = 0
+    bad_in_row: int = 0
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def student_module(self) -> StudentNetwork:
+        return getattr(self.student, "module", self.student)
+
+
+def build_state(cfg: Config, info: DistInfo, schedules: Schedules) -> TrainState:
+    """Student (DDP-wrapped under a process group), teacher = exact copy of the (broadcast) student,
+    losses with their centres, AdamW with parameter groups, grad scaler (fp16 only)."""
+    torch.manual_seed(cfg.train.seed)  # the same initial weights on every process (DDP broadcasts anyway)
+    student = StudentNetwork(cfg).to(info.device)
+    if cfg.model.use_checkpoint:
+        student.net.backbone.set_checkpointing(True)
+    if info.distributed:
+        device_ids = [info.device.index] if info.device.type == "cuda" else None
+        # without AMIP and a stage-4 global token, the last stage gets no gradient
+        uses_last_stage = cfg.loss.amip or (cfg.loss.gitd and cfg.loss.global_token_stage == 4)
+        student = nn.parallel.DistributedDataParallel(student, device_ids=device_ids, broadcast_buffers=False,
+                                                      find_unused_parameters=not uses_last_stage)
+    module = getattr(student, "module", student)
+    teacher = make_teacher(module, cfg.ema.teacher_drop_path_rate).to(info.device)
+    method = SSLMethod(cfg).to(info.device)
+    no_wd = set(no_weight_decay_parameter_names(module))
+    decay = [p for n, p in module.named_parameters() if p.requires_grad and n not in no_wd]
+    no_decay = [p for n, p in module.named_parameters() if p.requires_grad and n in no_wd]
+    groups = [g for g in ({"params": decay, "apply_weight_decay": True},
+                          {"params": no_decay, "apply_weight_decay": False, "weight_decay": 0.0}) if g["params"]]
+    o = cfg.optim
+    optimizer = torch.optim.AdamW(groups, lr=0.0, weight_decay=0.0, betas=tuple(o.betas), eps=o.eps)
+    scaler = torch.amp.GradScaler(info.device.type, enabled=cfg.train.precision == "fp16")
+    last = set(last_layer_parameter_names(module))
+    last_layer = [p for n, p in module.named_parameters() if n in last]
+    return TrainState(cfg, info, student, teacher, method, optimizer, scaler, schedules, last_layer)
+
+
+def train_step(state: TrainState, view1: torch.Tensor, view2: torch.Tensor) -> dict:
+    """One optimiser step on this process's share of the batch. Returns the step's metrics.
+
+    A non-finite loss or gradient norm on any process skips the update everywhere (counted); after
+    ``train.max_nonfinite_steps`` such steps in a row the run stops with a DagmanError."""
+    cfg, info = state.cfg, state.info
+    step = state.step
+    values = state.schedules.at(step)
+    set_lr_wd(state.optimizer, values.lr, values.weight_decay)
+    torch.manual_seed(step_seed(cfg.train.seed, step, info.rank))  # stochastic depth
+    generator = torch.Generator().manual_seed(step_seed(cfg.train.seed, step))  # masks: same on every rank
+    view1 = view1.to(info.device, non_blocking=True)
+    view2 = view2.to(info.device, non_blocking=True)
+    dtype = _DTYPES[cfg.train.precision]
+    state.student.train()
+    state.teacher.train()
+    t0 = time.perf_counter()
+    with torch.autocast(info.device.type, dtype=dtype, enabled=dtype != torch.float32):
+        result = state.method(state.student, state.teacher, view1, view2, values, generator)
+    loss = result.loss
+    state.optimizer.zero_grad(set_to_none=True)
+    finite = _all_finite(loss, info)
+    grad_norm = float("nan")
+    if finite:
+        state.scaler.scale(loss).backward()
+        if values.last_layer_frozen:
+            cancel_gradients(state.last_layer)
+        state.scaler.unscale_(state.optimizer)
+        norm = clip_gradients(state.student_module.parameters(), cfg.optim.grad_clip)
+        grad_norm = float(norm)
+        finite = _all_finite(norm, info) or state.scaler.is_enabled()  # fp16: the scaler skips the step
+    if finite:
+        scale_before = state.scaler.get_scale() if state.scaler.is_enabled() else 1.0
+        state.scaler.step(state.optimizer)
+        state.scaler.update()
+        applied = not state.scaler.is_enabled() or state.scaler.get_scale() >= scale_before
+        if applied:
+            update_teacher(state.student_module.net, state.teacher, values.momentum)
+            state.method.update_centers(result)
+            state.bad_in_row = 0
+        else:
+            state.skipped_steps += 1
+    else:
+        state.optimizer.zero_grad(set_to_none=True)
+        state.skipped_steps += 1
+        state.bad_in_row += 1
+        if state.bad_in_row >= cfg.train.max_nonfinite_steps:
+            raise DagmanError(
+                f"stopping at step {step}: {state.bad_in_row} steps in a row had a non-finite loss or gradient "
+                "(last loss " + str(float(loss.detach())) + "); lower optim.lr, use train.precision=bf16/fp32, "
+                "or check the data"
+            )
+    state.step += 1
+    metrics = {
+        "loss": float(loss.detach()),
+        **{f"loss_{k}": v for k, v in result.parts.items()},
+        **result.stats,
+        "lr": values.lr,
+        "weight_decay": values.weight_decay,
+        "teacher_temp": values.teacher_temp,
+        "patch_teacher_temp": values.patch_teacher_temp,
+        "ema_momentum": values.momentum,
+        "grad_norm": grad_norm,
+        "skipped_steps": state.skipped_steps,
+        "step_seconds": time.perf_counter() - t0,
+    }
+    state.extra["last_result"] = result
+    return metrics
+
+
+def _all_finite(t: torch.Tensor, info: DistInfo) -> bool:
+    flag = torch.isfinite(t.detach().float()).all().to(torch.float32).reshape(1)
+    if info.distributed:
+        flag = flag.to(info.device)
+        all_reduce_sum_(flag)
+        return bool(flag.item() == info.world_size)
+    return bool(flag.item())
+
+
+def checkpoint_state(state: TrainState) -> dict:
+    return {
+        "format": "dagman-pretrain-checkpoint",
+        "version": 1,
+        "student": state.student_module.state_dict(),
+        "teacher": state.teacher.state_dict(),
+        "method": state.method.state_dict(),  # loss centres
+        "optimizer": state.optimizer.state_dict(),
+        "scaler": state.scaler.state_dict(),
+        "rng": ckpt.capture_rng_state(),
+        "skipped_steps": state.skipped_steps,
+        "bad_in_row": state.bad_in_row,
+        "config": to_dict(state.cfg),
+        "world_size": state.info.world_size,
+    }
+
+
+def restore_state(state: TrainState, saved: dict, path: Path) -> None:
+    if saved.get("format") != "dagman-pretrain-checkpoint":
+        raise DagmanError(f"{path}: not a dagman pretraining checkpoint")
+    try:
+        state.student_module.load_state_dict(saved["student"], strict=True)
+        state.teacher.load_state_dict(saved["teacher"], strict=True)
+        state.method.load_state_dict(saved["method"], strict=True)
+        state.optimizer.load_state_dict(saved["optimizer"])
+        state.scaler.load_state_dict(saved["scaler"])
+    except (KeyError, RuntimeError, ValueError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise DagmanError(f"{path}: does not match this configuration ({first})") from None
+    ckpt.restore_rng_state(saved.get("rng", {}))
+    state.step = int(saved["step"])
+    state.skipped_steps = int(saved.get("skipped_steps", 0))
+    state.bad_in_row = int(saved.get("bad_in_row", 0))
+
+
+def export_encoder(state: TrainState, out: Path) -> Path:
+    """The teacher's backbone (the encoder DINO/iBOT evaluate), MONAI ``SwinTransformer`` key layout."""
+    meta = {"step": str(state.step), "method": state.cfg.method, "size": state.cfg.size,
+            "source": "teacher backbone", "config": to_yaml(state.cfg)}
+    return ckpt.save_encoder_safetensors(out / ENCODER_FILE, state.teacher.backbone.state_dict(), meta)
+
+
+def _batches(loader, start_step: int):
+    """Endless batches from ``loader`` positioned at global step ``start_step`` (data epochs are the
+    loader's own; the order depends only on (seed, epoch), so skipping recomputes nothing)."""
+    sampler = loader.batch_sampler if loader.batch_sampler is not None else loader.sampler
+    per_epoch = len(sampler)
+    if per_epoch < 1:
+        raise DagmanError("the data loader yields no batch per epoch (fewer volumes than the global batch?)")
+    epoch, skip = divmod(start_step, per_epoch)
+    while True:
+        sampler.set_epoch(epoch)
+        if skip:
+            sampler.skip_batches = skip
+        for batch in loader:
+            yield batch
+        sampler.skip_batches = 0
+        skip = 0
+        epoch += 1
+
+
+def pretrain(cfg: Config, out: str | os.PathLike, *, resume: bool = False, progress: bool = True) -> dict:
+    """Pretrain ``cfg`` on ``cfg.data.cache`` into the run folder ``out``. Returns a summary dict."""
+    from dagman.data.views import TwoViewDataset, two_view_loader
+
+    out = Path(out)
+    if cfg.data.cache is None:
+        raise DagmanError("no training data: pass --data CACHE (a folder made by 'dagman data prepare')")
+    info = init_distributed()
+    dataset = TwoViewDataset(cfg.data.cache, cfg.data.crop_size, flip_prob=cfg.data.flip_prob,
+                             intensity_scale=tuple(cfg.data.intensity_scale_range),
+                             intensity_shift=tuple(cfg.data.intensity_shift_range),
+                             intensity_prob=cfg.data.intensity_prob, seed=cfg.train.seed)
+    plan = plan_steps(cfg, dataset.n_volumes, info.world_size)
+    schedules = Schedules.from_config(cfg, plan)
+    state = build_state(cfg, info, schedules)
+
+    found = None
+    if resume:
+        found = ckpt.latest_checkpoint(out)
+        if found is None:
+            raise DagmanError(f"--resume: no loadable checkpoint in {out / 'checkpoints'}")
+        restore_state(state, found.state, found.path)
+    elif info.is_main and (out / "checkpoints").exists() and any((out / "checkpoints").iterdir()):
+        raise DagmanError(f"{out} already holds a run (checkpoints/); use --resume to continue it or a new --out")
+    if info.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out / "config.yaml")
+
+    loader = two_view_loader(dataset, cfg.data.batch_size, workers=cfg.data.num_workers, seed=cfg.train.seed,
+                             distributed=info.distributed or None,
+                             num_replicas=info.world_size if info.distributed else None,
+                             rank=info.rank if info.distributed else None)
+    total = plan.total_steps
+    kill_after = int(os.environ.get(KILL_AFTER_STEP_ENV, "-1"))
+    logger = MetricsLogger(out, enabled=info.is_main, resume_step=state.step if found else None)
+    bar = None
+    if progress and info.is_main:
+        from tqdm import tqdm
+
+        bar = tqdm(total=total, initial=state.step, desc=f"pretrain {cfg.method}/{cfg.size}", unit="step",
+                   dynamic_ncols=True, disable=None, file=sys.stderr)
+    every = max(1, cfg.train.checkpoint_every_steps)
+    snapshot_steps = plan.steps(cfg.train.snapshot_every_epochs) if cfg.train.snapshot_every_epochs else 0
+    t_start = time.perf_counter()
+    first_step = state.step
+    last_metrics: dict = {}
+    try:
+        batches = _batches(loader, state.step)
+        while state.step < total:
+            batch = next(batches)
+            metrics = train_step(state, batch["view1"], batch["view2"])
+            metrics["epoch"] = state.step / plan.steps_per_epoch
+            last_metrics = metrics
+            if state.step % max(1, cfg.train.log_every_steps) == 0 or state.step == total:
+                logger.log(state.step, metrics)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{metrics['loss']:.3f}", refresh=False)
+            if info.is_main and (state.step % every == 0 or state.step == total):
+                keep = bool(snapshot_steps) and state.step % snapshot_steps == 0
+                ckpt.save_run_checkpoint(out, checkpoint_state(state), state.step, keep_periodic=keep)
+            if state.step == kill_after:
+                os._exit(137)
+    finally:
+        if bar is not None:
+            bar.close()
+        logger.close()
+    encoder = export_encoder(state, out) if info.is_main else None
+    seconds = time.perf_counter() - t_start
+    summary = {"steps": state.step, "steps_this_run": state.step - first_step, "seconds": seconds,
+               "skipped_steps": state.skipped_steps, "final": last_metrics,
+               "encoder": str(encoder) if encoder else None, "run": str(out)}
+    return summary
