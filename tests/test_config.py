@@ -431,9 +431,12 @@ def test_cli_saved_config_reloads(capsys, tmp_path):
     assert again == to_dict(load_config("tiny", "attmask", overrides=["mask.ratio=0.5"]))
 
 
-def test_cli_without_print_config_says_training_is_not_here(capsys):
+def test_cli_pretrain_without_out_or_data_is_a_one_line_error(capsys, tmp_path):
     assert cli_main(["pretrain", "--size", "tiny"]) == 2
     err = capsys.readouterr().err
-    assert "pretraining engine" in err and len(err.strip().splitlines()) == 1
+    assert "--out RUN" in err and len(err.strip().splitlines()) == 1
+    assert cli_main(["pretrain", "--size", "tiny", "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert "--data CACHE" in err and len(err.strip().splitlines()) == 1
     assert cli_main(["pretrain", "--method", "nope", "--print-config"]) == 2
     assert "valid: dagman" in capsys.readouterr().err
