@@ -24,7 +24,7 @@ from dagman.errors import DagmanError
 from dagman.models.heads import last_layer_parameter_names, no_weight_decay_parameter_names
 from dagman.ssl.method import SSLMethod, SSLNetwork, StudentNetwork, make_teacher
 from dagman.train import checkpoint as ckpt
-from dagman.train.distributed import DistInfo, all_reduce_sum_, init_distributed
+from dagman.train.distributed import DistInfo, all_reduce_sum_, barrier, cleanup, init_distributed
 from dagman.train.ema import update_teacher
 from dagman.train.logging import MetricsLogger
 from dagman.train.optim import cancel_gradients, clip_gradients, set_lr_wd
@@ -76,7 +76,7 @@ def build_state(cfg: Config, info: DistInfo, schedules: Schedules) -> TrainState
         device_ids = [info.device.index] if info.device.type == "cuda" else None
         # without AMIP and a stage-4 global token, the last stage gets no gradient
         uses_last_stage = cfg.loss.amip or (cfg.loss.gitd and cfg.loss.global_token_stage == 4)
-        student = nn.parallel.DistributedDataParallel(student, device_ids=device_ids, broadcast_buffers=False,
+        student = nn.parallel.DistributedDataParallel(student, device_ids=device_ids,
                                                       find_unused_parameters=not uses_last_stage)
     module = getattr(student, "module", student)
     teacher = make_teacher(module, cfg.ema.teacher_drop_path_rate).to(info.device)
@@ -302,6 +302,9 @@ def pretrain(cfg: Config, out: str | os.PathLike, *, resume: bool = False, progr
             bar.close()
         logger.close()
     encoder = export_encoder(state, out) if info.is_main else None
+    if info.distributed:
+        barrier()  # nobody tears the group down while rank 0 still writes
+        cleanup()
     seconds = time.perf_counter() - t_start
     summary = {"steps": state.step, "steps_this_run": state.step - first_step, "seconds": seconds,
                "skipped_steps": state.skipped_steps, "final": last_metrics,
