@@ -23,6 +23,8 @@ from dagman.errors import DagmanError
 COMMANDS: list[tuple[str | None, str, str]] = [
     (None, "demo", "dagman.commands.demo"),
     (None, "pretrain", "dagman.commands.pretrain"),
+    (None, "attention", "dagman.commands.attention"),
+    (None, "diversity", "dagman.commands.diversity"),
     ("data", "fetch-examples", "dagman.commands.fetch_examples"),
     ("data", "prepare", "dagman.commands.prepare"),
 ]

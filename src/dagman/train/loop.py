@@ -277,6 +277,12 @@ def pretrain(cfg: Config, out: str | os.PathLike, *, resume: bool = False, progr
                    dynamic_ncols=True, disable=None, file=sys.stderr)
     every = max(1, cfg.train.checkpoint_every_steps)
     snapshot_steps = plan.steps(cfg.train.snapshot_every_epochs) if cfg.train.snapshot_every_epochs else 0
+    diversity_every, crops = 0, None
+    if cfg.train.diversity_every_epochs and info.is_main:
+        from dagman.ssl.diversity import diversity_for_run, eval_crops, flatten_diversity
+
+        diversity_every = max(1, plan.steps(cfg.train.diversity_every_epochs))
+        crops = eval_crops(cfg.data.cache, cfg.train.diversity_crops, cfg.data.crop_size, seed=cfg.train.seed)
     t_start = time.perf_counter()
     first_step = state.step
     last_metrics: dict = {}
@@ -286,6 +292,9 @@ def pretrain(cfg: Config, out: str | os.PathLike, *, resume: bool = False, progr
             batch = next(batches)
             metrics = train_step(state, batch["view1"], batch["view2"])
             metrics["epoch"] = state.step / plan.steps_per_epoch
+            if diversity_every and (state.step % diversity_every == 0 or state.step == total):
+                # head diversity of the teacher on fixed eval crops (method notes, section 7)
+                metrics.update(flatten_diversity(diversity_for_run(state.teacher, crops.to(info.device))))
             last_metrics = metrics
             if state.step % max(1, cfg.train.log_every_steps) == 0 or state.step == total:
                 logger.log(state.step, metrics)

@@ -1,0 +1,253 @@
+"""``dagman attention``: what a pretrained DAGMaN network attends to and masks, on one CT.
+
+The CT is prepared exactly as ``dagman data prepare`` prepares the cache (resample to the run's
+``data.spacing_mm``, body crop, HU window -> [0, 1]), centre-cropped to the run's crop size (padded with 0
+where smaller), and put through one training step's data flow (method notes, sections 3-4; the order of
+``SSLMethod.forward``), seeded, with the networks in eval mode::
+
+    teacher drop mask (random, r_t) -> teacher(dropped view) -> SA importance map S
+        -> student mask (the run's generator: attention hint / high / low, random, blockwise)
+        -> student(masked view) -> AMIP reconstruction
+
+Pictures are slices through the crop centre (axial, coronal, sagittal; radiological convention).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from pathlib import Path
+
+HELP = "SA attention map, student mask, teacher drop mask and reconstruction as PNG overlays on a CT"
+
+DESCRIPTION = """\
+Show what a pretrained network does with one CT: the semantic-attention importance map S of the teacher
+(on its patch-dropped view, as in training), the student mask built from it (or the run's random /
+blockwise mask), the noisy teacher's drop mask, and the student's reconstruction (masked voxels from the
+prediction, the rest from the input). Methods without the SA block (smit, ibot, dagman-no-sa) have no S;
+the figures and the JSON say so and the masks are still drawn.
+
+The CT (NIfTI, NRRD, MetaImage or a DICOM series folder) is prepared like the training cache with the
+run's spacing and HU window, and its centre crop of the run's crop size is used. --seed fixes the random
+masks.
+
+Writes into OUT: overview.png (every panel), ct.png, importance.png, student_mask.png, teacher_drop.png,
+reconstruction.png, and attention.json (mask fractions, S entropy, the share of S under the student
+mask, the most attended tokens with their positions).
+
+example:
+  dagman attention --checkpoint runs/dagman --image scan.nii.gz --out figures/attention
+"""
+
+TOP_TOKENS = 10
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", required=True, metavar="C", help="run folder or checkpoint .pt")
+    parser.add_argument("--image", required=True, metavar="CT", help="CT file or DICOM series folder")
+    parser.add_argument("--out", required=True, metavar="DIR", help="output folder for the PNGs and attention.json")
+    parser.add_argument("--crop-size", type=int, metavar="S", help="centre-crop edge in voxels (default: the run's "
+                        "data.crop_size)")
+    parser.add_argument("--seed", type=int, default=0, metavar="N", help="seed of the random masks (default 0)")
+
+
+def centre_crop(volume, size: int, pad_value: float = 0.0):
+    """The centred ``(size,)*3`` crop of a ``(X, Y, Z)`` array, padded with ``pad_value`` (centred) along
+    shorter axes. Returns ``(crop float32, origin (3,) ints)``: crop voxel ``c`` is volume voxel
+    ``origin + c`` (``origin`` is negative along padded axes)."""
+    import numpy as np
+
+    out = np.full((size,) * 3, pad_value, dtype=np.float32)
+    src, dst, origin = [], [], []
+    for n in volume.shape:
+        o = (n - size) // 2 if n >= size else -((size - n) // 2)
+        origin.append(int(o))
+        lo, hi = max(o, 0), min(o + size, n)
+        src.append(slice(lo, hi))
+        dst.append(slice(lo - o, hi - o))
+    out[tuple(dst)] = np.asarray(volume[tuple(src)], dtype=np.float32)
+    return out, origin
+
+
+def _entropy(p) -> float:
+    import torch
+
+    p = p.double()
+    return float(-torch.special.xlogy(p, p).sum())
+
+
+def run(args: argparse.Namespace) -> int:
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+    from tqdm import tqdm
+
+    from dagman.commands.diversity import build_networks, check_crop_size, default_device, load_pretrained
+    from dagman.data.cache import atomic_write_json
+    from dagman.data.io import read_ct
+    from dagman.data.prepare import make_settings, prepare_volume
+    from dagman.models.swin import upsample_mask
+    from dagman.report.plots import VolumeLayer, slice_grid_figure
+    from dagman.ssl.masking import attention_mask_counts, random_mask_count, student_mask_from_config, teacher_drop_mask
+    from dagman.ssl.method import ATTENTION_MASKS, SSLMethod
+
+    bar = tqdm(total=5, desc="attention", unit="part", disable=None)
+    pre = load_pretrained(args.checkpoint)
+    cfg = pre.cfg
+    size = check_crop_size(cfg, args.crop_size if args.crop_size is not None else cfg.data.crop_size)
+    out = Path(args.out)
+
+    # 1. the CT, prepared like the cache, centre-cropped
+    volume = read_ct(args.image)
+    settings = make_settings(cfg.data.spacing_mm, tuple(cfg.data.hu_window), min_size=0)
+    prepared, affine, _ = prepare_volume(volume, settings)
+    crop, origin = centre_crop(prepared, size)
+    bar.update(1)
+
+    # 2. networks and the step's data flow (SSLMethod.forward order, one sample, seeded)
+    device = default_device()
+    nets = build_networks(pre, ("teacher", "student"), device)
+    teacher, student = nets["teacher"], nets["student"]
+    x = torch.from_numpy(crop)[None, None].to(device)
+    grid = SSLMethod(cfg).unit_grid(tuple(x.shape[2:]))
+    n_units = math.prod(grid)
+    generator = torch.Generator().manual_seed(int(args.seed))
+    has_sa = teacher.sa is not None
+    uses_attention = cfg.mask.student in ATTENTION_MASKS
+    drop = None
+    if cfg.mask.teacher_drop_ratio > 0:
+        drop = teacher_drop_mask(1, grid, cfg.mask.teacher_drop_ratio, generator).to(device)
+    with torch.no_grad():
+        t_out = teacher(x, mask=drop, heads=False)
+        scores = t_out.importance
+        if has_sa and cfg.mask.attention_view == "clean" and drop is not None:
+            scores = teacher(x, mask=None, heads=False).importance
+        scores = scores.float() if scores is not None else None
+        bar.update(1)
+        s_mask = student_mask_from_config(cfg.mask, batch=1, grid=grid, generator=generator,
+                                          scores=scores if uses_attention else None, device=device)
+        # the student's forward without the projection heads (not pictured): backbone, then the AMIP head
+        s_out = student.net(x, mask=s_mask, heads=False)
+        if student.reconstruction is not None:
+            s_out.reconstruction = student.reconstruction(s_out.features.maps[-1])
+    bar.update(1)
+
+    # 3. voxel maps on the crop
+    vox = tuple(x.shape[2:])
+    s_vox = upsample_mask(s_mask, vox)[0].cpu().numpy()
+    drop_vox = upsample_mask(drop, vox)[0].cpu().numpy() if drop is not None else np.zeros(vox, dtype=bool)
+    heat = None
+    if scores is not None:
+        heat = F.interpolate(scores.view(1, 1, *grid), size=vox, mode="nearest")[0, 0].cpu().numpy()
+    recon = None
+    if s_out.reconstruction is not None:
+        pred = s_out.reconstruction[0, 0].float().cpu().numpy()
+        recon = np.where(s_vox, pred, crop)
+
+    # 4. figures
+    method = cfg.method
+    no_sa = f"S unavailable: {method} has no SA block" if not has_sa else None
+    ct_layer = VolumeLayer("CT (prepared crop)", crop)
+    imp_layer = VolumeLayer("teacher SA importance S", crop, heat, "heat", note=no_sa, overlay_label="S per token")
+    s_note = None if s_mask.any() else f"empty student mask ({cfg.mask.student} drew none)"
+    stu_layer = VolumeLayer(f"student mask ({cfg.mask.student})", crop, s_vox, "mask", note=s_note)
+    drop_note = None if drop is not None else f"no teacher noise ({method}: mask.teacher_drop_ratio=0)"
+    drop_layer = VolumeLayer("teacher drop mask", crop, drop_vox if drop is not None else None, "mask", note=drop_note)
+    rec_note = None if recon is not None else f"no AMIP reconstruction head ({method})"
+    rec_layer = VolumeLayer("reconstruction", recon if recon is not None else crop,
+                            note=rec_note)
+    centre = [s // 2 for s in vox]
+    title = f"{method}/{cfg.size}, step {pre.step} - {Path(args.image).name}"
+    files = {
+        "overview": slice_grid_figure([ct_layer, imp_layer, stu_layer, drop_layer, rec_layer], centre,
+                                      out / "overview.png", title),
+        "ct": slice_grid_figure([ct_layer], centre, out / "ct.png", title),
+        "importance": slice_grid_figure([imp_layer], centre, out / "importance.png", title),
+        "student_mask": slice_grid_figure([stu_layer], centre, out / "student_mask.png", title),
+        "teacher_drop": slice_grid_figure([drop_layer], centre, out / "teacher_drop.png", title),
+        "reconstruction": slice_grid_figure([rec_layer], centre, out / "reconstruction.png", title),
+    }
+    bar.update(1)
+
+    # 5. numbers
+    m = cfg.mask
+    if m.student == "attention_hint":
+        top, _, hints = attention_mask_counts(n_units, m.ratio, m.hint_fraction)
+        expected = (top - hints) / n_units
+    elif m.student in ("attention_high", "attention_low"):
+        expected = attention_mask_counts(n_units, m.ratio)[0] / n_units
+    elif m.student == "random":
+        expected = random_mask_count(n_units, m.ratio) / n_units
+    else:
+        expected = None  # blockwise: a random fraction (possibly none)
+    unit_vox = [v // g for v, g in zip(vox, grid)]
+    report = {
+        "checkpoint": str(pre.path),
+        "step": pre.step,
+        "method": method,
+        "size": cfg.size,
+        "image": str(args.image),
+        "seed": int(args.seed),
+        "prepared_shape": [int(s) for s in prepared.shape],
+        "spacing_mm": float(cfg.data.spacing_mm),
+        "hu_window": [float(v) for v in cfg.data.hu_window],
+        "crop_size": size,
+        "crop_origin": origin,
+        "unit_grid": list(grid),
+        "mask_units": n_units,
+        "unit_voxels": unit_vox,
+        "student_mask": {
+            "kind": m.student,
+            "masked_units": int(s_mask.sum()),
+            "fraction": float(s_mask.float().mean()),
+            "expected_fraction": expected,
+        },
+        "teacher_drop": {
+            "ratio": float(m.teacher_drop_ratio),
+            "dropped_units": int(drop.sum()) if drop is not None else 0,
+            "fraction": float(drop.float().mean()) if drop is not None else 0.0,
+        },
+        "importance": {"available": has_sa},
+        "reconstruction": {"available": recon is not None},
+        "files": {k: str(v) for k, v in files.items()},
+    }
+    if has_sa:
+        flat = scores[0].cpu()
+        order = torch.argsort(flat, descending=True, stable=True)[:TOP_TOKENS]
+        top_tokens = []
+        for idx in order.tolist():
+            g = np.unravel_index(idx, grid)
+            centre_crop_vox = [(int(i) + 0.5) * u for i, u in zip(g, unit_vox)]
+            world = affine @ np.array([o + c for o, c in zip(origin, centre_crop_vox)] + [1.0])
+            top_tokens.append({"index": int(idx), "grid": [int(i) for i in g], "score": float(flat[idx]),
+                               "centre_voxel_in_crop": centre_crop_vox,
+                               "centre_ras_mm": [round(float(v), 2) for v in world[:3]],
+                               "masked_for_student": bool(s_mask.view(-1)[idx])})
+        report["importance"].update({
+            "view": "clean" if (cfg.mask.attention_view == "clean" and drop is not None) else
+                    ("dropped" if drop is not None else "clean (no teacher noise)"),
+            "entropy_nats": _entropy(flat),
+            "entropy_max_nats": math.log(n_units),
+            "max": float(flat.max()),
+            "mass_masked_for_student": float(flat[s_mask.view(-1).cpu()].sum()),
+            "top_tokens": top_tokens,
+        })
+    else:
+        report["importance"]["reason"] = f"method {method} has no semantic-attention block (sa.enabled=false)"
+    if recon is not None:
+        masked = s_vox.sum()
+        pred = s_out.reconstruction[0, 0].float().cpu().numpy()
+        report["reconstruction"]["l1_masked"] = float(np.abs(pred - crop)[s_vox].mean()) if masked else None
+    else:
+        report["reconstruction"]["reason"] = f"method {method} has no AMIP head (loss.amip=false)"
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / "attention.json", report)
+    bar.update(1)
+    bar.close()
+    drop_txt = f"teacher drop {report['teacher_drop']['fraction']:.2f}" if drop is not None else "no teacher drop"
+    s_txt = (f"S entropy {report['importance']['entropy_nats']:.2f}/{report['importance']['entropy_max_nats']:.2f} nats"
+             if has_sa else "no S (no SA block)")
+    print(f"dagman attention: {method} step {pre.step}, {n_units} mask units; student mask "
+          f"{report['student_mask']['fraction']:.2f} ({m.student}), {drop_txt}, {s_txt} -> {out}/overview.png "
+          f"+ 5 figures, attention.json")
+    return 0
