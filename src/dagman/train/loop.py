@@ -110,6 +110,8 @@ def train_step(state: TrainState, view1: torch.Tensor, view2: torch.Tensor) -> d
     dtype = _DTYPES[cfg.train.precision]
     state.student.train()
     state.teacher.train()
+    if info.device.type == "cuda":
+        torch.cuda.synchronize(info.device)
     t0 = time.perf_counter()
     with torch.autocast(info.device.type, dtype=dtype, enabled=dtype != torch.float32):
         result = state.method(state.student, state.teacher, view1, view2, values, generator)
@@ -147,6 +149,9 @@ def train_step(state: TrainState, view1: torch.Tensor, view2: torch.Tensor) -> d
                 "or check the data"
             )
     state.step += 1
+    if info.device.type == "cuda":
+        torch.cuda.synchronize(info.device)
+    elapsed = time.perf_counter() - t0
     metrics = {
         "loss": float(loss.detach()),
         **{f"loss_{k}": v for k, v in result.parts.items()},
@@ -158,8 +163,10 @@ def train_step(state: TrainState, view1: torch.Tensor, view2: torch.Tensor) -> d
         "ema_momentum": values.momentum,
         "grad_norm": grad_norm,
         "skipped_steps": state.skipped_steps,
-        "step_seconds": time.perf_counter() - t0,
+        "step_seconds": elapsed,
     }
+    if info.device.type == "cuda":
+        metrics["gpu_peak_memory_gib"] = torch.cuda.max_memory_allocated(info.device) / 2**30
     state.extra["last_result"] = result
     return metrics
 
