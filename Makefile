@@ -26,6 +26,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/backbone_speed.py
 	$(BIN)/python benchmarks/loader_speed.py
+	$(BIN)/python benchmarks/step_speed.py --part ratio
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache
