@@ -12,7 +12,6 @@ median of the per-pair ratios ours/MONAI (lower is better), so slow drifts of a 
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import time
 
@@ -20,24 +19,10 @@ import torch
 from monai.networks.nets.swin_unetr import SwinTransformer
 
 from dagman.models.swin import build_backbone
+from dagman.sysinfo import describe_machine
 
 PAPER = dict(in_chans=1, embed_dim=48, window_size=(4, 4, 4), patch_size=(2, 2, 2), depths=(2, 2, 8, 2),
              num_heads=(4, 4, 8, 16), mlp_ratio=4.0, qkv_bias=True, drop_path_rate=0.0)
-
-
-def machine(device: torch.device) -> str:
-    if device.type == "cuda":
-        return f"{torch.cuda.get_device_name(device)} (torch {torch.__version__})"
-    cpu = platform.processor() or "cpu"
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return f"{cpu}, {torch.get_num_threads()} threads (torch {torch.__version__})"
 
 
 def sync(device):
@@ -71,7 +56,7 @@ def main(argv=None) -> int:
     monai_model = SwinTransformer(**PAPER).to(device)
     ours = build_backbone(**PAPER).to(device)
     ours.load_state_dict(monai_model.state_dict(), strict=True)
-    print(f"machine: {machine(device)}; precision {args.precision}; batch 1; paper architecture")
+    print(f"machine: {describe_machine(device)}; precision {args.precision}; batch 1; paper architecture")
     with torch.no_grad():  # both compute the same function (fp32 check on a small input)
         x = torch.randn(1, 1, 64, 64, 64, device=device)
         diff = max(float((a - b).abs().max()) for a, b in zip(monai_model(x), ours(x)))

@@ -19,33 +19,18 @@ a real cache larger than RAM is read from disk and can be slower.
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import torch
 
 from dagman.data.cache import cache_entries
 from dagman.data.views import TwoViewDataset, make_synthetic_cache, two_view_loader
+from dagman.sysinfo import describe_machine
 
 TARGET_PAIRS_PER_S = 20.0  # with 2 workers, 128^3 crops (issue target)
-
-
-def machine() -> str:
-    model = platform.processor() or "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return f"{model}, {cores} cores, torch {torch.__version__}, python {platform.python_version()}"
 
 
 def batches_forever(loader):
@@ -113,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         per_volume = args.samples_per_volume or max(1, -(-64 * args.batch // n))
         dataset = TwoViewDataset(cache, args.crop, samples_per_volume=per_volume, seed=args.seed)
 
-        print(f"machine: {machine()}")
+        print(f"machine: {describe_machine()}")
         print(f"data:    {what}; crop {args.crop}^3, batch {args.batch}, epoch {len(dataset)} pairs, "
               f"{args.seconds:g} s x {args.repeats} repeats after {args.warmup} warm-up batches, "
               f"consumer {'reads every voxel' if args.consume else 'only receives'}")

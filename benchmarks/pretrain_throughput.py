@@ -13,17 +13,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+from dagman.sysinfo import describe_machine
 
 CHILD = r"""
 import json, resource, sys, torch
 from dagman.config import load_config
 from dagman.train.loop import pretrain
 from dagman.train.logging import read_metrics
+from dagman.sysinfo import describe_machine
 size, method, precision, ckpt, data, out, steps = sys.argv[1:8]
 over = [f"data.cache={data}", f"train.total_steps={steps}", f"train.precision={precision}",
         f"model.use_checkpoint={'true' if ckpt == '1' else 'false'}", "train.diversity_every_epochs=0",
@@ -43,14 +45,7 @@ print("RESULT " + json.dumps(res))
 def machine() -> str:
     import torch
 
-    if torch.cuda.is_available():
-        return f"{torch.cuda.get_device_name(0)} (torch {torch.__version__})"
-    cpu = "cpu"
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{cpu}, {torch.get_num_threads()} threads (torch {torch.__version__})"
+    return describe_machine("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def main(argv=None) -> int:

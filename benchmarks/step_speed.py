@@ -42,7 +42,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -61,6 +60,7 @@ from dagman.config import load_config, plan_steps  # noqa: E402
 from dagman.train.distributed import DistInfo  # noqa: E402
 from dagman.train.loop import TrainState, build_state, train_step  # noqa: E402
 from dagman.train.schedules import Schedules  # noqa: E402
+from dagman.sysinfo import describe_machine
 
 TARGET_RATIO = 1.15  # dagman / smit step time (issue 3)
 BASELINE = "smit"
@@ -68,24 +68,6 @@ RESULT_TAG = "STEP_SPEED_RESULT "  # the child's result line on stdout
 GIB = 1024**3
 # Part B configurations (use_checkpoint, precision), in run order: the one that needs the most memory last.
 PAPER_CONFIGS = ((True, "bf16"), (True, "fp32"), (False, "bf16"), (False, "fp32"))
-
-
-def machine(device: torch.device) -> str:
-    """One line: accelerator or CPU model, cores, torch threads and OpenMP wait policy, torch version."""
-    if device.type == "cuda":
-        return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
-    cpu = platform.processor() or "cpu"
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return (f"{cpu}, {cores} cores, {torch.get_num_threads()} torch threads "
-            f"(OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '')}), torch {torch.__version__}")
 
 
 def parse_method(spec: str) -> tuple[str, list[str]]:
@@ -493,7 +475,7 @@ def main(argv=None) -> int:
     methods = list(dict.fromkeys(args.methods))
     if BASELINE not in methods:
         methods.append(BASELINE)
-    line = machine(device)
+    line = describe_machine(device)
     report: dict = {"machine": line, "device": str(device), "target_ratio": TARGET_RATIO}
     print(f"machine: {line}")
 
