@@ -288,14 +288,15 @@ class SwinTransformerBlock(nn.Module):
         self.norm2 = norm_layer(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), drop)
 
-    def _attention_part(self, x: torch.Tensor, plan: WindowPlan, padded: tuple[int, int, int] | None):
+    def _attention_part(self, x: torch.Tensor, plan: WindowPlan, padded: tuple[int, int, int] | None,
+                        keep_attention: bool = False):
         b, d, h, w, c = x.shape
         y = self.norm1(x)
         if padded is not None:
             dp, hp, wp = padded
             y = F.pad(y, (0, 0, 0, wp - w, 0, hp - h, 0, dp - d))
         rows = _permute_rows(y.reshape(-1, c), plan.perm, plan.inverse)
-        out, probs = self.attn(rows, plan, keep_attention=self._keep_attention)
+        out, probs = self.attn(rows, plan, keep_attention=keep_attention)
         out = _permute_rows(out, plan.inverse, plan.perm)
         if padded is not None:
             out = out.view(b, *padded, c)[:, :d, :h, :w].contiguous()
@@ -306,12 +307,11 @@ class SwinTransformerBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, plan: WindowPlan, padded=None, keep_attention: bool = False):
         """x: (B, D, H, W, C) channels-last. Returns the same shape and, if asked, attention probabilities."""
-        self._keep_attention = keep_attention
         if self.use_checkpoint and torch.is_grad_enabled() and not keep_attention:
             attn_out = checkpoint(lambda t: self._attention_part(t, plan, padded)[0], x, use_reentrant=False)
             probs = None
         else:
-            attn_out, probs = self._attention_part(x, plan, padded)
+            attn_out, probs = self._attention_part(x, plan, padded, keep_attention)
         x = x + self.drop_path(attn_out)
         if self.use_checkpoint and torch.is_grad_enabled():
             x = x + checkpoint(self._mlp_part, x, use_reentrant=False)
