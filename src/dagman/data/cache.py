@@ -52,7 +52,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -60,6 +59,7 @@ from typing import Any
 import numpy as np
 
 from dagman.errors import DataError
+from dagman.fileio import TMP_SUFFIX, atomic_write, remove_stale_temp_files  # noqa: F401 (re-exported)
 
 MANIFEST = "manifest.json"
 SKIPPED = "skipped.json"
@@ -67,32 +67,9 @@ VOLUMES_DIR = "volumes"
 CACHE_FORMAT_VERSION = 1
 
 
-def _file_mode() -> int:
-    """Permissions a plain ``open(path, "w")`` would give (0666 minus the umask); ``mkstemp`` uses 0600, which
-    would hide a shared cache from other users."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
-
-
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write ``text`` to ``path`` atomically (temporary file in the same folder, fsync, rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, _file_mode())
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    """Write ``text`` to ``path`` atomically (see :func:`dagman.fileio.atomic_write`)."""
+    atomic_write(path, lambda fh: fh.write(text), text=True)
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
@@ -111,7 +88,6 @@ class _HashingWriter:
         return self.fh.write(data)
 
 
-TMP_SUFFIX = ".tmp"
 
 
 def atomic_save_npy(path: str | os.PathLike, array: np.ndarray) -> str:
@@ -120,36 +96,13 @@ def atomic_save_npy(path: str | os.PathLike, array: np.ndarray) -> str:
     Writes ``.<name>.<random>.tmp`` in the same folder, fsyncs and renames; the temporary file is removed
     on any exception, including ``KeyboardInterrupt``, so no partial ``.npy`` is ever left at ``path``.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent)
-    try:
-        os.fchmod(fd, _file_mode())
-        with os.fdopen(fd, "wb") as fh:
-            writer = _HashingWriter(fh)
-            np.lib.format.write_array(writer, np.ascontiguousarray(array), allow_pickle=False)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    return writer.digest.hexdigest()
 
+    def write(fh) -> str:
+        writer = _HashingWriter(fh)
+        np.lib.format.write_array(writer, np.ascontiguousarray(array), allow_pickle=False)
+        return writer.digest.hexdigest()
 
-def remove_stale_temp_files(folder: str | os.PathLike) -> int:
-    """Delete temporary files (``.*.tmp``) left in ``folder`` by a killed writer; returns how many."""
-    folder = Path(folder)
-    removed = 0
-    if folder.is_dir():
-        for p in folder.iterdir():
-            if p.name.startswith(".") and p.name.endswith(TMP_SUFFIX) and p.is_file():
-                p.unlink(missing_ok=True)
-                removed += 1
-    return removed
+    return atomic_write(path, write)
 
 
 def file_sha256(paths: "list[str | os.PathLike] | str | os.PathLike", chunk: int = 1 << 20) -> str:

@@ -25,7 +25,6 @@ import os
 import pickle
 import random
 import re
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Mapping, NamedTuple
@@ -34,6 +33,7 @@ import numpy as np
 import torch
 
 from dagman.errors import DagmanError
+from dagman.fileio import TMP_SUFFIX, atomic_write, fsync_dir, remove_stale_temp_files
 
 __all__ = [
     "FORMAT_VERSION",
@@ -58,7 +58,6 @@ FORMAT_VERSION = 1
 MARKER = "dagman_checkpoint"
 CHECKPOINTS_DIR = "checkpoints"
 LAST_NAME = "last.pt"
-TMP_SUFFIX = ".tmp"
 _PERIODIC = re.compile(r"^step_(\d{8,})\.pt$")
 ENCODER_FORMAT = "dagman-encoder"
 ENCODER_LAYOUT = "monai.networks.nets.swin_unetr.SwinTransformer"
@@ -69,53 +68,6 @@ _PLAIN_LEAVES = (bool, int, float, str, bytes, type(None), torch.dtype, torch.Si
 # ----------------------------------------------------------------------------------------------------------
 # Atomic files
 # ----------------------------------------------------------------------------------------------------------
-
-
-def _file_mode() -> int:
-    """0666 minus the umask (``mkstemp`` would give 0600)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover
-        pass
-    finally:
-        os.close(fd)
-
-
-def _atomic_write(path: Path, write: Callable[[Any], None]) -> None:
-    """Call ``write(binary_file)`` on a temporary file next to ``path``, fsync, rename, fsync the folder."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent)
-    try:
-        os.fchmod(fd, _file_mode())
-        with os.fdopen(fd, "wb") as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    _fsync_dir(path.parent)
-
-
-def _remove_stale_temp_files(folder: Path) -> None:
-    if folder.is_dir():
-        for p in folder.iterdir():
-            if p.name.startswith(".") and p.name.endswith(TMP_SUFFIX) and p.is_file():
-                p.unlink(missing_ok=True)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -158,7 +110,7 @@ def save_checkpoint(path: str | os.PathLike, state: Mapping[str, Any]) -> Path:
     payload = dict(state)
     payload[MARKER] = FORMAT_VERSION
     _check_plain(payload, "state")
-    _atomic_write(path, lambda fh: torch.save(payload, fh))
+    atomic_write(path, lambda fh: torch.save(payload, fh))
     return path
 
 
@@ -237,7 +189,7 @@ def save_run_checkpoint(run: str | os.PathLike, state: Mapping[str, Any], step: 
     state["step"] = int(step)
     folder = checkpoint_dir(run)
     folder.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temp_files(folder)
+    remove_stale_temp_files(folder)
     last = folder / LAST_NAME
     if not keep_periodic:
         return save_checkpoint(last, state)
@@ -248,7 +200,7 @@ def save_run_checkpoint(run: str | os.PathLike, state: Mapping[str, Any], step: 
         tmp.unlink(missing_ok=True)
         os.link(snapshot, tmp)
         os.replace(tmp, last)
-        _fsync_dir(folder)
+        fsync_dir(folder)
     except OSError:
         tmp.unlink(missing_ok=True)
         save_checkpoint(last, state)
@@ -326,7 +278,7 @@ def save_encoder_safetensors(
         meta[str(k)] = v if isinstance(v, str) else json.dumps(v)
     data = safetensors_bytes(tensors, metadata=meta)
     path = Path(path)
-    _atomic_write(path, lambda fh: fh.write(data))
+    atomic_write(path, lambda fh: fh.write(data))
     return path
 
 
