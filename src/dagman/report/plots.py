@@ -18,7 +18,8 @@ from typing import Sequence
 
 import numpy as np
 
-__all__ = ["PLANES", "orthogonal_slices", "VolumeLayer", "slice_grid_figure", "diversity_figure"]
+__all__ = ["PLANES", "orthogonal_slices", "VolumeLayer", "slice_grid_figure", "diversity_figure", "loss_curves_figure",
+           "roc_figure"]
 
 #: The three planes of :func:`orthogonal_slices`, in drawing order.
 PLANES: tuple[str, ...] = ("axial", "coronal", "sagittal")
@@ -170,3 +171,68 @@ def diversity_figure(result: dict, path: str | os.PathLike, title: str | None = 
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=dpi)
     return path
+
+
+def _save(fig, path: str | os.PathLike, dpi: int) -> Path:
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi)
+    return path
+
+
+def loss_curves_figure(runs: dict[str, list[dict]], path: str | os.PathLike, title: str | None = None, *,
+                       dpi: int = 100, smooth: int = 5) -> Path:
+    """Pretraining curves: one panel per loss key found in any run (``loss``, ``loss_aitd``, ...), one line per
+    run (``{name: metrics.jsonl entries}``), raw values faint and a centred running mean of ``smooth`` steps."""
+    from matplotlib.figure import Figure
+
+    keys = ["loss"] + sorted({k for entries in runs.values() for e in entries for k in e
+                              if k.startswith("loss_")})
+    fig = Figure(figsize=(3.2 * len(keys), 3.0), dpi=dpi)
+    axes = np.atleast_1d(fig.subplots(1, len(keys)))
+    colours = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b"]
+    for ax, key in zip(axes, keys):
+        for i, (name, entries) in enumerate(runs.items()):
+            pts = [(e["step"], e[key]) for e in entries if key in e and e[key] is not None and np.isfinite(e[key])]
+            if not pts:
+                continue
+            steps, vals = map(np.asarray, zip(*pts))
+            c = colours[i % len(colours)]
+            ax.plot(steps, vals, color=c, alpha=0.25, lw=0.8)
+            if len(vals) >= smooth > 1:
+                kernel = np.ones(smooth) / smooth
+                ax.plot(steps[smooth // 2: len(vals) - (smooth - 1) // 2], np.convolve(vals, kernel, "valid"),
+                        color=c, lw=1.6, label=name)
+            else:
+                ax.plot(steps, vals, color=c, lw=1.6, label=name)
+        ax.set_title(key, fontsize=9)
+        ax.set_xlabel("step", fontsize=8)
+        ax.tick_params(labelsize=7)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    return _save(fig, path, dpi)
+
+
+def roc_figure(curves: dict[str, tuple[np.ndarray, np.ndarray, str]], path: str | os.PathLike,
+               title: str | None = None, *, dpi: int = 100) -> Path:
+    """ROC curves: ``{name: (false positive rate, true positive rate, legend text)}`` on one panel with the
+    chance diagonal."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(4.6, 4.4), dpi=dpi)
+    ax = fig.subplots()
+    ax.plot([0, 1], [0, 1], color="gray", ls="--", lw=0.8, label="chance")
+    for name, (fpr, tpr, text) in curves.items():
+        ax.step(fpr, tpr, where="post", lw=1.6, label=f"{name}: {text}")
+    ax.set_xlabel("1 - specificity", fontsize=9)
+    ax.set_ylabel("sensitivity", fontsize=9)
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.01)
+    ax.tick_params(labelsize=8)
+    ax.legend(fontsize=7, loc="lower right")
+    if title:
+        ax.set_title(title, fontsize=9)
+    return _save(fig, path, dpi)
