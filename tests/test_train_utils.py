@@ -161,6 +161,20 @@ def test_resume_truncates_later_entries_in_both_outputs(tmp_path):
     assert [e["step"] for e in read_metrics(tmp_path)] == [1]
 
 
+def test_resume_tensorboard_independent_of_event_file_name_order(tmp_path):
+    """Regression (CI flake): event-file names carry a per-process counter, so a resumed writer's file can
+    sort *before* the old one ("...10" < "...9") and TensorBoard's purge_step then drops the wrong events."""
+    with MetricsLogger(tmp_path) as log:
+        for step in range(1, 5):
+            log.log(step, {"loss": float(step)})
+    (old,) = (tmp_path / "tensorboard").glob("events.out.tfevents.*")
+    old.rename(old.with_name("events.out.tfevents.9999999999.zz.9.9"))  # sorts after any new file
+    with MetricsLogger(tmp_path, resume_step=2) as log:
+        for step in range(3, 5):
+            log.log(step, {"loss": 10.0 * step})
+    assert _scalars(tmp_path / "tensorboard")["loss"] == [(1, 1.0), (2, 2.0), (3, 30.0), (4, 40.0)]
+
+
 def test_disabled_logger_touches_nothing(tmp_path):
     log = MetricsLogger(tmp_path / "run", enabled=False)
     assert log.log(1, {"loss": 1.0}) is None

@@ -4,8 +4,9 @@ under ``RUN/tensorboard`` (``tensorboard --logdir RUN``).
 Step convention: the ``step`` of a log entry is the number of optimiser steps completed when it was
 logged (the first update logs step 1), the same number a checkpoint stores as ``step``. On resume from a
 checkpoint at step ``S`` the entries with ``step > S`` belong to work that is about to be redone, so
-:class:`MetricsLogger` drops them from ``metrics.jsonl`` and tells TensorBoard to purge them (``purge_step``),
-keeping both consistent with the resumed run.
+:class:`MetricsLogger` drops them from ``metrics.jsonl`` and rebuilds the TensorBoard event files from the kept
+entries, keeping both consistent with the resumed run. (TensorBoard's own ``purge_step`` is not used: it relies on
+event files sorting by creation, which their names do not guarantee.)
 
 Each JSON line is ``{"step": int, "time": unix seconds, <name>: value, ...}``; nested dicts are flattened with
 ``/`` (``{"loss": {"amip": 0.1}}`` -> ``"loss/amip"``), tensors become numbers, non-finite floats become
@@ -84,8 +85,8 @@ class MetricsLogger:
 
     ``enabled=False`` (every rank but the main one) makes every method a no-op and touches no file.
     ``resume_step=None`` starts a new run: an existing ``metrics.jsonl`` is emptied. ``resume_step=S`` keeps
-    the entries with ``step <= S`` (rewritten atomically; torn lines dropped) and purges TensorBoard
-    events after ``S``. ``tensorboard=False`` (or the package missing: warning) writes only the JSON lines.
+    the entries with ``step <= S`` (rewritten atomically; torn lines dropped) and rewrites the TensorBoard
+    events from them. ``tensorboard=False`` (or the package missing: warning) writes only the JSON lines.
     Use as a context manager or call :meth:`close`."""
 
     def __init__(
@@ -114,8 +115,20 @@ class MetricsLogger:
             except Exception as err:  # pragma: no cover - tensorboard is a dependency
                 warnings.warn(f"TensorBoard logging disabled ({err}); metrics go to {self.path} only", stacklevel=2)
             else:
-                purge = None if resume_step is None else int(resume_step) + 1
-                self._writer = SummaryWriter(str(self.run_dir / TENSORBOARD_DIR), purge_step=purge, flush_secs=30)
+                tb_dir = self.run_dir / TENSORBOARD_DIR
+                # Event files are read in name order, and their names (time, host, pid, counter) do not sort
+                # reliably by creation, so TensorBoard's purge_step cannot be trusted to drop the redone
+                # steps. metrics.jsonl is the record: rebuild the event files from its kept entries.
+                if tb_dir.is_dir():
+                    for old in tb_dir.glob("events.out.tfevents.*"):
+                        old.unlink()
+                self._writer = SummaryWriter(str(tb_dir), flush_secs=30)
+                if resume_step is not None and self.path.exists():
+                    for entry in read_metrics(self.path):
+                        for name, value in entry.items():
+                            if name not in ("step", "time") and isinstance(value, (int, float)):
+                                self._writer.add_scalar(name, float(value), global_step=int(entry["step"]))
+                    self._writer.flush()
 
     def _truncate_after(self, step: int) -> None:
         if not self.path.exists():
