@@ -151,7 +151,10 @@ train_step(state, views[0, rows], views[1, rows])
 if info.rank == 0:
     torch.save({"student": state.student_module.state_dict(), "teacher": state.teacher.state_dict(),
                 "method": state.method.state_dict()}, out)
+del state  # the DDP wrapper holds the process group: release it before the group is destroyed
 if info.distributed:
+    import gc
+    gc.collect()
     dist.barrier()
     dist.destroy_process_group()
 """

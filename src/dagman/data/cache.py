@@ -59,7 +59,7 @@ from typing import Any
 import numpy as np
 
 from dagman.errors import DataError
-from dagman.fileio import TMP_SUFFIX, atomic_write, remove_stale_temp_files  # noqa: F401 (re-exported)
+from dagman.fileio import atomic_write
 
 MANIFEST = "manifest.json"
 SKIPPED = "skipped.json"

@@ -31,6 +31,7 @@ from dagman.data import cache as cache_mod
 from dagman.data.cache import CACHE_FORMAT_VERSION, MANIFEST, SKIPPED, VOLUMES_DIR
 from dagman.data.io import CTVolume, ImageReadError, Source, list_sources, read_ct
 from dagman.errors import ConfigError, DataError
+from dagman.fileio import TMP_SUFFIX, remove_stale_temp_files
 
 BODY_THRESHOLD_HU = -500.0  # voxels above this (soft tissue, bone; not air or lung) count as body
 BODY_MARGIN_MM = 10.0  # margin kept around the body's bounding box
@@ -440,7 +441,7 @@ def _clear_cache(out: Path, manifest: dict) -> None:
     volumes = out / VOLUMES_DIR
     if volumes.is_dir():
         for p in volumes.iterdir():
-            if p.is_file() and (p.suffix == ".npy" or p.name.endswith(cache_mod.TMP_SUFFIX)):
+            if p.is_file() and (p.suffix == ".npy" or p.name.endswith(TMP_SUFFIX)):
                 p.unlink()
     for name in (MANIFEST, SKIPPED):
         (out / name).unlink(missing_ok=True)
@@ -516,8 +517,8 @@ def prepare(
     _check_out_folder(out)
     with _CacheLock(out):
         manifest = _open_cache(out, settings, overwrite)
-        cache_mod.remove_stale_temp_files(out / VOLUMES_DIR)
-        cache_mod.remove_stale_temp_files(out)
+        remove_stale_temp_files(out / VOLUMES_DIR)
+        remove_stale_temp_files(out)
         old_by_source = {e["source"]: e for e in manifest["volumes"] if isinstance(e, dict) and "source" in e}
         this_run = {s.path for s in srcs}
         kept = [e for e in manifest["volumes"] if e.get("source") not in this_run and (out / e["file"]).is_file()]
@@ -647,7 +648,7 @@ def _check_out_folder(out: Path) -> None:
     if out.is_dir() and not (out / MANIFEST).exists():
         ours = {MANIFEST, SKIPPED, VOLUMES_DIR, ".prepare.lock"}
         foreign = sorted(
-            p.name for p in out.iterdir() if p.name not in ours and not p.name.endswith(cache_mod.TMP_SUFFIX)
+            p.name for p in out.iterdir() if p.name not in ours and not p.name.endswith(TMP_SUFFIX)
         )
         if foreign:
             raise DataError(

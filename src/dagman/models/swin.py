@@ -34,7 +34,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from dagman.models.attention import explicit_window_attention, window_attention
+from dagman.models.attention import window_attention
 
 _SHIFT_MASK_VALUE = -100.0  # MONAI's value for attention between different shifted regions
 

@@ -9,7 +9,7 @@ resuming reproduces the uninterrupted run exactly (bitwise on CPU).
 
 from __future__ import annotations
 
-import math
+import gc
 import os
 import sys
 import time
@@ -318,11 +318,16 @@ def pretrain(cfg: Config, out: str | os.PathLike, *, resume: bool = False, progr
             bar.close()
         logger.close()
     encoder = export_encoder(state, out) if info.is_main else None
-    if info.distributed:
-        barrier()  # nobody tears the group down while rank 0 still writes
-        cleanup()
     seconds = time.perf_counter() - t_start
     summary = {"steps": state.step, "steps_this_run": state.step - first_step, "seconds": seconds,
                "skipped_steps": state.skipped_steps, "final": last_metrics,
                "encoder": str(encoder) if encoder else None, "run": str(out)}
+    if info.distributed:
+        # The DDP wrapper and the loader hold the process group; a group still referenced when the interpreter
+        # shuts down can abort the process (gloo worker threads, "terminate called without an active
+        # exception"), which torchrun reports as a failed run. Release them, then destroy the group.
+        del state, loader, batches
+        gc.collect()
+        barrier()  # nobody tears the group down while rank 0 still writes
+        cleanup()
     return summary
