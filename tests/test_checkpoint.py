@@ -179,6 +179,8 @@ def test_corrupt_truncated_and_foreign_files_are_refused(tmp_path):
     assert "no 'dagman_checkpoint' marker" in str(pytest.raises(DagmanError, load_checkpoint, tmp_path / "foreign.pt").value)
     assert "upgrade" in str(pytest.raises(DagmanError, load_checkpoint, tmp_path / "future.pt").value)
     assert "no such file" in str(pytest.raises(DagmanError, load_checkpoint, tmp_path / "missing.pt").value)
+    assert "neither a zip archive nor a pickle" in str(pytest.raises(DagmanError, load_checkpoint, tmp_path / "garbage.pt").value)
+    assert "empty file" in str(pytest.raises(DagmanError, load_checkpoint, tmp_path / "empty.pt").value)
 
 
 # ----------------------------------------------------------------------------------------------------------

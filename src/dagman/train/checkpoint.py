@@ -139,6 +139,16 @@ def _torch_load_safely(path: Path, what: Callable[[Path, str], DagmanError]) -> 
     if not path.is_file():
         raise what(path, "no such file" if not path.exists() else "not a file")
     try:
+        with open(path, "rb") as fh:
+            head = fh.read(4)
+    except OSError as err:
+        raise what(path, f"cannot read: {err.strerror or err}") from None
+    # torch.save writes a zip archive ("PK\x03\x04"), or a pickle (protocol opcode 0x80) in the legacy format
+    if not head:
+        raise what(path, "empty file")
+    if head[:2] != b"PK" and head[:1] != b"\x80":
+        raise what(path, "not a PyTorch file: neither a zip archive nor a pickle")
+    try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             return torch.load(path, map_location="cpu", weights_only=True)
