@@ -1,0 +1,86 @@
+"""The pieces of benchmarks/compare_methods.py that decide its numbers: the statistics and the resumable
+result store (the whole run is exercised by `python benchmarks/compare_methods.py --quick`)."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from sklearn.metrics import roc_auc_score
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def cm():
+    spec = importlib.util.spec_from_file_location("compare_methods", ROOT / "benchmarks" / "compare_methods.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_seed_mean_auc_ci_brackets_the_mean_and_narrows_with_more_test_rows(cm):
+    rng = np.random.default_rng(0)
+
+    def case(n):
+        y = np.r_[np.zeros(n // 2), np.ones(n // 2)].astype(int)
+        scores = [y + rng.normal(0, 1.2, n) for _ in range(3)]
+        mean_auc = np.mean([roc_auc_score(y, s) for s in scores])
+        lo, hi = cm.seed_mean_auc_ci(y, scores, n_boot=400)
+        return mean_auc, lo, hi
+
+    m_small, lo_small, hi_small = case(60)
+    m_big, lo_big, hi_big = case(600)
+    assert lo_small < m_small < hi_small and lo_big < m_big < hi_big
+    assert hi_big - lo_big < 0.6 * (hi_small - lo_small)
+
+
+def test_t_interval_matches_scipy(cm):
+    from scipy import stats
+
+    v = np.array([0.31, 0.35, 0.29])
+    lo, hi = cm.t_interval(v)
+    ref = stats.t.interval(0.95, len(v) - 1, loc=v.mean(), scale=stats.sem(v))
+    assert lo == pytest.approx(ref[0]) and hi == pytest.approx(ref[1])
+    assert cm.t_interval([0.5]) == [0.5, 0.5]
+
+
+def test_seg_summary_mean_std_and_case_bootstrap(cm):
+    runs = [{"dice": [0.8, 0.6, 0.7, 0.9]}, {"dice": [0.5, 0.7, 0.6, 0.8]}, {"dice": [0.9, 0.9, 0.7, 0.7]}]
+    s = cm.seg_summary(runs, n_boot=500)
+    per_seed = [0.75, 0.65, 0.8]
+    assert s["mean"] == pytest.approx(np.mean(per_seed)) and s["std"] == pytest.approx(np.std(per_seed, ddof=1))
+    assert s["ci"][0] < s["mean"] < s["ci"][1] and 0.5 <= s["ci"][0] and s["ci"][1] <= 0.9
+
+
+def test_results_are_reused_only_under_the_same_budget(cm, tmp_path):
+    budget = cm.Budget.quick()
+    calls = []
+
+    def compute():
+        calls.append(1)
+        return {"auc": np.float64(0.75), "values": np.arange(3)}
+
+    store = cm.Results(tmp_path, budget)
+    assert store.get("lp_x", compute) == {"auc": 0.75, "values": [0, 1, 2]}
+    assert store.get("lp_x", compute) == {"auc": 0.75, "values": [0, 1, 2]} and len(calls) == 1
+    other = cm.Results(tmp_path, dataclasses.replace(budget, steps=budget.steps + 1))
+    other.get("lp_x", compute)
+    assert len(calls) == 2  # a different budget invalidates the stored unit
+    (tmp_path / "results" / "lp_x.json").write_text("{torn")
+    other.get("lp_x", compute)
+    assert len(calls) == 3 and json.loads((tmp_path / "results" / "lp_x.json").read_text())["value"]["auc"] == 0.75
+    assert not [p for p in (tmp_path / "results").iterdir() if p.name.endswith(".tmp")]
+
+
+def test_default_budget_covers_the_issue(cm):
+    b = cm.Budget()
+    assert cm.PRESETS == ("dagman", "dagman-no-nt", "dagman-no-sa", "smit", "ibot", "attmask")
+    assert cm.ENCODERS[0] == "random-init" and b.seeds >= 3
+    assert b.fractions == (0.25, 0.5, 1.0) and b.ft_fractions == (0.25, 0.5, 1.0) and b.seg_fractions == (0.25, 1.0)
