@@ -321,6 +321,163 @@ def test_four_d_with_single_volume_is_accepted(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------------------
+# DICOM oddities and implausible geometry (the refusals are in BAD_INPUTS below)
+
+
+def _tilted_series(folder, step, shape=(20, 16, 10)):
+    """An axial series (1 x 1 mm pixels) whose slice k starts at ``k * step`` (LPS mm): slices stacked
+    obliquely when ``step`` has an in-plane part (gantry tilt). HU follow :func:`hu_at`, stored with slope 0.05
+    so that quantisation stays below 0.025 HU."""
+    write_dicom_series(folder, shape, slice_step=step, slope=0.05, intercept=0.0)
+    return str(folder)
+
+
+def _inside_acquired_slices(vol: CTVolume, step, shape) -> np.ndarray:
+    """``(X, Y, Z) bool``: voxels of the canonical volume whose position lies inside the pixel grid of the slice
+    it belongs to (slice k spans ``k * step + [0, cols - 1] x [0, rows - 1]`` mm in L and P)."""
+    world = voxel_world(vol.affine, vol.shape) * np.array([-1.0, -1.0, 1.0])  # RAS -> LPS
+    k = np.rint(world[..., 2] / step[2])
+    offset = world - k[..., None] * np.asarray(step, dtype=np.float64)
+    eps = 1e-6
+    return (
+        (offset[..., 0] >= -eps) & (offset[..., 0] <= shape[0] - 1 + eps)
+        & (offset[..., 1] >= -eps) & (offset[..., 1] <= shape[1] - 1 + eps)
+    )
+
+
+@pytest.mark.parametrize("step", [(0.0, 0.8, 3.0), (-0.5, 0.6, 2.5)])
+def test_gantry_tilt_is_undone_onto_an_orthogonal_grid(tmp_path, step):
+    shape = (20, 16, 10)
+    vol = read_ct(_tilted_series(tmp_path / "tilt", step, shape))
+    # the grid is orthogonal: slices 'step . normal' apart, pixels as stored
+    assert np.allclose(vol.affine[:3, :3], np.diag(np.diag(vol.affine[:3, :3])))
+    assert vol.spacing == pytest.approx((1.0, 1.0, step[2]))
+    tilt = np.degrees(np.arctan2(np.hypot(step[0], step[1]), step[2]))
+    assert vol.meta["gantry_tilt_deg"] == pytest.approx(tilt, abs=1e-3)
+    assert "rescale" not in vol.meta  # RescaleIntercept 0 is a stated intercept
+    # every voxel the scanner acquired holds the HU of its true physical position ...
+    inside = _inside_acquired_slices(vol, step, shape)
+    expected = field_volume(vol.affine, vol.shape)
+    assert inside.mean() > 0.6
+    np.testing.assert_allclose(vol.array[inside], expected[inside], atol=0.05)
+    # ... and voxels outside the acquired field of view are filled with the minimum, never invented HU
+    outside = ~inside
+    far = outside & (np.abs(vol.array - expected) > 0.05)
+    assert far.any() and np.all(vol.array[far] == vol.array.min())
+    # the same series read the old way (sheared affine kept) would put voxel (i, j, k) elsewhere: the shift is
+    # real, several voxels over the stack
+    assert np.hypot(step[0], step[1]) * (shape[2] - 1) >= 7
+
+
+def test_tilt_within_rounding_is_ignored_and_prepare_gets_an_orthogonal_grid(tmp_path):
+    vol = read_ct(_tilted_series(tmp_path / "round", (0.0, 0.0005, 3.0)))
+    assert "gantry_tilt_deg" not in vol.meta
+    assert np.allclose(vol.affine[:3, :3], np.diag([1.0, 1.0, 3.0]))
+    from dagman.data.prepare import prepare
+
+    report = prepare([_tilted_series(tmp_path / "tilted", (0.0, 0.8, 3.0), (40, 40, 12))], tmp_path / "cache",
+                     spacing=2.0, min_size=8, progress=False)
+    entry = json.loads((tmp_path / "cache" / "manifest.json").read_text())["volumes"][0]
+    assert report.prepared and np.allclose(np.asarray(entry["affine"])[:3, :3], np.diag([2.0, 2.0, 2.0]))
+
+
+def test_signed_dicom_without_rescale_is_taken_as_hu(tmp_path):
+    # no RescaleSlope/Intercept, signed pixels holding negative values: they can only be HU already
+    paths = write_dicom_series(tmp_path / "signed", (12, 10, 6), slope=1.0, intercept=0.0)
+    strip_rescale(paths, unsigned=False)
+    vol = read_ct(tmp_path / "signed")
+    assert vol.array.min() < 0
+    assert vol.meta["rescale"] == "no RescaleIntercept: stored values taken as HU"
+    assert_matches_field(vol)
+
+
+def test_unsigned_dicom_with_rescale_is_hu(tmp_path):
+    # the usual uint16 storage (0..4095 with RescaleIntercept -1024) reads as HU
+    paths = write_dicom_series(tmp_path / "u16", (12, 10, 6), slope=1.0, intercept=-1024.0)
+    import pydicom
+
+    for path in paths:
+        ds = pydicom.dcmread(path)
+        stored = ds.pixel_array
+        assert stored.min() >= 0
+        ds.PixelRepresentation = 0
+        ds.PixelData = stored.astype(np.uint16).tobytes()
+        ds.save_as(path, enforce_file_format=True)
+    assert pydicom.dcmread(paths[0]).pixel_array.dtype == np.uint16
+    vol = read_ct(tmp_path / "u16")
+    assert "rescale" not in vol.meta
+    assert_matches_field(vol)
+
+
+def test_implausible_geometry_is_refused_before_any_large_allocation(tmp_path):
+    """19 mm voxels over 64 x 64 x 200: 1.2 x 1.2 x 3.8 m. Resampled to 2 mm that would be a 2.8 GB array;
+    refused at read time, prepare stays small."""
+    import tracemalloc
+
+    from dagman.data.prepare import prepare
+
+    path = write_nifti(tmp_path / "wrong_header.nii.gz", np.random.default_rng(0).normal(size=(64, 64, 200)) * 300,
+                       np.diag([19.0, 19.0, 19.0, 1.0]))
+    good = write_nifti(tmp_path / "good.nii.gz", *lps_view())
+    tracemalloc.start()
+    try:
+        report = prepare([path, good], tmp_path / "cache", min_size=4, progress=False)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    rows = {os.path.basename(r.source): r for r in report.rows}
+    assert rows["wrong_header.nii.gz"].status == "skipped"
+    assert rows["wrong_header.nii.gz"].reason.startswith("implausible field of view 1216 x 1216 x 3800 mm")
+    assert rows["good.nii.gz"].status == "prepared"
+    assert peak < 64 * 2**20, f"peak traced memory {peak / 2**20:.0f} MiB"
+
+
+def test_plausible_extremes_are_accepted(tmp_path):
+    # 0.2 mm micro-CT-like pixels and 10 mm thick slabs, 2 m long: unusual but real
+    write_nifti(tmp_path / "fine.nii.gz", field_volume(np.diag([0.2, 0.2, 0.2, 1.0]), (30, 30, 30)),
+                np.diag([0.2, 0.2, 0.2, 1.0]))
+    write_nifti(tmp_path / "long.nii.gz", field_volume(np.diag([2.0, 2.0, 10.0, 1.0]), (20, 20, 200)),
+                np.diag([2.0, 2.0, 10.0, 1.0]))
+    assert read_ct(tmp_path / "fine.nii.gz").spacing == pytest.approx((0.2, 0.2, 0.2))
+    assert read_ct(tmp_path / "long.nii.gz").shape == (20, 20, 200)
+
+
+def test_negative_strides_give_the_same_prepared_volume(tmp_path):
+    """Arrays with negative strides (np.flip views; what flipped affines produce) anywhere on the way: in a
+    NIfTI written from such a view with the flipped affine, or handed to the array steps as a CTVolume. The
+    prepared output equals the positive-stride case bit for bit."""
+    from dagman.data.prepare import make_settings, prepare, prepare_volume
+
+    canonical = field_volume(GRID_RAS, GRID_SHAPE) * 5
+    flip = np.diag([-1.0, 1.0, -1.0, 1.0])
+    flip[0, 3], flip[2, 3] = GRID_SHAPE[0] - 1, GRID_SHAPE[2] - 1
+    view = canonical[::-1, :, ::-1]  # the same physical image stored L-A-I, as a negative-stride view
+    assert any(st < 0 for st in view.strides)
+    write_nifti(tmp_path / "ras.nii.gz", canonical, GRID_RAS)
+    write_nifti(tmp_path / "flipped.nii.gz", view, GRID_RAS @ flip)
+    vol = read_ct(tmp_path / "flipped.nii.gz")
+    assert vol.array.flags.c_contiguous and all(st > 0 for st in vol.array.strides)
+    import torch
+
+    assert torch.from_numpy(vol.array).shape == GRID_SHAPE  # torch refuses negative strides
+    one = prepare([tmp_path / "ras.nii.gz"], tmp_path / "c1", min_size=4, progress=False)
+    two = prepare([tmp_path / "flipped.nii.gz"], tmp_path / "c2", min_size=4, progress=False)
+    a = np.load(tmp_path / "c1" / "volumes" / f"{one.rows[0].id}.npy")
+    b = np.load(tmp_path / "c2" / "volumes" / f"{two.rows[0].id}.npy")
+    assert a.shape == b.shape and a.tobytes() == b.tobytes()
+    # library use: a CTVolume holding a negative-stride view prepares like its contiguous copy
+    settings = make_settings(2.0, (-750.0, 1750.0), 4)
+    flipped_affine = vol.affine @ flip
+    as_view = CTVolume(array=vol.array[::-1, :, ::-1], affine=flipped_affine, spacing=vol.spacing, source="view")
+    as_copy = CTVolume(array=np.ascontiguousarray(as_view.array), affine=flipped_affine, spacing=vol.spacing,
+                       source="copy")
+    out_view, aff_view, box_view = prepare_volume(as_view, settings)
+    out_copy, aff_copy, box_copy = prepare_volume(as_copy, settings)
+    assert out_view.tobytes() == out_copy.tobytes() and box_view == box_copy
+    np.testing.assert_array_equal(aff_view, aff_copy)
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Listing sources
 
 
@@ -487,6 +644,28 @@ def make_bad_input(kind: str, tmp_path) -> str:
         os.symlink(tmp_path / "nowhere.nii.gz", path)
     elif kind == "missing":
         path = tmp_path / "absent.nii.gz"
+    elif kind == "empty_file":
+        path = tmp_path / "empty.nii.gz"
+        path.write_bytes(b"")
+    elif kind == "sheared_nifti":  # a converted gantry-tilt series whose shear was left in the affine
+        path = tmp_path / "sheared.nii.gz"
+        write_nifti(path, rng.normal(size=(20, 20, 10)) * 100, np.array(SHEARED_AFFINE))
+    elif kind == "tiny_spacing":  # pixel spacing written in metres
+        path = tmp_path / "metres"
+        write_dicom_series(path, (8, 8, 4), pixel_spacing=(0.001, 0.001), slice_step=(0, 0, 0.003),
+                           values=lambda lps: lps[..., 0] * 1e5)
+    elif kind == "huge_spacing":  # 50 mm between slices
+        path = tmp_path / "thick.nii.gz"
+        write_nifti(path, rng.normal(size=(20, 20, 10)) * 100, np.diag([1.0, 1.0, 50.0, 1.0]))
+    elif kind == "huge_extent":  # 130 slices of 20 mm: 2.6 m long
+        path = tmp_path / "long.nii.gz"
+        write_nifti(path, rng.normal(size=(8, 8, 130)) * 100, np.diag([2.0, 2.0, 20.0, 1.0]))
+    elif kind == "unsigned_no_rescale":  # uint16 0..4095 style, no RescaleSlope/Intercept
+        path = tmp_path / "uint16"
+        strip_rescale(write_dicom_series(path, (8, 8, 4), slope=1.0, intercept=-1024.0), unsigned=True)
+    elif kind == "partial_rescale":
+        path = tmp_path / "partial"
+        strip_rescale(write_dicom_series(path, (8, 8, 4))[:2], unsigned=False)
     else:
         raise ValueError(kind)
     return str(path)
@@ -512,7 +691,34 @@ BAD_INPUTS = {
     "directory_named_nifti": "is a directory, not an image file",
     "broken_symlink": "broken symbolic link",
     "missing": "no such file or directory",
+    "empty_file": "empty file (0 bytes)",
+    "sheared_nifti": "sheared voxel grid (axes 1 and 2 meet at 75.0 degrees, not 90",
+    "tiny_spacing": "implausible voxel spacing 0.001x0.001x0.003 mm (below 0.01 mm",
+    "huge_spacing": "implausible voxel spacing 1x1x50 mm (above 20 mm",
+    "huge_extent": "implausible field of view 16 x 16 x 2600 mm",
+    "unsigned_no_rescale": "no RescaleIntercept and every stored value is >= 0",
+    "partial_rescale": "RescaleIntercept in only 2 of 4 slices",
 }
+
+# Voxel -> RAS with the third axis leaning 15 degrees towards A: what a gantry tilt leaves when not corrected.
+SHEARED_AFFINE = [[1.0, 0, 0, 0], [0, 1.0, 3.0 * np.tan(np.radians(15)), 0], [0, 0, 3.0, 0], [0, 0, 0, 1]]
+
+
+def strip_rescale(paths, unsigned: bool) -> None:
+    """Remove RescaleSlope/RescaleIntercept from DICOM files (stored values unchanged); with ``unsigned`` also
+    declare the pixels unsigned (PixelRepresentation 0, uint16; the stored values must be >= 0)."""
+    import pydicom
+
+    for path in paths:
+        ds = pydicom.dcmread(path)
+        stored = ds.pixel_array
+        del ds.RescaleSlope
+        del ds.RescaleIntercept
+        if unsigned:
+            assert stored.min() >= 0
+            ds.PixelRepresentation = 0
+            ds.PixelData = stored.astype(np.uint16).tobytes()
+        ds.save_as(path, enforce_file_format=True)
 
 
 @pytest.mark.parametrize("kind", sorted(BAD_INPUTS))

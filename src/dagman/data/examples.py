@@ -420,7 +420,9 @@ def write_phantom_examples(
             if case not in {e["case"] for e in entries}:
                 for key in ("image", "label"):
                     if prev.get(key):
-                        (dest / prev[key]).unlink(missing_ok=True)
+                        stale = (dest / prev[key]).resolve()
+                        if stale.is_relative_to(dest.resolve()):  # the manifest may have been edited: never
+                            stale.unlink(missing_ok=True)          # delete anything outside DEST
         kept = [v for v in manifest["volumes"] if v.get("source_package") != PHANTOM_PACKAGE]
         manifest["volumes"] = _ordered_volumes(kept + entries)
         atomic_write_json(dest / MANIFEST, manifest)

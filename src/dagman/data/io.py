@@ -5,8 +5,10 @@ Formats:
 - NIfTI (``.nii``, ``.nii.gz``) through nibabel;
 - NRRD (``.nrrd``, ``.nhdr``) and MetaImage (``.mha``, ``.mhd``) through SimpleITK;
 - a DICOM series *folder* (files recognised by content: the ``DICM`` marker at byte 128) through pydicom,
-  with slices sorted along the slice normal, RescaleSlope/Intercept applied, and mixed series, missing or
-  duplicate slices and non-CT modalities refused;
+  with slices sorted along the slice normal, RescaleSlope/Intercept applied, a gantry tilt (slices stacked
+  obliquely to their plane) undone by shifting each slice onto an orthogonal grid, and mixed series, missing
+  or duplicate slices, non-CT modalities, and values without RescaleIntercept that cannot be HU (all >= 0)
+  refused;
 - JSON lists of images: an MSD ``dataset.json`` (``"training": [{"image": ..., "label": ...}, ...]``,
   ``"test": [...]``) or a ``dagman data fetch-examples`` manifest (``"volumes": [{"image": ...}, ...]``);
   any JSON object with a list under ``training`` / ``validation`` / ``test`` / ``volumes`` / ``images`` whose
@@ -17,6 +19,10 @@ order of the closest canonical RAS+ orientation (what nibabel's ``as_closest_can
 voxel-to-RAS affine of that array. SimpleITK and DICOM geometry is in LPS; it is converted to RAS by flipping
 the first two world axes. The source grid is kept (``source_affine``, ``source_shape``, ``to_source_grid``) so
 that results can be written back in the geometry of the file they came from.
+
+Geometry no CT has is refused rather than resampled into a wrong or gigantic array: a sheared voxel grid,
+voxel sides outside ``[MIN_SPACING_MM, MAX_SPACING_MM]``, a field of view beyond ``MAX_WIDTH_MM`` x
+``MAX_WIDTH_MM`` x ``MAX_EXTENT_MM``; so is an empty (0-byte) file.
 
 Every failure is a :class:`ImageReadError` (a :class:`~dagman.errors.DataError`) whose message is
 ``"<path>: <short reason>"``.
@@ -58,6 +64,21 @@ LIST_FILE_NAMES = ("dataset.json", "manifest.json")
 SLICE_GAP_TOLERANCE = 0.15
 
 FORMAT_NAMES = {"nifti": "NIfTI", "nrrd": "NRRD", "metaimage": "MetaImage", "dicom": "DICOM"}
+
+# A DICOM series whose slices are stacked obliquely to their own plane (gantry tilt) accumulates an in-plane
+# offset over the stack; up to this many voxels in total it is ignored (rounding in ImagePositionPatient),
+# beyond it every slice is shifted back onto an orthogonal grid.
+GANTRY_TILT_TOLERANCE_VOXELS = 0.1
+# Any other voxel grid whose axes are not orthogonal (|cosine| between two axes above this) is refused.
+SHEAR_TOLERANCE = 1e-3
+# Plausible geometry of a CT: voxel sides in [MIN_SPACING_MM, MAX_SPACING_MM]; a field of view of at most
+# MAX_EXTENT_MM along its longest side and MAX_WIDTH_MM along the other two (scanner bores are < 1 m wide).
+# Outside these the header is wrong (metres for millimetres, a bogus slice distance), and resampling it would
+# give a meaningless or gigantic array.
+MIN_SPACING_MM = 0.01
+MAX_SPACING_MM = 20.0
+MAX_EXTENT_MM = 2500.0
+MAX_WIDTH_MM = 1000.0
 
 
 class ImageReadError(DataError):
@@ -396,8 +417,9 @@ def read_ct(path: str | os.PathLike | Source, *, index: int | None = None) -> CT
     ``path`` may be an image file, a DICOM series folder, a folder or JSON list holding several images
     (then ``index`` picks the ``index``-th source of :func:`list_sources`), or a :class:`Source`.
     Raises :class:`ImageReadError` (``"<path>: <reason>"``) for anything that is not a usable 3D CT: missing,
-    truncated or corrupt file, not an image, 2D, 4D, non-CT DICOM, mixed or incomplete DICOM series, all-NaN
-    or constant voxels.
+    truncated, empty or corrupt file, not an image, 2D, 4D, non-CT DICOM, mixed or incomplete DICOM series,
+    DICOM values of unknown HU offset, sheared grid, implausible spacing or field of view, all-NaN or constant
+    voxels.
     """
     if isinstance(path, Source):
         src = path
@@ -414,6 +436,8 @@ def read_ct(path: str | os.PathLike | Source, *, index: int | None = None) -> CT
             raise ImageReadError(label, f"holds {len(sources)} images; choose one with index=")
     if src.error is not None:
         raise ImageReadError(src.path, src.error)
+    if src.kind != "dicom" and os.path.isfile(src.path) and os.path.getsize(src.path) == 0:
+        raise ImageReadError(src.path, "empty file (0 bytes)")
     if src.kind == "nifti":
         array, affine, meta = _read_nifti(src.path)
     elif src.kind in ("nrrd", "metaimage"):
@@ -435,6 +459,7 @@ def _finish(path: str, array: np.ndarray, affine: np.ndarray, meta: dict) -> CTV
         raise ImageReadError(path, f"2D image (a single slice: {_fmt_shape(array.shape)}); need a 3D volume")
     if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
         raise ImageReadError(path, "invalid geometry (singular or non-finite voxel-to-world affine)")
+    _check_geometry(path, array.shape, affine)
     array = np.asarray(array, dtype=np.float32)
     finite = np.isfinite(array)
     n_bad = int(array.size - np.count_nonzero(finite))
@@ -465,6 +490,47 @@ def _finish(path: str, array: np.ndarray, affine: np.ndarray, meta: dict) -> CTV
         source_shape=tuple(int(s) for s in array.shape),  # type: ignore[arg-type]
         to_canonical=ornt,
     )
+
+
+def _check_geometry(path: str, shape, affine: np.ndarray) -> None:
+    """Refuse a voxel grid that no CT has: axes not orthogonal (a sheared grid, e.g. an uncorrected gantry tilt
+    in a converted file; resampling it as if it were orthogonal would distort the anatomy), a voxel side
+    outside [MIN_SPACING_MM, MAX_SPACING_MM], or a field of view beyond MAX_WIDTH_MM x MAX_WIDTH_MM x
+    MAX_EXTENT_MM. ``shape``: the stored ``(X, Y, Z)``; ``affine``: its ``(4, 4)`` voxel -> world mm."""
+    axes = np.asarray(affine, dtype=np.float64)[:3, :3]
+    spacing = np.sqrt((axes**2).sum(axis=0))
+    unit = axes / spacing
+    cosines = [abs(float(unit[:, a] @ unit[:, b])) for a, b in ((0, 1), (0, 2), (1, 2))]
+    if max(cosines) > SHEAR_TOLERANCE:
+        a, b = ((0, 1), (0, 2), (1, 2))[int(np.argmax(cosines))]
+        angle = float(np.degrees(np.arccos(min(1.0, max(cosines)))))
+        raise ImageReadError(
+            path,
+            f"sheared voxel grid (axes {a} and {b} meet at {angle:.1f} degrees, not 90; an uncorrected gantry "
+            "tilt?): resample it to an orthogonal grid first (dcm2niix corrects tilt)",
+        )
+    shown = "x".join(f"{v:.3g}" for v in spacing)
+    if spacing.min() < MIN_SPACING_MM:
+        raise ImageReadError(
+            path,
+            f"implausible voxel spacing {shown} mm (below {MIN_SPACING_MM:g} mm: a header in metres, or a "
+            "wrong affine?)",
+        )
+    if spacing.max() > MAX_SPACING_MM:
+        raise ImageReadError(
+            path,
+            f"implausible voxel spacing {shown} mm (above {MAX_SPACING_MM:g} mm between voxels: a localiser, "
+            "or a wrong slice distance in the header?)",
+        )
+    extent = np.sort(np.asarray(shape[:3], dtype=np.float64) * spacing)
+    if extent[2] > MAX_EXTENT_MM or extent[1] > MAX_WIDTH_MM:
+        raise ImageReadError(
+            path,
+            "implausible field of view "
+            + " x ".join(f"{v:.0f}" for v in np.asarray(shape[:3], dtype=np.float64) * spacing)
+            + f" mm (a CT covers at most {MAX_WIDTH_MM:.0f} x {MAX_WIDTH_MM:.0f} x {MAX_EXTENT_MM:.0f} mm): "
+            f"wrong voxel spacing {shown} mm in the header?",
+        )
 
 
 def _fmt_shape(shape) -> str:
@@ -707,15 +773,15 @@ def _read_dicom(folder: str, files: tuple[str, ...]) -> tuple[np.ndarray, np.nda
             f"{kind}: {steps[k]:.2f} mm between slices {k} and {k + 1} (sorted), expected {median:.2f} mm",
         )
 
+    with_intercept = sum(1 for _, ds in headers if _has_value(ds, "RescaleIntercept"))
+    if 0 < with_intercept < len(headers):
+        raise ImageReadError(
+            folder, f"RescaleIntercept in only {with_intercept} of {len(headers)} slices: HU scaling inconsistent"
+        )
+
     volume = np.empty((cols0, rows0, len(headers)), dtype=np.float32)
     for k, (f, _) in enumerate(headers):
         volume[:, :, k] = _dicom_slice_hu(folder, f).T  # (rows, cols) -> (cols, rows) = (i, j)
-    row_spacing, col_spacing = float(ps0[0]), float(ps0[1])  # PixelSpacing = [between rows, between columns]
-    lps = np.eye(4)
-    lps[:3, 0] = row_dir * col_spacing  # i: along a row (increasing column index)
-    lps[:3, 1] = col_dir * row_spacing  # j: down a column (increasing row index)
-    lps[:3, 2] = (ipp[-1] - ipp[0]) / (len(headers) - 1)  # k: mean step between sorted slices
-    lps[:3, 3] = ipp[0]
     meta = {
         "format": "dicom",
         "modality": modalities[0] if modalities else None,
@@ -724,7 +790,57 @@ def _read_dicom(folder: str, files: tuple[str, ...]) -> tuple[np.ndarray, np.nda
         "non_image_objects": non_image,
         "slice_step_mm": median,
     }
+    if not with_intercept:
+        # Stored values are HU only if they can be: a CT in HU always holds air (about -1000). All values >= 0
+        # (typically unsigned 0..4095) means an offset (usually -1024) that the files do not state.
+        lo, hi = float(volume.min()), float(volume.max())
+        if lo >= 0:
+            raise ImageReadError(
+                folder,
+                f"no RescaleIntercept and every stored value is >= 0 ({lo:g}..{hi:g}): the offset to Hounsfield "
+                "units is unknown (often -1024); add RescaleIntercept/RescaleSlope to the files",
+            )
+        meta["rescale"] = "no RescaleIntercept: stored values taken as HU"
+    row_spacing, col_spacing = float(ps0[0]), float(ps0[1])  # PixelSpacing = [between rows, between columns]
+    # k: mean step between sorted slices. With a gantry tilt it leaves the slice normal; its in-plane part is a
+    # per-slice shift of the image, undone here so that the grid is orthogonal (as dcm2niix does).
+    step = (ipp[-1] - ipp[0]) / (len(headers) - 1)
+    along_step = float(step @ normal)
+    in_plane = step - along_step * normal
+    per_slice = np.array(
+        [
+            in_plane @ row_dir / np.linalg.norm(row_dir) / col_spacing,  # voxels along i per slice
+            in_plane @ col_dir / np.linalg.norm(col_dir) / row_spacing,  # voxels along j per slice
+        ]
+    )
+    if np.abs(per_slice).max() * (len(headers) - 1) > GANTRY_TILT_TOLERANCE_VOXELS:
+        _undo_gantry_tilt(volume, per_slice)
+        meta["gantry_tilt_deg"] = round(float(np.degrees(np.arctan2(np.linalg.norm(in_plane), along_step))), 3)
+    lps = np.eye(4)
+    lps[:3, 0] = row_dir * col_spacing  # i: along a row (increasing column index)
+    lps[:3, 1] = col_dir * row_spacing  # j: down a column (increasing row index)
+    lps[:3, 2] = along_step * normal  # k: perpendicular to the slices
+    lps[:3, 3] = ipp[0]
     return volume, lps_to_ras(lps), meta
+
+
+def _has_value(ds, keyword: str) -> bool:
+    """True when the DICOM data set holds a non-empty ``keyword`` element (a value of 0 counts)."""
+    value = ds.get(keyword, None)
+    return value is not None and str(value).strip() != ""
+
+
+def _undo_gantry_tilt(volume: np.ndarray, per_slice: np.ndarray) -> None:
+    """In place: shift slice ``k`` of ``volume`` ``(I, J, K) float32`` by ``k * per_slice`` voxels along
+    ``(i, j)`` (``per_slice``: ``(2,)``, linear interpolation), so that voxel ``(i, j, k)`` lies at
+    ``first slice origin + k * (slice step along the normal) + i * (pixel step along a row) + j * (pixel step
+    down a column)``. Voxels that come from outside the acquired field of view get the volume's minimum."""
+    from scipy.ndimage import shift
+
+    fill = float(volume.min())
+    for k in range(1, volume.shape[2]):
+        offset = np.round(k * per_slice, 6)  # so that an edge pixel reached exactly is not lost to rounding
+        volume[:, :, k] = shift(volume[:, :, k], offset, order=1, mode="constant", cval=fill)
 
 
 def _dicom_slice_hu(folder: str, path: str) -> np.ndarray:

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import sqlite3
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -169,7 +170,10 @@ class Nodule:
 
     @property
     def id(self) -> str:
-        return f"{self.scan.patient_id}_n{self.number:02d}"
+        # file names are built from this: keep only characters that cannot leave a folder (a crafted database's
+        # patient id such as "../../x" must not place files outside the output); real ids are unchanged
+        safe = re.sub(r"[^A-Za-z0-9._-]+", "_", self.scan.patient_id).lstrip(".") or "patient"
+        return f"{safe}_n{self.number:02d}"
 
     @property
     def patient_id(self) -> str:

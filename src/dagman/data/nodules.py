@@ -1033,9 +1033,9 @@ def build_semisynthetic(
         if workers > 1 and len(tasks) > 1:
             work.mkdir(exist_ok=True)
             used = {t.background for t in tasks}
-            for bg in backgrounds:
+            for k, bg in enumerate(backgrounds):
                 if bg.name in used:
-                    path = work / f"{bg.name}.npy"
+                    path = work / f"background_{k:03d}.npy"  # not the name: it may come from a foreign manifest
                     np.save(path, _compact(bg.array))
                     table[bg.name] = (str(path), bg.affine.tolist())
             results = _run(

@@ -364,6 +364,21 @@ def _clip_left(text: str, width: int) -> str:
 # Many volumes
 
 
+#: what an id read back from a manifest must look like before it names a file (a tampered manifest must not
+#: make prepare write outside the cache: no separators, no leading dot)
+_SAFE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*\Z")
+
+
+def _safe_entry(entry: dict | None) -> dict | None:
+    """``entry`` when its id is a plain file name and its file is ``volumes/<id>.npy``, else None."""
+    if entry is None:
+        return None
+    vol_id = entry.get("id")
+    if isinstance(vol_id, str) and _SAFE_ID.match(vol_id) and entry.get("file") == f"{VOLUMES_DIR}/{vol_id}.npy":
+        return entry
+    return None
+
+
 def _volume_id(src: Source, used: set[str]) -> str:
     """Readable, filesystem-safe, unique id: ``<stem>-<10 hex of sha1(abs path)>``."""
     stem = re.sub(r"[^A-Za-z0-9._-]+", "_", src.stem).strip("._-")[:60] or "volume"
@@ -521,7 +536,8 @@ def prepare(
         remove_stale_temp_files(out)
         old_by_source = {e["source"]: e for e in manifest["volumes"] if isinstance(e, dict) and "source" in e}
         this_run = {s.path for s in srcs}
-        kept = [e for e in manifest["volumes"] if e.get("source") not in this_run and (out / e["file"]).is_file()]
+        kept = [e for e in manifest["volumes"] if e.get("source") not in this_run and _safe_entry(e) is not None
+                and (out / e["file"]).is_file()]
         used_ids = {e["id"] for e in manifest["volumes"]}
         rows: list[VolumeRow] = []
         entries: dict[int, dict] = {}  # row index -> manifest entry (prepared or cached)
@@ -529,7 +545,7 @@ def prepare(
         for i, src in enumerate(srcs):
             row = VolumeRow(source=src.path, status="skipped", name=src.name)
             rows.append(row)
-            old = old_by_source.get(src.path)
+            old = _safe_entry(old_by_source.get(src.path))
             if src.error is not None:
                 row.reason = src.error
                 continue
@@ -546,7 +562,8 @@ def prepare(
             used_ids.add(vol_id)
             row.id = vol_id
             tasks.append((i, src, vol_id))
-        pending_old = {i: old_by_source[src.path] for i, src, _ in tasks if src.path in old_by_source}
+        pending_old = {i: old_by_source[src.path] for i, src, _ in tasks
+                       if _safe_entry(old_by_source.get(src.path)) is not None}
 
         report = PrepareReport(out=str(out), settings=settings, rows=rows, kept=len(kept))
         last_save = [time.monotonic()]

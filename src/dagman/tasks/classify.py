@@ -244,6 +244,11 @@ def _resolve_images(table: LabelTable, column: str = "image") -> list[Path]:
         i, v, p = missing[0]
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
         raise DataError(f"{table.path} line {i + 2}: image {v} not found ({p}){more}")
+    seen: dict[Path, int] = {}
+    for i, p in enumerate(paths):  # one scan twice could sit in a training and a test fold at once
+        first = seen.setdefault(p.resolve(), i)
+        if first != i:
+            raise DataError(f"{table.path} line {i + 2}: duplicate image {p.name} (the same file as line {first + 2})")
     return paths
 
 

@@ -180,6 +180,16 @@ def read_dataset(path: str | os.PathLike) -> SegDataset:
     raise DataError(f"{data}: unknown data file type '{data.suffix}' (expected an MSD dataset.json or a .csv)")
 
 
+def _refuse_duplicates(data: Path, items: Sequence[tuple[Path, Path, str]]) -> None:
+    """One image listed twice would be trained on and scored as held out at once: refuse it."""
+    seen: dict[Path, str] = {}
+    for img, _lab, origin in items:
+        where = origin[len(data.name) + 1:]  # origin is "<table name> <row N | training[i] | test[i]>"
+        first = seen.setdefault(img.resolve(), where)
+        if first != where:
+            raise DataError(f"{data}: duplicate image {img.name} in {where} (the same file as {first})")
+
+
 def _read_msd(data: Path, base: Path) -> SegDataset:
     try:
         obj = json.loads(data.read_text(encoding="utf-8"))
@@ -218,6 +228,7 @@ def _read_msd(data: Path, base: Path) -> SegDataset:
         else:
             rel = item.get("image") if isinstance(item, dict) else item
             unlabelled.append(_existing(base, rel, "image", where, data))
+    _refuse_duplicates(data, items + test_items)
     for (img, lab, origin), name in zip(test_items, _unique_names([image_stem(i[0]) for i in test_items], taken)):
         test.append(SegCase(name, img, lab, origin))
     return SegDataset(data, "msd", training, test, unlabelled, declared)
@@ -244,6 +255,7 @@ def _read_csv(data: Path, base: Path) -> SegDataset:
                       _existing(base, row.get("label"), "label", where, data), f"{data.name} {where}"))
     if not items:
         raise DataError(f"{data}: no training cases (the table has no rows)")
+    _refuse_duplicates(data, items)
     names = _unique_names([image_stem(i[0]) for i in items])
     training = [SegCase(n, img, lab, origin) for (img, lab, origin), n in zip(items, names)]
     return SegDataset(data, "csv", training, [], [], None)
