@@ -185,3 +185,20 @@ def test_ddp_two_gloo_processes_equal_one_process_with_the_whole_batch(method, t
                         Schedules.from_config(init, plan_steps(init, 8))).student_module.state_dict()
     moved = sum(not torch.equal(fresh[k], a["student"][k]) for k in fresh)
     assert moved > 10
+
+
+def test_torchrun_pretrain_end_to_end_exits_cleanly(cache, tmp_path):
+    """The real command under torchrun (2 gloo processes): it trains, writes one run folder and both processes
+    exit 0 (the process group is torn down after the DDP wrapper is released, no abort at exit)."""
+    run = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        "-m", "dagman", "pretrain", "--size", "tiny", "--method", "smit", "--data", str(cache),
+                        "--out", str(run), "--steps", "3", "data.batch_size=1"],
+                       capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "terminate called" not in r.stderr
+    assert load_checkpoint(run / "checkpoints" / "last.pt")["step"] == 3
+    assert load_checkpoint(run / "checkpoints" / "last.pt")["world_size"] == 2
+    assert (run / "encoder.safetensors").is_file()
+    assert [e["step"] for e in read_metrics(run / "metrics.jsonl")] == [1, 2, 3]
