@@ -70,7 +70,7 @@ class Budget:
     ft_epochs: int = 4
     ft_folds: int = 2
     ft_fractions: tuple[float, ...] = (0.25, 0.5, 1.0)
-    seg_nodules: int = 160
+    seg_nodules: int = 120
     seg_steps: int = 60
     seg_fractions: tuple[float, ...] = (0.25, 1.0)
     cluster_crops: int = 4               # per structure and CT
@@ -96,10 +96,11 @@ class Results:
     """One JSON file per unit of work under ``OUT/results``; a unit whose file has the same fingerprint is not
     redone. Writes are atomic (a killed run never leaves half a result)."""
 
-    def __init__(self, out: Path, budget: Budget) -> None:
+    def __init__(self, out: Path, budget: Budget, compute: bool = True) -> None:
         self.dir = out / "results"
         self.dir.mkdir(parents=True, exist_ok=True)
         self.budget = budget
+        self.compute = compute  # False (--report-only): missing units stay None, nothing is run
 
     def get(self, key: str, compute, *parts):
         from dagman.fileio import atomic_write
@@ -113,6 +114,8 @@ class Results:
                     return data["value"]
             except (OSError, ValueError):
                 pass
+        if not self.compute:
+            return None
         t0 = time.perf_counter()
         value = compute()
         seconds = time.perf_counter() - t0
@@ -452,7 +455,8 @@ def seg_summary(runs: list[dict], n_boot: int) -> dict:
 
 def write_tables(out: Path, budget: Budget, res: dict, meta: dict) -> str:
     lines = [f"# Method comparison ({budget.size}, {budget.steps} pretraining steps, CPU)", "",
-             f"Machine: {meta['machine']}. Total {meta['hours']:.2f} h. Command: `{meta['command']}`.", "",
+             f"Machine: {meta['machine']}. Evaluation units took {meta['evaluation_seconds_recorded'] / 3600:.2f} h "
+             f"(pretraining not included; see OUT/logs). Command: `{meta['command']}`.", "",
              "SEMI-SYNTHETIC nodules (real LIDC-IDRI shapes and malignancy ratings in real chest CTs). Every cell: "
              f"mean ± std over {budget.seeds} evaluation seeds [95% bootstrap CI of that mean]. Pretraining seed(s): "
              f"{', '.join(map(str, budget.pretrain_seeds))}.", ""]
@@ -463,6 +467,7 @@ def write_tables(out: Path, budget: Budget, res: dict, meta: dict) -> str:
         for e in ENCODERS:
             r = res["lp"][feat].get(e)
             if r is None:
+                lines.append(f"| {e} | | " + " | ".join("pending" for _ in budget.fractions) + " |")
                 continue
             cells = [fmt(r["fractions"][str(f)]["test_auc"], r["fractions"][str(f)]["test_auc_ci"])
                      for f in budget.fractions]
@@ -473,7 +478,7 @@ def write_tables(out: Path, budget: Budget, res: dict, meta: dict) -> str:
               "| encoder | " + " | ".join(ffr) + " |", "|---|" + "---|" * len(ffr)]
     for e in ENCODERS:
         cells = [fmt(res["ft"][e][str(f)]["test_auc"], res["ft"][e][str(f)]["test_auc_ci"])
-                 if str(f) in res["ft"].get(e, {}) else "n/a" for f in budget.ft_fractions]
+                 if res["ft"].get(e, {}).get(str(f)) else "pending" for f in budget.ft_fractions]
         lines.append(f"| {e} | " + " | ".join(cells) + " |")
     lines += ["", "## Organ clustering (TotalSegmentator CTs; UMAP of features)", "",
               "| encoder | crops | classes | UMAP intra ↓ | UMAP inter ↑ | k-means NMI ↑ | ARI ↑ |", "|---|---|---|---|---|---|---|"]
@@ -495,8 +500,8 @@ def write_tables(out: Path, budget: Budget, res: dict, meta: dict) -> str:
     lines += ["", f"## Segmentation of semi-synthetic nodules (SwinUNETR, {budget.seg_steps} steps): held-out Dice",
               "", "| encoder | " + " | ".join(sfr) + " |", "|---|" + "---|" * len(sfr)]
     for e in ENCODERS:
-        cells = [fmt(res["seg"][e][str(f)], res["seg"][e][str(f)]["ci"]) if str(f) in res["seg"].get(e, {}) else "n/a"
-                 for f in budget.seg_fractions]
+        cells = [fmt(res["seg"][e][str(f)], res["seg"][e][str(f)]["ci"]) if res["seg"].get(e, {}).get(str(f))
+                 else "pending" for f in budget.seg_fractions]
         lines.append(f"| {e} | " + " | ".join(cells) + " |")
     text = "\n".join(lines) + "\n"
     (out / "comparison.md").write_text(text)
@@ -541,6 +546,8 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, help="pretraining steps per preset (default 1000; quick 8)")
     p.add_argument("--workers", type=int, default=2, help="processes for the data stages (default 2)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's)")
+    p.add_argument("--report-only", action="store_true",
+                   help="write the tables from the results stored so far (missing units: 'pending'); run nothing")
     args = p.parse_args(argv)
 
     import torch
@@ -556,32 +563,37 @@ def main(argv=None) -> int:
     (out / "logs").mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
     say(f"compare_methods: {describe_machine()}; budget {dataclasses.asdict(budget)}")
-    results = Results(out, budget)
+    results = Results(out, budget, compute=not args.report_only)
 
-    cache, nodules, manifest = prepare_data(out, budget, args.workers)
-    pretrain_all(out, cache, budget)
+    if args.report_only:
+        cache, nodules = out / "cache", out / "nodules"
+        manifest = {}
+    else:
+        cache, nodules, manifest = prepare_data(out, budget, args.workers)
+        pretrain_all(out, cache, budget)
     seed = budget.pretrain_seeds[0]
     ckpts = {e: checkpoint_of(out, e, seed) for e in ENCODERS}
 
     res: dict = {"lp": {"auto": {}, "mean": {}}, "ft": {}, "cluster": {}, "diversity": {}, "seg": {}}
-    data = NoduleData(nodules, budget)
+    data = None if args.report_only else NoduleData(nodules, budget)
     for e in ENCODERS:
         say(f"evaluate {e}")
         res["lp"]["auto"][e] = results.get(f"lp_auto_{e}", lambda: nodule_lp(data, e, ckpts[e], budget, "auto"))
         res["lp"]["mean"][e] = results.get(f"lp_mean_{e}", lambda: nodule_lp(data, e, ckpts[e], budget, "mean"))
         res["cluster"][e] = results.get(f"cluster_{e}", lambda: clustering(manifest, ckpts[e], budget))
         res["diversity"][e] = results.get(f"diversity_{e}", lambda: diversity(cache, ckpts[e], budget))
-    seg_csv = seg_table(nodules, budget, out)
+    for e in ENCODERS:
+        res["ft"][e] = {str(f): results.get(f"ft_{e}_{f}", lambda f=f: nodule_ft(data, ckpts[e], budget, f))
+                        for f in budget.ft_fractions}
+
+    seg_csv = None if args.report_only else seg_table(nodules, budget, out)
     for e in ENCODERS:
         res["seg"][e] = {}
         for f in budget.seg_fractions:
             runs = [results.get(f"seg_{e}_{f}_{s}", lambda s=s: segmentation(
                 seg_csv, ckpts[e], budget, f, s, out / "seg" / f"{e}_{f}_{s}")) for s in range(budget.seeds)]
-            res["seg"][e][str(f)] = seg_summary(runs, budget.n_boot)
-    for e in ENCODERS:
-        res["ft"][e] = {str(f): results.get(f"ft_{e}_{f}", lambda f=f: nodule_ft(data, ckpts[e], budget, f))
-                        for f in budget.ft_fractions}
-
+            runs = [r for r in runs if r is not None]
+            res["seg"][e][str(f)] = seg_summary(runs, budget.n_boot) if len(runs) == budget.seeds else None
     hours = (time.perf_counter() - t_start) / 3600
     seconds_total = sum(json.loads(p.read_text()).get("seconds", 0) for p in (out / "results").glob("*.json"))
     meta = {"machine": describe_machine(), "hours": hours, "evaluation_seconds_recorded": seconds_total,
@@ -589,7 +601,8 @@ def main(argv=None) -> int:
             + (f" --steps {args.steps}" if args.steps else "") + f" --out {args.out}",
             "torch": torch.__version__}
     text = write_tables(out, budget, res, meta)
-    figure(out, budget, res)
+    if all(res["lp"][feat].get(e) for feat in ("auto", "mean") for e in ENCODERS):
+        figure(out, budget, res)
     print(text)
     say(f"done in {hours:.2f} h -> {out / 'comparison.md'}, {out / 'comparison.json'}")
     return 0
