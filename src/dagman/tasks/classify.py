@@ -855,10 +855,12 @@ def _jsonable(obj):
     return obj
 
 
-def write_outputs(result: dict, out_dir: str | os.PathLike, *, figure: bool = True) -> dict:
+def write_outputs(result: dict, out_dir: str | os.PathLike, *, figure: bool = True,
+                  figure_fn: Callable[[dict, Path], object] | None = None, figure_name: str = "roc") -> dict:
     """Write ``metrics.json`` (``result`` without its ``_``-keys), ``predictions.csv`` (out-of-fold rows: row,
     image, patient, label, seed, fold, score, threshold, called), ``test_predictions.csv`` (when a test set was
-    scored) and ``roc.png`` into ``out_dir``; records the paths under ``result["files"]`` and returns them."""
+    scored) and ``<figure_name>.png`` (``figure_fn``, default :func:`roc_figure`) into ``out_dir``; records the
+    paths under ``result["files"]`` and returns them. Shared by ``dagman outcome`` (Kaplan-Meier figure)."""
     from dagman.data.cache import atomic_write_json
 
     out = Path(out_dir)
@@ -869,8 +871,8 @@ def write_outputs(result: dict, out_dir: str | os.PathLike, *, figure: bool = Tr
         _write_csv(out / "test_predictions.csv", result["_test_predictions"])
         files["test_predictions"] = str(out / "test_predictions.csv")
     if figure:
-        roc_figure(result, out / "roc.png")
-        files["roc"] = str(out / "roc.png")
+        (figure_fn or roc_figure)(result, out / f"{figure_name}.png")
+        files[figure_name] = str(out / f"{figure_name}.png")
     result["files"] = files
     atomic_write_json(out / "metrics.json", _jsonable(result))
     return files

@@ -34,8 +34,8 @@ import numpy as np
 import torch
 
 from dagman.errors import ConfigError, DataError
-from dagman.tasks.classify import (Cohort, LabelTable, Protocol, _features_for, _jsonable, _mean_std, _write_csv,
-                                   fine_tune, fold_parts, fold_plan, predict_network)
+from dagman.tasks.classify import (Cohort, LabelTable, Protocol, _features_for, _mean_std,
+                                   fine_tune, fold_parts, fold_plan, predict_network, write_outputs)
 from dagman.tasks.metrics import bootstrap_ci, concordance_index
 
 __all__ = [
@@ -472,22 +472,9 @@ def run_survival(cohort: Cohort, encoder=None, protocol: SurvivalProtocol | None
 
 def write_survival_outputs(result: dict, out_dir: str | os.PathLike, *, figure: bool = True) -> dict:
     """Write ``metrics.json``, ``predictions.csv`` (row, image, patient, time, event, seed, fold, risk,
-    median_train_risk, risk_group), ``test_predictions.csv`` (with a test set) and ``km.png`` into ``out_dir``."""
-    from dagman.data.cache import atomic_write_json
-
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    files = {"metrics": str(out / "metrics.json"), "predictions": str(out / "predictions.csv")}
-    _write_csv(out / "predictions.csv", result.get("_predictions", []))
-    if result.get("_test_predictions"):
-        _write_csv(out / "test_predictions.csv", result["_test_predictions"])
-        files["test_predictions"] = str(out / "test_predictions.csv")
-    if figure:
-        km_figure(result, out / "km.png")
-        files["km"] = str(out / "km.png")
-    result["files"] = files
-    atomic_write_json(out / "metrics.json", _jsonable(result))
-    return files
+    median_train_risk, risk_group), ``test_predictions.csv`` (with a test set) and ``km.png`` into ``out_dir``
+    (:func:`dagman.tasks.classify.write_outputs` with the Kaplan-Meier figure)."""
+    return write_outputs(result, out_dir, figure=figure, figure_fn=km_figure, figure_name="km")
 
 
 def km_figure(result: dict, path: str | os.PathLike) -> Path:
