@@ -245,8 +245,10 @@ def t_interval(values) -> list[float]:
 
 
 def mean_std(values) -> dict:
-    v = np.asarray(values, dtype=float)
-    return {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if v.size > 1 else 0.0, "values": v.tolist()}
+    """``{"mean", "std" (ddof 1), "values"}``: the summary dagman classify uses for its seeds."""
+    from dagman.tasks.classify import _mean_std
+
+    return _mean_std(values)
 
 
 # --------------------------------------------------------------------------------------------------------------
