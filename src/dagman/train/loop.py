@@ -35,6 +35,9 @@ ENCODER_FILE = "encoder.safetensors"
 KILL_AFTER_STEP_ENV = "DAGMAN_FAULT_KILL_AFTER_STEP"
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# fp16 only: GradScaler halves its scale (initially 2**16) on every overflowing step; 24 halvings in a row
+# bring it below 1/256, where the gradients are not finite for a reason scaling cannot fix
+MIN_FP16_LOSS_SCALE = 2.0 ** -8
 
 
 def step_seed(seed: int, step: int, rank: int = 0) -> int:
@@ -136,8 +139,14 @@ def train_step(state: TrainState, view1: torch.Tensor, view2: torch.Tensor) -> d
             update_teacher(state.student_module.net, state.teacher, values.momentum)
             state.method.update_centers(result)
             state.bad_in_row = 0
-        else:
+        else:  # fp16: the scaler found inf/NaN gradients, skipped the update and halved its scale
             state.skipped_steps += 1
+            scale = state.scaler.get_scale()
+            if scale < MIN_FP16_LOSS_SCALE:
+                raise DagmanError(
+                    f"stopping at step {step}: the fp16 loss scale fell to {scale:.3g} and the gradients are still "
+                    "not finite; use train.precision=bf16 or fp32, lower optim.lr, or check the data"
+                )
     else:
         state.optimizer.zero_grad(set_to_none=True)
         state.skipped_steps += 1
