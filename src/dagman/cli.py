@@ -88,3 +88,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("dagman: interrupted", file=sys.stderr)
         return 130
+    except OSError as err:
+        from dagman.fileio import is_storage_error, write_error
+
+        if not is_storage_error(err):
+            raise
+        # a write outside atomic_write (an appended log line, ...) hit a full disk or a size limit
+        print(f"dagman: error: {write_error(err.filename or 'a file', err)}", file=sys.stderr)
+        return 2

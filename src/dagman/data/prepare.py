@@ -31,7 +31,7 @@ from dagman.data import cache as cache_mod
 from dagman.data.cache import CACHE_FORMAT_VERSION, MANIFEST, SKIPPED, VOLUMES_DIR
 from dagman.data.io import CTVolume, ImageReadError, Source, list_sources, read_ct
 from dagman.errors import ConfigError, DataError
-from dagman.fileio import TMP_SUFFIX, remove_stale_temp_files
+from dagman.fileio import TMP_SUFFIX, WriteError, remove_stale_temp_files
 
 BODY_THRESHOLD_HU = -500.0  # voxels above this (soft tissue, bone; not air or lung) count as body
 BODY_MARGIN_MM = 10.0  # margin kept around the body's bounding box
@@ -256,6 +256,8 @@ def _prepare_task(src: Source, vol_id: str, out: str, settings: dict) -> dict:
         if volume.meta.get("series_uid"):
             entry["series_uid"] = volume.meta["series_uid"]
         result.update(status="prepared", entry=entry, shape=entry["shape"])
+    except WriteError:  # the cache's storage, not this input: stop the whole run (disk full, quota, ...)
+        raise
     except ImageReadError as err:
         result["reason"] = err.reason
     except DataError as err:
@@ -612,7 +614,13 @@ def prepare(
                 bar.set_postfix_str(rows[i].name[-30:], refresh=False)
                 bar.update(1)
 
-            _run_tasks([(i, src, vol_id, str(out), settings) for i, src, vol_id in tasks], int(workers), on_done)
+            try:
+                _run_tasks([(i, src, vol_id, str(out), settings) for i, src, vol_id in tasks], int(workers), on_done)
+            except WriteError as err:
+                raise WriteError(
+                    f"{err}; stopped, the volumes prepared so far are kept: make room and run the same command "
+                    "again to continue"
+                ) from None
             completed = True
         finally:
             bar.close()
@@ -797,6 +805,8 @@ def _run_in_pools(queue: deque, suspects: deque, workers: int, threads: int, con
                         else:
                             suspects.append(task)
                         continue
+                    except WriteError:
+                        raise
                     except Exception as err:  # e.g. a result that could not be sent back
                         result = _crash_result(
                             f"unexpected error in the worker ({type(err).__name__}: {err})"[:200]

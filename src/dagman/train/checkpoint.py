@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from dagman.errors import DagmanError
-from dagman.fileio import TMP_SUFFIX, atomic_write, fsync_dir, remove_stale_temp_files
+from dagman.fileio import TMP_SUFFIX, WriteError, atomic_write, fsync_dir, remove_stale_temp_files
 
 __all__ = [
     "FORMAT_VERSION",
@@ -201,9 +201,14 @@ def save_run_checkpoint(run: str | os.PathLike, state: Mapping[str, Any], step: 
     folder.mkdir(parents=True, exist_ok=True)
     remove_stale_temp_files(folder)
     last = folder / LAST_NAME
-    if not keep_periodic:
-        return save_checkpoint(last, state)
-    snapshot = save_checkpoint(folder / periodic_checkpoint_name(step), state)
+    try:
+        if not keep_periodic:
+            return save_checkpoint(last, state)
+        snapshot = save_checkpoint(folder / periodic_checkpoint_name(step), state)
+    except WriteError as err:
+        then = ("the previous checkpoint is kept: make room and continue with --resume" if last.is_file()
+                else "no checkpoint was written yet: make room and start again")
+        raise WriteError(f"{err}; training stopped at step {step}, {then}") from None
     # last.pt <- the same bytes, atomically: a hard link under a temporary name renamed over last.pt.
     tmp = folder / f".{LAST_NAME}.link{os.getpid()}{TMP_SUFFIX}"
     try:

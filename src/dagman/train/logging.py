@@ -153,8 +153,13 @@ class MetricsLogger:
             raise ValueError("metric names 'step' and 'time' are reserved")
         entry = {"step": int(step), "time": round(time.time(), 3)}
         entry.update({k: _json_value(v) for k, v in flat.items()})
-        self._fh.write(json.dumps(entry, allow_nan=False) + "\n")
-        self._fh.flush()
+        try:
+            self._fh.write(json.dumps(entry, allow_nan=False) + "\n")
+            self._fh.flush()
+        except OSError as err:  # disk full, quota, size limit: one line naming the file, not a traceback
+            from dagman.fileio import write_error
+
+            raise write_error(self.path, err) from None
         if self._writer is not None:
             for name, value in flat.items():
                 if isinstance(value, (bool, int, float)):
@@ -170,8 +175,13 @@ class MetricsLogger:
     def close(self) -> None:
         """Flush and close both outputs (idempotent)."""
         if self._fh is not None:
-            self._fh.close()
-            self._fh = None
+            fh, self._fh = self._fh, None
+            try:
+                fh.close()
+            except OSError as err:
+                from dagman.fileio import write_error
+
+                raise write_error(self.path, err) from None
         if self._writer is not None:
             self._writer.close()
             self._writer = None
