@@ -49,7 +49,8 @@ def test_sample_shapes_dtypes_and_epoch_length(cache):
     ds = TwoViewDataset(cache, CROP, samples_per_volume=4)
     assert len(ds) == 3 * 4
     s = ds[5]
-    assert set(s) == {"view1", "view2", "volume", "origin1", "origin2"}
+    assert set(s) == {"view1", "view2", "volume", "origin1", "origin2", "missing"}
+    assert s["missing"] == -1
     for key in ("view1", "view2"):
         assert s[key].shape == (1, CROP, CROP, CROP) and s[key].dtype == torch.float32
     for key in ("origin1", "origin2"):

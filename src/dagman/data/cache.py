@@ -163,6 +163,6 @@ def open_volume(cache: str | os.PathLike, entry: CacheEntry) -> np.ndarray:
     """Memory-mapped, read-only view of a prepared volume, ``(X, Y, Z) float16``."""
     path = Path(cache) / entry.file
     try:
-        return np.load(path, mmap_mode="r")
-    except (OSError, ValueError) as err:
-        raise DataError(f"{path}: cannot open prepared volume ({err})") from None
+        return np.load(path, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError, EOFError) as err:  # EOFError: an empty file
+        raise DataError(f"{path}: cannot open prepared volume ({err or type(err).__name__})") from None

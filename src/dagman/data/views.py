@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import sys
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -104,6 +105,9 @@ class TwoViewDataset(Dataset):
         "volume":         int, index of the volume in ``self.entries`` (manifest order)
         "origin1", "origin2": (3,) int64 tensors, voxel index of each crop's corner in the (X, Y, Z)
                           volume (before flipping: the view is ``volume[o:o+S]`` flipped/scaled)
+        "missing":        int, -1; or the index of the volume this sample should have used, when its
+                          file vanished or changed during the run ("volume" is then the next readable
+                          volume; a warning is printed once per volume and process)
 
     A list of keys gives a whole batch (:meth:`batch`), which is how :func:`two_view_loader` reads it.
 
@@ -181,6 +185,7 @@ class TwoViewDataset(Dataset):
     def _reset_open_volumes(self) -> None:
         self._open: OrderedDict[int, np.ndarray] = OrderedDict()
         self._open_pid = os.getpid()
+        self._unreadable: set[int] = set()  # volumes this process found unreadable (warned once each)
 
     def __getstate__(self) -> dict:
         # Memory maps never travel: pickling one would copy the whole volume (spawn), and a forked
@@ -239,6 +244,7 @@ class TwoViewDataset(Dataset):
             "volume": int(batch["volume"][0]),
             "origin1": batch["origin1"][0],
             "origin2": batch["origin2"][0],
+            "missing": int(batch["missing"][0]),
         }
 
     def _key(self, key: int | tuple[int, int]) -> tuple[int, int]:
@@ -256,7 +262,9 @@ class TwoViewDataset(Dataset):
         """The samples ``keys`` (each ``i`` or ``(epoch, i)``) written straight into batch tensors.
 
         Returns ``"view1"``/``"view2"`` ``(B, 1, Sx, Sy, Sz) float32``, ``"volume"`` ``(B,) int64``,
-        ``"origin1"``/``"origin2"`` ``(B, 3) int64``; sample ``b`` equals ``self[keys[b]]``. In a
+        ``"origin1"``/``"origin2"`` ``(B, 3) int64``, ``"missing"`` ``(B,) int64`` (the volume whose file
+        vanished or changed since the start, replaced in this sample by ``"volume"``; -1: none); sample
+        ``b`` equals ``self[keys[b]]``. In a
         ``DataLoader`` worker the view tensors are allocated in shared memory, so handing the batch to
         the main process copies nothing (``default_collate`` would stack per-sample tensors: one more
         copy of every voxel).
@@ -266,11 +274,14 @@ class TwoViewDataset(Dataset):
         views = (_new_batch_tensor(shape), _new_batch_tensor(shape))
         volumes = np.empty(len(keys), dtype=np.int64)
         origins = (np.empty((len(keys), 3), dtype=np.int64), np.empty((len(keys), 3), dtype=np.int64))
+        missing = np.full(len(keys), -1, dtype=np.int64)
         for b, (epoch, index) in enumerate(keys):
             rng = np.random.default_rng([self.seed, epoch, index])
             v = index % self.n_volumes
-            vol = self._volume(v)
-            volumes[b] = v
+            vol, used = self._readable_volume(v)
+            volumes[b] = used
+            if used != v:
+                missing[b] = v
             for view, origin in zip(views, origins):
                 origin[b] = self._write_view(vol, rng, view[b, 0].numpy())
         return {
@@ -279,7 +290,29 @@ class TwoViewDataset(Dataset):
             "volume": torch.from_numpy(volumes),
             "origin1": torch.from_numpy(origins[0]),
             "origin2": torch.from_numpy(origins[1]),
+            "missing": torch.from_numpy(missing),
         }
+
+    def _readable_volume(self, v: int) -> tuple[np.ndarray, int]:
+        """Volume ``v``, or, when its file has vanished or become unreadable since the run started, the next
+        readable volume in manifest order (a warning on stderr, once per volume and process; the batch's
+        ``"missing"`` entry says which was replaced). Raises :class:`DataError` when none is readable."""
+        first = None
+        for k in range(self.n_volumes):
+            u = (v + k) % self.n_volumes
+            try:
+                vol = self._volume(u)
+            except DataError as err:
+                first = first or err
+                if u not in self._unreadable:
+                    self._unreadable.add(u)
+                    print(f"dagman: warning: {err}; its samples are replaced by the next readable volume and "
+                          "counted in the metric 'missing_volume_samples'", file=sys.stderr, flush=True)
+                continue
+            self._unreadable.discard(u)
+            return vol, u
+        raise DataError(f"{self.cache}: none of the {self.n_volumes} prepared volumes can be read any more "
+                        f"(first: {first})")
 
     def _write_view(self, vol: np.ndarray, rng: np.random.Generator, out: np.ndarray) -> np.ndarray:
         """Write one augmented crop of ``vol`` into ``out`` ``(Sx, Sy, Sz) float32``; return its origin.

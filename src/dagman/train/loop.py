@@ -61,6 +61,7 @@ class TrainState:
     step: int = 0
     skipped_steps: int = 0
     bad_in_row: int = 0
+    missing_samples: int = 0  # samples (all processes) whose volume file vanished or changed mid-run
     extra: dict = field(default_factory=dict)
 
     @property
@@ -189,6 +190,15 @@ def _all_finite(t: torch.Tensor, info: DistInfo) -> bool:
     return bool(flag.item())
 
 
+def _sum_over_ranks(count: int, info: DistInfo) -> int:
+    """``count`` summed over the processes (every process must call it at the same step)."""
+    if not info.distributed:
+        return int(count)
+    t = torch.tensor([float(count)], device=info.device)
+    all_reduce_sum_(t)
+    return int(t.item())
+
+
 def checkpoint_state(state: TrainState) -> dict:
     return {
         "format": "dagman-pretrain-checkpoint",
@@ -201,6 +211,7 @@ def checkpoint_state(state: TrainState) -> dict:
         "rng": ckpt.capture_rng_state(),
         "skipped_steps": state.skipped_steps,
         "bad_in_row": state.bad_in_row,
+        "missing_volume_samples": state.missing_samples,
         "config": to_dict(state.cfg),
         "world_size": state.info.world_size,
     }
@@ -222,6 +233,7 @@ def restore_state(state: TrainState, saved: dict, path: Path) -> None:
     state.step = int(saved["step"])
     state.skipped_steps = int(saved.get("skipped_steps", 0))
     state.bad_in_row = int(saved.get("bad_in_row", 0))
+    state.missing_samples = int(saved.get("missing_volume_samples", 0))
 
 
 def export_encoder(state: TrainState, out: Path) -> Path:
@@ -308,6 +320,8 @@ def pretrain(cfg: Config, out: str | os.PathLike, *, resume: bool = False, progr
             batch = next(batches)
             metrics = train_step(state, batch["view1"], batch["view2"])
             metrics["epoch"] = state.step / plan.steps_per_epoch
+            state.missing_samples += _sum_over_ranks(int((batch["missing"] >= 0).sum()), info)
+            metrics["missing_volume_samples"] = state.missing_samples
             if diversity_every and (state.step % diversity_every == 0 or state.step == total):
                 # head diversity of the teacher on fixed eval crops (method notes, section 7)
                 metrics.update(flatten_diversity(diversity_for_run(state.teacher, crops.to(info.device))))
@@ -329,7 +343,8 @@ def pretrain(cfg: Config, out: str | os.PathLike, *, resume: bool = False, progr
     encoder = export_encoder(state, out) if info.is_main else None
     seconds = time.perf_counter() - t_start
     summary = {"steps": state.step, "steps_this_run": state.step - first_step, "seconds": seconds,
-               "skipped_steps": state.skipped_steps, "final": last_metrics,
+               "skipped_steps": state.skipped_steps,
+               "missing_volume_samples": state.missing_samples, "final": last_metrics,
                "encoder": str(encoder) if encoder else None, "run": str(out)}
     if info.distributed:
         # The DDP wrapper and the loader hold the process group; a group still referenced when the interpreter
