@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.dagman-installed
 
-.PHONY: demo test venv clean bench
+.PHONY: demo test soak venv clean bench
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -22,6 +22,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# >= 30 minutes of pretraining under random kills and resumes (DAGMAN_SOAK_MINUTES=N for another length)
+soak: $(STAMP)
+	$(BIN)/python -m pytest -q -s -m soak tests/test_soak.py
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/backbone_speed.py
