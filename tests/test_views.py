@@ -233,6 +233,33 @@ def test_distributed_ranks_get_disjoint_shards_of_the_same_samples(cache):
     assert len(shards[0]) == len(shards[1]) == 4 and not shards[0] & shards[1]
 
 
+@pytest.mark.parametrize("n_samples,batch,world,drop_last", [(12, 2, 2, True), (9, 1, 2, True), (12, 3, 4, True),
+                                                              (10, 2, 2, False), (7, 2, 3, False)])
+def test_ranks_batches_joined_are_the_one_process_global_batch(cache, n_samples, batch, world, drop_last):
+    """Rank r holds rows [r*b, (r+1)*b) of each global batch, so a run continues the same samples-to-rows
+    assignment (hence the same masks) on any number of processes."""
+    ds = TwoViewDataset(cache, CROP, samples_per_volume=1)
+    ds.entries = ds.entries * n_samples  # n_samples 'volumes' (repeats are fine for the keys)
+    ds.entries = ds.entries[:n_samples]
+    one = EpochBatchSampler(ds, batch * world, num_replicas=1, rank=0, seed=5, drop_last=drop_last)
+    ranks = [EpochBatchSampler(ds, batch, num_replicas=world, rank=r, seed=5, drop_last=drop_last)
+             for r in range(world)]
+    for s in [one, *ranks]:
+        s.set_epoch(3)
+    per_rank = [list(s) for s in ranks]
+    assert len({len(p) for p in per_rank}) == 1 and all(len(s) == len(per_rank[0]) for s in ranks)
+    joined = [sum((p[k] for p in per_rank), []) for k in range(len(per_rank[0]))]
+    expected = list(one)
+    if drop_last:
+        assert joined == expected[: len(joined)]
+    else:  # padded: the same permutation, the ranks' rows of each global batch in rank order
+        flat = [key for b in joined for key in b]
+        assert flat[: len(ds)] == [key for b in expected for key in b][: len(ds)]
+    # resuming mid-epoch skips exactly the first batches
+    ranks[1].skip_batches = 1
+    assert list(ranks[1]) == per_rank[1][1:]
+
+
 def test_loader_argument_errors(cache):
     ds = TwoViewDataset(cache, CROP)  # 3 samples
     with pytest.raises(ConfigError, match="process group"):

@@ -283,6 +283,9 @@ class TrainConfig:
     total_steps: int | None = _opt(None, "training length override (optimiser steps; --steps); null = epochs")
     precision: Literal["fp32", "bf16", "fp16"] = _opt("bf16", "autocast dtype of forward passes (fp32 = none)")
     max_nonfinite_steps: int = _opt(5, "non-finite losses are skipped; abort after this many in a row (steps)")
+    dist_timeout_s: float = _opt(
+        600.0, "multi-process runs: a process waiting this long for the others stops the run with an error "
+        "(seconds; keep it above rank 0's longest lone pause, e.g. a checkpoint write)")
     seed: int = _opt(0, "random seed (python, numpy, torch; offset by rank)")
     log_every_steps: int = _opt(50, "metrics.jsonl / TensorBoard interval (steps)")
     checkpoint_every_steps: int = _opt(1000, "checkpoints/last.pt refresh interval (steps)")
@@ -976,6 +979,7 @@ def validate(cfg: Config) -> Config:
         f"train.epochs={t.epochs}",
     )
     _positive("train.max_nonfinite_steps", t.max_nonfinite_steps)
+    _positive("train.dist_timeout_s", t.dist_timeout_s)
     _positive("train.seed", t.seed, zero=True)
     _positive("train.log_every_steps", t.log_every_steps)
     _positive("train.checkpoint_every_steps", t.checkpoint_every_steps)

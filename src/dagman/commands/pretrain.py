@@ -1,7 +1,9 @@
 """``dagman pretrain``: resolve the pretraining config (presets + file + overrides) and train.
 
-The training engine is not part of this module yet: ``--print-config`` prints the resolved config as YAML;
-anything else stops with a one-line error once the config has been validated.
+``--print-config`` prints the resolved config as YAML; otherwise :func:`dagman.train.loop.pretrain` trains
+(one process, or each of torchrun's processes) and one summary line is printed. ``--resume`` reuses
+``RUN/config.yaml``; whether the user set ``data.batch_size`` for the resume is passed on, because a
+resume with another number of processes keeps the run's global batch.
 """
 
 from __future__ import annotations
@@ -31,12 +33,23 @@ examples:
   dagman pretrain --method ibot --size small --data CACHE --out runs/ibot train.precision=fp32
   dagman pretrain --method dagman --size small --data CACHE --out runs/nt0 mask.teacher_drop_ratio=0
   dagman pretrain --config runs/dagman/config.yaml --out runs/dagman --resume
+  dagman pretrain --out runs/dagman --resume --data CACHE   # reuses runs/dagman/config.yaml
   dagman pretrain --data CACHE --out runs/ablate loss.amip=false 'model.depths=[2,2,6,2]'
   # one node, 4 GPUs (global batch 4 x data.batch_size):
   torchrun --standalone --nproc_per_node 4 -m dagman pretrain --size paper --data CACHE --out runs/paper
   # two nodes:
   torchrun --nnodes 2 --nproc_per_node 4 --rdzv_backend c10d --rdzv_endpoint HOST:29500 \\
       -m dagman pretrain --size paper --data CACHE --out runs/paper
+
+--resume continues from the newest loadable checkpoint of RUN with RUN/config.yaml (KEY=VALUE overrides
+still apply). It may use another number of processes than the run so far: the global batch is kept
+(data.batch_size becomes global batch / processes, with one notice line), so the schedules, the step plan
+and the data order stay the run's. A number of processes that does not divide the global batch, or a
+data.batch_size=... that would change it, is refused with a one-line error.
+
+Faults: when one process of a multi-process run dies, the others stop with a one-line error naming the step
+and the last checkpoint (exit status 2); a process that stops answering ends the run after
+train.dist_timeout_s seconds (default 600). Continue with --resume.
 """
 
 
@@ -100,7 +113,8 @@ def run(args: argparse.Namespace) -> int:
         raise DagmanError("pretrain needs --out RUN (the run folder for checkpoints, metrics and the encoder)")
     from dagman.train.loop import pretrain
 
-    summary = pretrain(cfg, args.out, resume=args.resume, progress=True)
+    explicit_batch = any(o.split("=", 1)[0].strip() == "data.batch_size" for o in args.overrides or [])
+    summary = pretrain(cfg, args.out, resume=args.resume, progress=True, explicit_batch_size=explicit_batch)
     if summary.get("encoder"):
         final = summary["final"]
         parts = ", ".join(f"{k[5:]} {v:.4f}" for k, v in final.items() if k.startswith("loss_"))

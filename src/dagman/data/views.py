@@ -363,10 +363,13 @@ class EpochBatchSampler(Sampler):
     """Yields batches of ``(epoch, index)`` keys: a rank's share of a seeded permutation of the dataset.
 
     The order is a function of ``(seed, epoch)`` only (``DistributedSampler``'s: ``torch.randperm`` with
-    seed ``seed + epoch``), so it can be recomputed on resume. With ``num_replicas`` ranks, rank ``r``
-    takes every ``num_replicas``-th index from position ``r``; with ``drop_last`` the tail that does not
-    divide evenly among ranks and the last incomplete batch are dropped (so the ranks' shares are
-    disjoint); otherwise indices are repeated to pad the ranks and the last batch may be short.
+    seed ``seed + epoch``), so it can be recomputed on resume. The permutation is cut into *global*
+    batches of ``batch_size * num_replicas`` samples and rank ``r`` takes the contiguous rows
+    ``[r * batch_size, (r + 1) * batch_size)`` of each: the ranks' batches joined in rank order are the
+    batch one process with ``batch_size * num_replicas`` would read, in the same row order (the masks are
+    drawn per global row, so a run resumed on another number of processes continues the same run). With
+    ``drop_last`` the tail that does not divide evenly among ranks and the last incomplete batch are dropped;
+    otherwise indices are repeated to pad the ranks and the last batch may be short.
     Call :meth:`set_epoch` before each epoch; the epoch travels inside the keys, so it reaches
     persistent workers.
     """
@@ -398,18 +401,32 @@ class EpochBatchSampler(Sampler):
         self.indices.set_epoch(self.epoch)
         self.dataset.set_epoch(self.epoch)
 
+    def _epoch_order(self) -> list[int]:
+        """The permutation of this epoch for all ranks, cut or padded to ``DistributedSampler``'s total."""
+        s = self.indices
+        n = len(self.dataset)
+        if s.shuffle:
+            g = torch.Generator()
+            g.manual_seed(s.seed + s.epoch)
+            order = torch.randperm(n, generator=g).tolist()
+        else:
+            order = list(range(n))
+        if s.drop_last:
+            return order[: s.total_size]
+        while len(order) < s.total_size:
+            order += order[: s.total_size - len(order)]
+        return order
+
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
-        epoch, batch, skip = self.epoch, [], int(self.skip_batches)
-        for index in self.indices:
-            batch.append((epoch, int(index)))
-            if len(batch) == self.batch_size:
-                if skip > 0:  # no data is read for a skipped batch: only its keys are computed
-                    skip -= 1
-                else:
-                    yield batch
-                batch = []
-        if batch and not self.drop_last:
-            yield batch
+        epoch, b = self.epoch, self.batch_size
+        world, rank = self.indices.num_replicas, self.indices.rank
+        order = self._epoch_order()
+        per_rank = len(order) // world
+        # batches before skip_batches (resuming mid-epoch) are passed over without reading any data
+        for k in range(int(self.skip_batches), len(self)):
+            size = min(b, per_rank - k * b)  # < b only for the last batch without drop_last
+            start = k * b * world + rank * size  # global batch k, this rank's contiguous rows
+            yield [(epoch, int(order[start + j])) for j in range(size)]
 
     def __len__(self) -> int:
         n = len(self.indices)
