@@ -53,7 +53,7 @@ def heldout_amip(state, cache: Path, crops: int, seed: int) -> float:
         values = state.schedules.at(0)
         result = state.method(state.student, state.teacher, batch["view1"], batch["view2"], values,
                               torch.Generator().manual_seed(seed + i))
-        total += result.parts["amip"]
+        total += float(result.parts["amip"])
         # reference: predict every masked voxel as the mean of the visible voxels of its view
         x = torch.cat([batch["view1"], batch["view2"]])
         m = result.masks["student"]

@@ -90,7 +90,7 @@ def test_a_non_finite_step_moves_nothing_and_is_counted(kind):
     before = _snapshot(state)
     metrics = train_step(state, *_views(1))
     assert metrics["skipped_steps"] == 1 and state.skipped_steps == 1 and state.bad_in_row == 1
-    assert not np.isfinite(metrics["grad_norm"])
+    assert not (np.isfinite(metrics["loss"]) and np.isfinite(metrics["grad_norm"]))  # reported as measured
     assert _equal(before, _snapshot(state)), "a skipped step changed weights, moments or centres"
     assert state.step == 2  # the schedule still advances
     # the next good step applies, and resets the run of bad steps
@@ -119,6 +119,9 @@ def test_fp16_grad_scaler_skips_an_overflowing_step_halves_its_scale_and_recover
     # start from a scale at which this model's real gradients do not overflow (from 2**16 the scaler would
     # first halve a few times on its own)
     state.scaler = torch.amp.GradScaler("cpu", init_scale=256.0)
+    train_step(state, *_views(5))  # one good step: the optimiser has its moments (fused AdamW creates them
+    # lazily, also on a step the scaler skips)
+    assert state.skipped_steps == 0
     scale0 = state.scaler.get_scale()
     _poison(state, {0: "grad"})
     before = _snapshot(state)

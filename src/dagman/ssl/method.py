@@ -179,13 +179,14 @@ def make_teacher(student: StudentNetwork, drop_path_rate: float = 0.0) -> SSLNet
 @dataclass
 class StepResult:
     """``loss``: the weighted total (0-dim, differentiable). ``parts``: every active loss by name
-    (``amip``, ``ampd``, ``aitd``, ``gitd``), detached floats. ``stats``: masked fractions etc.
+    (``amip``, ``ampd``, ``aitd``, ``gitd``), detached 0-dim tensors (on the loss's device: reading them
+    is left to the trainer, which does it in one host sync). ``stats``: masked fractions etc. (0-dim tensors).
     ``masks``: the student mask, teacher drop mask and importance map (for pictures).
     ``teacher_logits``: for :meth:`SSLMethod.update_centers`."""
 
     loss: torch.Tensor
-    parts: dict[str, float]
-    stats: dict[str, float] = field(default_factory=dict)
+    parts: dict[str, torch.Tensor]
+    stats: dict[str, torch.Tensor] = field(default_factory=dict)
     masks: dict[str, torch.Tensor | None] = field(default_factory=dict)
     teacher_logits: dict[str, torch.Tensor | None] = field(default_factory=dict)
 
@@ -271,12 +272,12 @@ class SSLMethod(nn.Module):
                    "gitd": cfg.loss.gitd_weight}
         total = sum(weights[name] * value for name, value in parts.items())
 
-        stats = {"student_mask_fraction": float(s_mask.float().mean())}
+        stats = {"student_mask_fraction": s_mask.float().mean()}
         if drop is not None:
-            stats["teacher_drop_fraction"] = float(drop.float().mean())
+            stats["teacher_drop_fraction"] = drop.float().mean()
         return StepResult(
             loss=total,
-            parts={k: float(v.detach()) for k, v in parts.items()},
+            parts={k: v.detach() for k, v in parts.items()},
             stats=stats,
             masks={"student": s_mask, "teacher_drop": drop, "importance": scores},
             teacher_logits={"aitd": t_out.cls_logits, "gitd": t_out.global_logits, "ampd": t_out.patch_logits},

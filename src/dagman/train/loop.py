@@ -138,17 +138,16 @@ def train_step(state: TrainState, view1: torch.Tensor, view2: torch.Tensor) -> d
         result = state.method(state.student, state.teacher, view1, view2, values, generator)
     loss = result.loss
     state.optimizer.zero_grad(set_to_none=True)
-    finite = _all_finite(loss, info)
-    grad_norm = float("nan")
-    if finite:
-        state.scaler.scale(loss).backward()
-        if values.last_layer_frozen:
-            cancel_gradients(state.last_layer)
-        state.scaler.unscale_(state.optimizer)
-        norm = clip_gradients(state.student_module.parameters(), cfg.optim.grad_clip)
-        grad_norm = float(norm)
-        finite = _all_finite(norm, info) or state.scaler.is_enabled()  # fp16: the scaler skips the step
-    if finite:
+    # Backward first, then ONE host sync for the finiteness of the loss and the gradient norm together (and
+    # all metrics below): no sync between the forward and the backward, where a GPU would idle while the
+    # host waits. A non-finite loss gives non-finite gradients; their backward is wasted only on such steps.
+    state.scaler.scale(loss).backward()
+    if values.last_layer_frozen:
+        cancel_gradients(state.last_layer)
+    state.scaler.unscale_(state.optimizer)
+    norm = clip_gradients(state.student_module.parameters(), cfg.optim.grad_clip)
+    loss_ok, grad_ok = _finite_flags(loss, norm, info)
+    if loss_ok and (grad_ok or state.scaler.is_enabled()):  # fp16: the scaler skips a step with inf gradients
         scale_before = state.scaler.get_scale() if state.scaler.is_enabled() else 1.0
         state.scaler.step(state.optimizer)
         state.scaler.update()
@@ -167,6 +166,8 @@ def train_step(state: TrainState, view1: torch.Tensor, view2: torch.Tensor) -> d
                 )
     else:
         state.optimizer.zero_grad(set_to_none=True)
+        if state.scaler.is_enabled():
+            state.scaler.update()  # close the scaler's step after unscale_ (no optimizer step was taken)
         state.skipped_steps += 1
         state.bad_in_row += 1
         if state.bad_in_row >= cfg.train.max_nonfinite_steps:
@@ -176,19 +177,22 @@ def train_step(state: TrainState, view1: torch.Tensor, view2: torch.Tensor) -> d
                 "or check the data"
             )
     state.step += 1
+    # every tensor-valued metric in one device-to-host copy
+    names = ["loss", *(f"loss_{k}" for k in result.parts), *result.stats, "grad_norm"]
+    tensors = [loss, *result.parts.values(), *result.stats.values(), norm]
+    values_now = torch.stack([torch.as_tensor(t).detach().float().reshape(()).to(loss.device)
+                              for t in tensors]).tolist()
+    measured = dict(zip(names, values_now))
     if info.device.type == "cuda":
         torch.cuda.synchronize(info.device)
     elapsed = time.perf_counter() - t0
     metrics = {
-        "loss": float(loss.detach()),
-        **{f"loss_{k}": v for k, v in result.parts.items()},
-        **result.stats,
+        **measured,
         "lr": values.lr,
         "weight_decay": values.weight_decay,
         "teacher_temp": values.teacher_temp,
         "patch_teacher_temp": values.patch_teacher_temp,
         "ema_momentum": values.momentum,
-        "grad_norm": grad_norm,
         "skipped_steps": state.skipped_steps,
         "step_seconds": elapsed,
     }
@@ -198,13 +202,18 @@ def train_step(state: TrainState, view1: torch.Tensor, view2: torch.Tensor) -> d
     return metrics
 
 
-def _all_finite(t: torch.Tensor, info: DistInfo) -> bool:
-    flag = torch.isfinite(t.detach().float()).all().to(torch.float32).reshape(1)
+def _finite_flags(loss: torch.Tensor, norm: torch.Tensor, info: DistInfo) -> tuple[bool, bool]:
+    """(loss finite on every process, gradient norm finite on every process), with one host sync (and one
+    all-reduce under DDP)."""
+    values = torch.stack([loss.detach().float().reshape(()), norm.detach().float().reshape(()).to(loss.device)])
+    flags = torch.isfinite(values).to(torch.float32)
     if info.distributed:
-        flag = flag.to(info.device)
-        all_reduce_sum_(flag)
-        return bool(flag.item() == info.world_size)
-    return bool(flag.item())
+        flags = flags.to(info.device)
+        all_reduce_sum_(flags)
+        ok = (flags == info.world_size).tolist()
+    else:
+        ok = (flags == 1).tolist()
+    return bool(ok[0]), bool(ok[1])
 
 
 def _sum_over_ranks(count: int, info: DistInfo) -> int:
