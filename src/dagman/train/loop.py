@@ -138,15 +138,24 @@ def train_step(state: TrainState, view1: torch.Tensor, view2: torch.Tensor) -> d
         result = state.method(state.student, state.teacher, view1, view2, values, generator)
     loss = result.loss
     state.optimizer.zero_grad(set_to_none=True)
-    # Backward first, then ONE host sync for the finiteness of the loss and the gradient norm together (and
-    # all metrics below): no sync between the forward and the backward, where a GPU would idle while the
+    # Backward first, then ONE host sync for the finiteness of the loss and the gradient norm together and
+    # all the step's metrics: no sync between the forward and the backward, where a GPU would idle while the
     # host waits. A non-finite loss gives non-finite gradients; their backward is wasted only on such steps.
     state.scaler.scale(loss).backward()
     if values.last_layer_frozen:
         cancel_gradients(state.last_layer)
     state.scaler.unscale_(state.optimizer)
     norm = clip_gradients(state.student_module.parameters(), cfg.optim.grad_clip)
-    loss_ok, grad_ok = _finite_flags(loss, norm, info)
+    # the step's scalars (loss, parts, stats, gradient norm) and the finiteness flags in one device-to-host read
+    names = ["loss", *(f"loss_{k}" for k in result.parts), *result.stats, "grad_norm"]
+    scalars = torch.stack([torch.as_tensor(t).detach().float().reshape(()).to(loss.device)
+                           for t in (loss, *result.parts.values(), *result.stats.values(), norm)])
+    flags = torch.isfinite(scalars[[0, -1]]).to(torch.float32)
+    if info.distributed:  # a bad step on any process is skipped on every process
+        all_reduce_sum_(flags)
+    read = torch.cat([flags, scalars]).tolist()
+    loss_ok, grad_ok = (f == (info.world_size if info.distributed else 1) for f in read[:2])
+    measured = dict(zip(names, read[2:]))
     if loss_ok and (grad_ok or state.scaler.is_enabled()):  # fp16: the scaler skips a step with inf gradients
         scale_before = state.scaler.get_scale() if state.scaler.is_enabled() else 1.0
         state.scaler.step(state.optimizer)
@@ -177,12 +186,6 @@ def train_step(state: TrainState, view1: torch.Tensor, view2: torch.Tensor) -> d
                 "or check the data"
             )
     state.step += 1
-    # every tensor-valued metric in one device-to-host copy
-    names = ["loss", *(f"loss_{k}" for k in result.parts), *result.stats, "grad_norm"]
-    tensors = [loss, *result.parts.values(), *result.stats.values(), norm]
-    values_now = torch.stack([torch.as_tensor(t).detach().float().reshape(()).to(loss.device)
-                              for t in tensors]).tolist()
-    measured = dict(zip(names, values_now))
     if info.device.type == "cuda":
         torch.cuda.synchronize(info.device)
     elapsed = time.perf_counter() - t0
@@ -200,20 +203,6 @@ def train_step(state: TrainState, view1: torch.Tensor, view2: torch.Tensor) -> d
         metrics["gpu_peak_memory_gib"] = torch.cuda.max_memory_allocated(info.device) / 2**30
     state.extra["last_result"] = result
     return metrics
-
-
-def _finite_flags(loss: torch.Tensor, norm: torch.Tensor, info: DistInfo) -> tuple[bool, bool]:
-    """(loss finite on every process, gradient norm finite on every process), with one host sync (and one
-    all-reduce under DDP)."""
-    values = torch.stack([loss.detach().float().reshape(()), norm.detach().float().reshape(()).to(loss.device)])
-    flags = torch.isfinite(values).to(torch.float32)
-    if info.distributed:
-        flags = flags.to(info.device)
-        all_reduce_sum_(flags)
-        ok = (flags == info.world_size).tolist()
-    else:
-        ok = (flags == 1).tolist()
-    return bool(ok[0]), bool(ok[1])
 
 
 def _sum_over_ranks(count: int, info: DistInfo) -> int:
