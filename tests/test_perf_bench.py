@@ -200,3 +200,26 @@ def test_compile_row_and_a_compile_failure_row(perf, monkeypatch):
     assert "ours fp32 compiled" not in bb["times"] and bb["compile_error"] == "RuntimeError: no compiler"
     row = {r["id"]: r for r in perf.backbone_rows(bb, 100)}["backbone_compile_vs_eager"]
     assert row["ratio"] is None and row["values_text"] == "torch.compile failed: RuntimeError: no compiler"
+
+
+def test_step_profile_counts_one_host_sync_per_train_step_and_its_phases_add_up():
+    """benchmarks/step_profile.py: a pretraining step reads the device once (the finiteness flags and all
+    metrics together), and the phase table's parts sum to the whole step."""
+    name = "dagman_benchmarks_step_profile"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, PERF.parent / "step_profile.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    sp = sys.modules[name]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert sp.host_syncs("tiny", "fp32") == 1
+        rows = sp.phase_table("tiny", "fp32", steps=1, warmup=1)
+    finally:
+        torch.set_num_threads(threads)
+    table = {p: ms for p, ms, _ in rows}
+    assert set(table) == set(sp.PHASES) | {"backward + the rest", "whole step"}
+    assert math.isclose(sum(ms for p, ms in table.items() if p != "whole step"), table["whole step"], rel_tol=1e-9)
+    assert table["teacher forward"] > 0 and table["student forward"] > 0 and table["optimiser step"] > 0
