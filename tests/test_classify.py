@@ -225,6 +225,27 @@ def test_fine_tune_mode_trains_a_copy_and_picks_an_epoch(blobs):
         assert torch.equal(v, before[k]), k
 
 
+def test_fine_tune_skips_and_counts_non_finite_batches_and_keeps_finite_weights(blobs):
+    c, enc = blobs["cohort"], blobs["encoder"]
+    x = c.inputs.astype(np.float32)
+    y = torch.tensor(c.labels, dtype=torch.float32)
+    calls = [0]
+
+    def loss_fn(out, rows):
+        calls[0] += 1
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(out, y[rows])
+        if calls[0] == 1:
+            return loss * float("nan")  # non-finite loss
+        if calls[0] == 2:  # finite loss, infinite gradient
+            return loss + torch.sqrt(out - out.detach()).sum()
+        return loss
+
+    net, fit = classify.fine_tune(enc, x[:24], x[24:], loss_fn, lambda o: float(np.mean(o)),
+                                  Protocol(mode="ft", epochs=1, batch_size=6, lr=3e-4), seed=0, progress=False)
+    assert fit["skipped_steps"] == 2 and calls[0] == 4
+    assert all(torch.isfinite(v).all() for v in net.state_dict().values() if v.is_floating_point())
+
+
 def test_fold_column_is_used(tmp_path):
     path = write_blobs(tmp_path, 12, seed=3, extra_cols=False)
     rows = list(csv.DictReader(open(path)))

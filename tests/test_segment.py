@@ -214,6 +214,31 @@ def _case_with_cube(shape, lo, hi):
     return seg.PreparedCase("cube", labels.astype(np.float32) * 0.9, labels, geometry, is_classes=True)
 
 
+def test_train_model_skips_non_finite_loss_and_gradient_steps_and_keeps_finite_weights():
+    class Poisoned(torch.nn.Module):  # call 1: NaN output (non-finite loss); call 2: NaN gradient, finite loss
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv3d(1, 2, 3, padding=1)
+            self.calls = 0
+
+        def forward(self, x):
+            self.calls += 1
+            out = self.conv(x)
+            if self.calls == 1:
+                return out * float("nan")
+            if self.calls == 2:
+                w = self.conv.weight
+                return out + 0.0 * torch.sqrt(w - w.detach()).sum()
+            return out
+
+    case = _case_with_cube((40, 40, 40), (10, 10, 10), (20, 20, 20))
+    model = Poisoned()
+    log = seg.train_model(model, seg.PatchSampler([case], roi=32), steps=4, batch_size=1, progress=False)
+    assert log.skipped == 2 and len(log.losses) == 4
+    assert np.isnan(log.losses[0]) and np.isnan(log.losses[1]) and np.isfinite(log.losses[2:]).all()
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
 def test_patch_sampler_balances_foreground_crops_and_pads_small_volumes():
     case = _case_with_cube((130, 110, 100), (100, 10, 80), (106, 16, 86))  # 6^3 cube near a corner
     rng = np.random.default_rng(0)

@@ -526,7 +526,8 @@ def fine_tune(encoder, x_train: np.ndarray, x_val: np.ndarray, loss_fn: Callable
         protocol: ``epochs``, ``lr``, ``weight_decay``, ``batch_size``.
         seed: seeds the head, the batch order and the flips.
     Returns:
-        ``(network in eval mode with the best epoch's weights, {"best_epoch": int (1-based), "val_key": ...})``.
+        ``(network in eval mode with the best epoch's weights, {"best_epoch": int (1-based), "val_key": ...,
+        "skipped_steps": batches whose loss or gradient was not finite (skipped, never applied)})``.
     """
     from tqdm import tqdm
 
@@ -536,7 +537,7 @@ def fine_tune(encoder, x_train: np.ndarray, x_val: np.ndarray, loss_fn: Callable
     opt = torch.optim.AdamW(net.parameters(), lr=protocol.lr, weight_decay=protocol.weight_decay)
     gen = torch.Generator().manual_seed(int(seed))
     n = x_train.shape[0]
-    best_state, best_key, best_epoch = None, None, 0
+    best_state, best_key, best_epoch, skipped = None, None, 0, 0
     bar = tqdm(total=protocol.epochs, desc=desc, unit="epoch", disable=None if progress else True, leave=False)
     for epoch in range(protocol.epochs):
         net.train()
@@ -548,11 +549,18 @@ def fine_tune(encoder, x_train: np.ndarray, x_val: np.ndarray, loss_fn: Callable
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
                 out = net(x)
             loss = loss_fn(out.float(), rows)
-            if loss is None or not torch.isfinite(loss):
+            if loss is None:
                 continue
             opt.zero_grad(set_to_none=True)
+            if not torch.isfinite(loss):  # skipped and counted, never applied
+                skipped += 1
+                continue
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(net.parameters(), 3.0)
+            norm = torch.nn.utils.clip_grad_norm_(net.parameters(), 3.0)
+            if not torch.isfinite(norm):  # finite loss, non-finite gradient: the weights must not see it
+                opt.zero_grad(set_to_none=True)
+                skipped += 1
+                continue
             opt.step()
         key = val_key(predict_network(net, x_val, protocol.batch_size * 2, device))
         if best_key is None or key > best_key:
@@ -562,7 +570,7 @@ def fine_tune(encoder, x_train: np.ndarray, x_val: np.ndarray, loss_fn: Callable
     bar.close()
     net.load_state_dict(best_state)
     net.eval()
-    return net, {"best_epoch": best_epoch, "val_key": best_key}
+    return net, {"best_epoch": best_epoch, "val_key": best_key, "skipped_steps": skipped}
 
 
 def _bce_loss(y_train: np.ndarray):
@@ -732,7 +740,8 @@ def run_classification(cohort: Cohort, encoder=None, protocol: Protocol | None =
                 te_scores = sig(predict_network(net, cohort.inputs[te], protocol.batch_size * 2, device))
                 tt_scores = (sig(predict_network(net, test.inputs, protocol.batch_size * 2, device))
                              if test is not None else None)
-                info.update({"best_epoch": fit["best_epoch"], "val_auc": float(fit["val_key"][0])})
+                info.update({"best_epoch": fit["best_epoch"], "val_auc": float(fit["val_key"][0]),
+                             "skipped_steps": fit["skipped_steps"]})
                 del net
             thr = threshold_at_youden(y[va], val_scores)
             info["threshold"] = float(thr)

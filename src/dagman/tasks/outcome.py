@@ -371,7 +371,8 @@ def run_survival(cohort: Cohort, encoder=None, protocol: SurvivalProtocol | None
                 risk_fit = predict_network(net, cohort.inputs[fit_rows], bs, device)
                 risk_te = predict_network(net, cohort.inputs[te], bs, device)
                 risk_tt = predict_network(net, test.inputs, bs, device) if test is not None else None
-                info.update({"best_epoch": fit["best_epoch"], "val_c_index": float(fit["val_key"][0])})
+                info.update({"best_epoch": fit["best_epoch"], "val_c_index": float(fit["val_key"][0]),
+                             "skipped_steps": fit["skipped_steps"]})
                 del net
             cut = float(np.median(risk_fit))
             info["median_train_risk"] = cut

@@ -789,7 +789,12 @@ def train_model(model: nn.Module, sampler: PatchSampler, steps: int, batch_size:
             log.losses.append(float("nan"))
             continue
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, GRAD_CLIP)
+        norm = torch.nn.utils.clip_grad_norm_(params, GRAD_CLIP)
+        if not torch.isfinite(norm):  # finite loss, non-finite gradient: skipped, never applied
+            opt.zero_grad(set_to_none=True)
+            log.skipped += 1
+            log.losses.append(float("nan"))
+            continue
         opt.step()
         value = float(loss.detach())
         log.losses.append(value)
