@@ -202,3 +202,24 @@ def test_torchrun_pretrain_end_to_end_exits_cleanly(cache, tmp_path):
     assert load_checkpoint(run / "checkpoints" / "last.pt")["world_size"] == 2
     assert (run / "encoder.safetensors").is_file()
     assert [e["step"] for e in read_metrics(run / "metrics.jsonl")] == [1, 2, 3]
+
+
+def test_collapse_monitor_logs_teacher_spread_and_warns_once_when_it_vanishes(capsys):
+    from dagman.train.loop import COLLAPSE_AFTER_STEPS, _warn_if_collapsed
+
+    cfg = load_config("tiny", "dagman", overrides=["optim.warmup_epochs=0"])
+    info = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), distributed=False)
+    state = build_state(cfg, info, Schedules.from_config(cfg, plan_steps(cfg, 8)))
+    views = torch.rand(2, 2, 1, 64, 64, 64, generator=torch.Generator().manual_seed(0))
+    metrics = train_step(state, views[0], views[1])
+    # a fresh teacher on 4 different inputs: its pooled-token logits differ across them; the SA [CLS] logits
+    # hardly do (the class-attention block starts close to its learned token; it must learn to look)
+    assert metrics["teacher_global_spread"] > 1e-3
+    assert 0.0 <= metrics["teacher_cls_spread"] < metrics["teacher_global_spread"]
+    assert not _warn_if_collapsed(COLLAPSE_AFTER_STEPS - 1, {"teacher_cls_spread": 0.0})  # too early to tell
+    assert not _warn_if_collapsed(500, {"teacher_cls_spread": 0.0}, total_steps=10_000)  # < a tenth of the run
+    assert not _warn_if_collapsed(500, {"teacher_cls_spread": 0.2, "teacher_global_spread": 0.1})
+    assert capsys.readouterr().err == ""
+    assert _warn_if_collapsed(500, {"teacher_cls_spread": 7e-6, "teacher_global_spread": 0.1})
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "step 500" in err and "teacher_cls_spread 7.0e-06" in err

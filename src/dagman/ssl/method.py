@@ -275,6 +275,11 @@ class SSLMethod(nn.Module):
         stats = {"student_mask_fraction": s_mask.float().mean()}
         if drop is not None:
             stats["teacher_drop_fraction"] = drop.float().mean()
+        # collapse monitor: spread of the teacher's image-level logits across the inputs of this batch (mean over
+        # prototypes of the std across rows); ~0 means the teacher says the same for every input
+        for name, logits in (("cls", t_out.cls_logits), ("global", t_out.global_logits)):
+            if logits is not None and logits.shape[0] > 1:
+                stats[f"teacher_{name}_spread"] = logits.detach().float().std(0).mean()
         return StepResult(
             loss=total,
             parts={k: v.detach() for k, v in parts.items()},

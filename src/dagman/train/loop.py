@@ -205,6 +205,30 @@ def train_step(state: TrainState, view1: torch.Tensor, view2: torch.Tensor) -> d
     return metrics
 
 
+# the collapse monitor: after this many steps (and a tenth of the run), a teacher whose image-level logits spread
+# less than this across the batch's inputs is reported once (the distillation terms on them teach nothing)
+COLLAPSE_AFTER_STEPS = 100
+COLLAPSE_SPREAD = 1e-4
+
+
+def _warn_if_collapsed(step: int, metrics: dict, total_steps: int = 0) -> bool:
+    """Print one warning line when the teacher's [CLS] or global logits do not depend on the input
+    (``teacher_*_spread`` below ``COLLAPSE_SPREAD`` at a step >= ``COLLAPSE_AFTER_STEPS`` and >= a tenth of
+    ``total_steps``). Returns whether it warned."""
+    if step < max(COLLAPSE_AFTER_STEPS, total_steps // 10):
+        return False
+    flat = {k: v for k, v in metrics.items() if k in ("teacher_cls_spread", "teacher_global_spread")}
+    collapsed = {k: v for k, v in flat.items() if v is not None and v < COLLAPSE_SPREAD}
+    if not collapsed:
+        return False
+    which = ", ".join(f"{k} {v:.1e}" for k, v in sorted(collapsed.items()))
+    print(f"dagman: warning: step {step}: the teacher's outputs are the same for every input ({which}): the "
+          "distillation terms on them have collapsed or not started (they sit at 2 ln K) and teach nothing; "
+          "larger batches, more data or a longer run usually change that (metrics.jsonl logs the spread)",
+          file=sys.stderr, flush=True)
+    return True
+
+
 def _sum_over_ranks(count: int, info: DistInfo) -> int:
     """``count`` summed over the processes (every process must call it at the same step)."""
     if not info.distributed:
@@ -375,6 +399,7 @@ def pretrain(cfg: Config, out: str | os.PathLike, *, resume: bool = False, progr
         crops = eval_crops(cfg.data.cache, cfg.train.diversity_crops, cfg.data.crop_size, seed=cfg.train.seed)
     t_start = time.perf_counter()
     first_step = state.step
+    collapse_warned = False
     last_metrics: dict = {}
 
     def last_checkpoint() -> Path | None:
@@ -392,6 +417,8 @@ def pretrain(cfg: Config, out: str | os.PathLike, *, resume: bool = False, progr
             metrics["epoch"] = state.step / plan.steps_per_epoch
             state.missing_samples += _sum_over_ranks(int((batch["missing"] >= 0).sum()), info)
             metrics["missing_volume_samples"] = state.missing_samples
+            if info.is_main and not collapse_warned:
+                collapse_warned = _warn_if_collapsed(state.step, metrics, total)
             if diversity_every and (state.step % diversity_every == 0 or state.step == total):
                 # head diversity of the teacher on fixed eval crops (method notes, section 7)
                 metrics.update(flatten_diversity(diversity_for_run(state.teacher, crops.to(info.device))))
