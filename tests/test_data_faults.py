@@ -83,6 +83,7 @@ def test_pretrain_counts_samples_of_a_volume_that_vanished_and_finishes(tmp_path
     captured = capsys.readouterr()
     assert rc == 0, captured.err[-2000:]
     assert captured.err.count("dagman: warning:") == 1 and str(gone["path"]) in captured.err
+    assert "0 skipped, 4 samples from vanished volumes replaced)" in captured.out
     entries = read_metrics(run / "metrics.jsonl")
     # 4 volumes, batch 2, 8 steps = 4 epochs: the lost volume would have been sampled 4 times
     assert entries[-1]["missing_volume_samples"] == 4

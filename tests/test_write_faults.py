@@ -7,6 +7,7 @@ the write() that would cross the limit with EFBIG, exactly where ENOSPC would st
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import resource
@@ -276,3 +277,59 @@ def test_sigkill_during_a_checkpoint_write_keeps_the_last_one_and_resume_is_bitw
     for part in ("student", "teacher", "method"):
         for k in a[part]:
             assert torch.equal(a[part][k], b[part][k]), f"{part}.{k}"
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for p in Path("/proc").iterdir():
+        if p.name.isdigit():
+            try:
+                fields = (p / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid:  # ppid
+                out.append(int(p.name))
+    return out
+
+
+def test_sigkill_of_the_prepare_parent_with_workers_leaves_a_cache_the_next_run_completes(tmp_path):
+    src = tmp_path / "src"
+    for i in range(12):
+        _write_ct(src / f"ct{i}.nii.gz", 300)  # 150^3 voxels at 2 mm each
+    out = tmp_path / "cache"
+    args = ["data", "prepare", str(src), "--out", str(out), "--min-size", "8", "--quiet"]
+    proc = _dagman(args + ["--workers", "2"])
+    deadline = time.monotonic() + 300
+    volumes = out / "volumes"
+    while proc.poll() is None and time.monotonic() < deadline:
+        if volumes.is_dir() and any(p.suffix == ".npy" for p in volumes.iterdir()):
+            break
+        time.sleep(0.01)
+    assert proc.poll() is None, "prepare finished before it could be killed"
+    workers = _children(proc.pid)
+    os.kill(proc.pid, signal.SIGKILL)
+    try:
+        proc.communicate(timeout=120)  # EOF on the pipes only once every worker holding them has exited
+    except subprocess.TimeoutExpired:
+        for w in workers:
+            with contextlib.suppress(OSError):
+                os.kill(w, signal.SIGKILL)
+        pytest.fail(f"worker processes {workers} kept running after their parent was killed")
+    # the orphaned workers notice their parent is gone and exit (before the fix they waited on the task queue
+    # forever, holding the pipes of whoever started the command)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and any(Path(f"/proc/{w}").exists() and
+                                              "zombie" not in Path(f"/proc/{w}/status").read_text().lower()
+                                              for w in workers if Path(f"/proc/{w}").exists()):
+        time.sleep(0.2)
+    alive = [w for w in workers if Path(f"/proc/{w}").exists()
+             and "zombie" not in Path(f"/proc/{w}/status").read_text().lower()]
+    assert not alive, f"worker processes still running after the parent was killed: {alive}"
+    rc, stdout, err = _finish(_dagman(args + ["--workers", "2"]))
+    assert rc == 0, err[-3000:]
+    entries = read_manifest(out)["volumes"]
+    assert len(entries) == 12 and _temp_files(out) == []
+    assert sorted(p.name for p in volumes.iterdir()) == sorted(Path(e["file"]).name for e in entries)
+    for e in entries:
+        assert np.load(out / e["file"]).shape == tuple(e["shape"])
+    assert "0 skipped" in stdout

@@ -118,7 +118,9 @@ def run(args: argparse.Namespace) -> int:
     if summary.get("encoder"):
         final = summary["final"]
         parts = ", ".join(f"{k[5:]} {v:.4f}" for k, v in final.items() if k.startswith("loss_"))
+        missing = summary.get("missing_volume_samples", 0)
+        lost = f", {missing} samples from vanished volumes replaced" if missing else ""
         print(f"dagman pretrain: {summary['steps']} steps ({summary['steps_this_run']} this run, "
-              f"{summary['seconds']:.1f} s, {summary['skipped_steps']} skipped); last loss {final.get('loss', float('nan')):.4f}"
-              f" ({parts}); encoder -> {summary['encoder']}")
+              f"{summary['seconds']:.1f} s, {summary['skipped_steps']} skipped{lost}); last loss "
+              f"{final.get('loss', float('nan')):.4f} ({parts}); encoder -> {summary['encoder']}")
     return 0

@@ -727,6 +727,24 @@ def _init_worker(threads: int) -> None:
         pass
     if "torch" in sys.modules:
         sys.modules["torch"].set_num_threads(threads)
+    _exit_with_parent()
+
+
+def _exit_with_parent(poll_s: float = 0.5) -> None:
+    """End this worker when its parent dies: a SIGKILLed `data prepare` would otherwise leave its pool
+    workers blocked on the task queue forever (orphans holding the terminal's pipes). A daemon thread polls
+    the parent pid; a volume being written is abandoned as a temporary file the next run removes."""
+    import threading
+
+    parent = os.getppid()
+
+    def watch() -> None:
+        while True:
+            time.sleep(poll_s)
+            if os.getppid() != parent:
+                os._exit(1)
+
+    threading.Thread(target=watch, name="dagman-parent-watch", daemon=True).start()
 
 
 def _call_task(task: tuple) -> dict:
