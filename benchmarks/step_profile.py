@@ -2,6 +2,7 @@
 
     python benchmarks/step_profile.py                 # tiny preset, 64^3, batch 2, fp32, 1 thread (~2 min)
     python benchmarks/step_profile.py --size small --precision bf16 --threads 2
+    python benchmarks/step_profile.py --backbone      # + the top ops of the paper backbone step (perf.py (a))
 
 Prints three tables:
 
@@ -163,6 +164,29 @@ def host_syncs(size: str, precision: str) -> int:
     return count[0]
 
 
+def backbone_op_table(size: int = 96, top: int = 12) -> list[tuple[str, float]]:
+    """(op, share of self CPU time) for one fp32 fwd+bwd of the `paper` backbone at ``size``^3, batch 1 (the
+    step of perf.py row (a)), the ``top`` ops by self time."""
+    from dagman.models.swin import build_backbone
+
+    torch.manual_seed(0)
+    net = build_backbone(in_chans=1, embed_dim=48, window_size=(4, 4, 4), patch_size=(2, 2, 2), depths=(2, 2, 8, 2),
+                         num_heads=(4, 4, 8, 16), spatial_dims=3)
+    x = torch.randn(1, 1, size, size, size)
+
+    def step() -> None:
+        outs = net(x)
+        sum(o.float().mean() for o in outs).backward()
+
+    step()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        step()
+    events = [e for e in prof.key_averages() if e.self_cpu_time_total > 0]
+    total = sum(e.self_cpu_time_total for e in events)
+    events.sort(key=lambda e: -e.self_cpu_time_total)
+    return [(e.key, e.self_cpu_time_total / total) for e in events[:top]]
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", default="tiny", choices=["tiny", "small", "paper"])
@@ -171,6 +195,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=5, help="profiled steps (median)")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=20, help="interleaved optimiser rounds")
+    ap.add_argument("--backbone", action="store_true",
+                    help="also: the top ops of one fp32 fwd+bwd of the paper backbone at 96^3 (perf.py row (a))")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     print(f"machine: {describe_machine()}; torch {torch.__version__}; {args.threads} thread(s); "
@@ -184,6 +210,11 @@ def main(argv: list[str] | None = None) -> int:
     for name, ms, ratio, (lo, hi) in optimiser_table(args.size, args.rounds):
         print(f"| {name} | {ms:.1f} | {ratio:.2f} [{lo:.2f}, {hi:.2f}] |")
     print(f"\n3. host syncs (device-to-host scalar reads) in one train_step: {host_syncs(args.size, args.precision)}")
+    if args.backbone:
+        print("\n4. paper backbone fwd+bwd, 96^3, batch 1, fp32: top ops by self CPU time\n")
+        print("| op | share |\n|---|---|")
+        for op, share in backbone_op_table():
+            print(f"| {op} | {100 * share:.1f}% |")
     return 0
 
 
