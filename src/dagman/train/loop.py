@@ -115,8 +115,10 @@ def build_state(cfg: Config, info: DistInfo, schedules: Schedules) -> TrainState
     return TrainState(cfg, info, student, teacher, method, optimizer, scaler, schedules, last_layer)
 
 
-def train_step(state: TrainState, view1: torch.Tensor, view2: torch.Tensor) -> dict:
-    """One optimiser step on this process's share of the batch. Returns the step's metrics.
+def train_step(state: TrainState, view1: torch.Tensor, view2: torch.Tensor, missing: int = 0) -> dict:
+    """One optimiser step on this process's share of the batch. Returns the step's metrics. ``missing``: samples
+    of this process's batch whose volume vanished and was replaced (summed over the processes into
+    ``state.missing_samples`` with the same all-reduce as the finiteness flags).
 
     A non-finite loss or gradient norm on any process skips the update everywhere (counted); after
     ``train.max_nonfinite_steps`` such steps in a row the run stops with a DagmanError."""
@@ -150,12 +152,14 @@ def train_step(state: TrainState, view1: torch.Tensor, view2: torch.Tensor) -> d
     names = ["loss", *(f"loss_{k}" for k in result.parts), *result.stats, "grad_norm"]
     scalars = torch.stack([torch.as_tensor(t).detach().float().reshape(()).to(loss.device)
                            for t in (loss, *result.parts.values(), *result.stats.values(), norm)])
-    flags = torch.isfinite(scalars[[0, -1]]).to(torch.float32)
-    if info.distributed:  # a bad step on any process is skipped on every process
+    flags = torch.cat([torch.isfinite(scalars[[0, -1]]).to(torch.float32),
+                       torch.tensor([float(missing)], device=loss.device)])
+    if info.distributed:  # a bad step on any process is skipped on every process; missing samples are summed
         all_reduce_sum_(flags)
     read = torch.cat([flags, scalars]).tolist()
     loss_ok, grad_ok = (f == (info.world_size if info.distributed else 1) for f in read[:2])
-    measured = dict(zip(names, read[2:]))
+    state.missing_samples += int(read[2])
+    measured = dict(zip(names, read[3:]))
     if loss_ok and (grad_ok or state.scaler.is_enabled()):  # fp16: the scaler skips a step with inf gradients
         scale_before = state.scaler.get_scale() if state.scaler.is_enabled() else 1.0
         state.scaler.step(state.optimizer)
@@ -197,6 +201,7 @@ def train_step(state: TrainState, view1: torch.Tensor, view2: torch.Tensor) -> d
         "patch_teacher_temp": values.patch_teacher_temp,
         "ema_momentum": values.momentum,
         "skipped_steps": state.skipped_steps,
+        "missing_volume_samples": state.missing_samples,
         "step_seconds": elapsed,
     }
     if info.device.type == "cuda":
@@ -227,15 +232,6 @@ def _warn_if_collapsed(step: int, metrics: dict, total_steps: int = 0) -> bool:
           "larger batches, more data or a longer run usually change that (metrics.jsonl logs the spread)",
           file=sys.stderr, flush=True)
     return True
-
-
-def _sum_over_ranks(count: int, info: DistInfo) -> int:
-    """``count`` summed over the processes (every process must call it at the same step)."""
-    if not info.distributed:
-        return int(count)
-    t = torch.tensor([float(count)], device=info.device)
-    all_reduce_sum_(t)
-    return int(t.item())
 
 
 def checkpoint_state(state: TrainState) -> dict:
@@ -413,10 +409,8 @@ def pretrain(cfg: Config, out: str | os.PathLike, *, resume: bool = False, progr
         batches = _batches(loader, state.step)
         while state.step < total:
             batch = next(batches)
-            metrics = train_step(state, batch["view1"], batch["view2"])
+            metrics = train_step(state, batch["view1"], batch["view2"], missing=int((batch["missing"] >= 0).sum()))
             metrics["epoch"] = state.step / plan.steps_per_epoch
-            state.missing_samples += _sum_over_ranks(int((batch["missing"] >= 0).sum()), info)
-            metrics["missing_volume_samples"] = state.missing_samples
             if info.is_main and not collapse_warned:
                 collapse_warned = _warn_if_collapsed(state.step, metrics, total)
             if diversity_every and (state.step % diversity_every == 0 or state.step == total):
