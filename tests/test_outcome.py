@@ -24,13 +24,7 @@ from dagman.tasks.outcome import (SurvivalProtocol, cox_partial_log_likelihood, 
 SIZE = 32
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """One intra-op thread: two OpenMP threads on 2 shared cores slow small networks down many-fold under load."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # see conftest.py
 
 
 def write_survival_set(root, n=45, seed=0, binary=False):
