@@ -222,8 +222,8 @@ def _warn_if_collapsed(step: int, metrics: dict, total_steps: int = 0) -> bool:
     ``total_steps``). Returns whether it warned."""
     if step < max(COLLAPSE_AFTER_STEPS, total_steps // 10):
         return False
-    flat = {k: v for k, v in metrics.items() if k in ("teacher_cls_spread", "teacher_global_spread")}
-    collapsed = {k: v for k, v in flat.items() if v is not None and v < COLLAPSE_SPREAD}
+    collapsed = {k: metrics[k] for k in ("teacher_cls_spread", "teacher_global_spread")
+                 if metrics.get(k) is not None and metrics[k] < COLLAPSE_SPREAD}
     if not collapsed:
         return False
     which = ", ".join(f"{k} {v:.1e}" for k, v in sorted(collapsed.items()))
