@@ -217,8 +217,13 @@ def test_nifti_nrrd_and_dicom_of_one_body_prepare_identically(tmp_path):
     assert dicom_entry["modality"] == "CT" and dicom_entry["series_uid"]
 
 
-def test_body_crop_in_prepare_contains_the_body(tmp_path):
+def test_body_crop_in_prepare_contains_the_body(tmp_path, monkeypatch):
     body_in_air(tmp_path / "body.nii.gz")
+    wide = tmp_path / "wide"
+    prepare([tmp_path / "body.nii.gz"], wide, min_size=SMALL, progress=False)
+    # by default the box is widened to 32 voxels where the volume allows: here the whole 30x28x30
+    assert read_manifest(wide)["volumes"][0]["shape"] == [30, 28, 30]
+    monkeypatch.setattr("dagman.data.prepare.BODY_MIN_SIDE", 0)
     cache = tmp_path / "cache"
     prepare([tmp_path / "body.nii.gz"], cache, min_size=SMALL, progress=False)
     (entry,) = read_manifest(cache)["volumes"]
@@ -329,7 +334,8 @@ def test_every_bad_input_is_reported_and_none_aborts_the_others(tmp_path):
     for kind, path in bad.items():
         row = status[os.path.abspath(path)]
         assert row.status == "skipped" and BAD_INPUTS[kind] in row.reason, (kind, row.reason)
-    assert status[str(small)].reason == "too small: 5x20x20 voxels at 2 mm, need >= 8 per side (--min-size)"
+    assert status[str(small)].reason == (
+        "too thin: 5x20x20 voxels at 2 mm, a side below 8 voxels (16 mm) is not a usable CT volume (--min-size)")
     assert status[str(normalised)].reason == "values span only 0.0..1.0: not Hounsfield units (already normalised?)"
     assert len(report.skipped) == len(bad) + 2
     # the same reasons in skipped.json and the printed table

@@ -58,8 +58,12 @@ Epochs and steps. Every duration in the config is in epochs (floats allowed) exc
 checkpoint intervals (optimiser steps). :func:`plan_steps` turns epochs into optimiser steps:
 ``global_batch = data.batch_size * world_size``; ``steps_per_epoch = train.steps_per_epoch`` if set, else
 ``train.total_steps / train.epochs`` if ``train.total_steps`` is set (the whole schedule is compressed or
-stretched to that many steps, warm-ups keep their fraction), else ``max(1, n_volumes // global_batch)``
-(one pair of views per volume per epoch, last partial batch dropped); ``total_steps = train.total_steps``
+stretched to that many steps, warm-ups keep their fraction), else
+``max(1, n_volumes * samples_per_volume // global_batch)`` (last partial batch dropped), where
+``samples_per_volume`` (:func:`samples_per_volume`) is ``data.samples_per_volume`` if set, else 1 pair of
+views per volume per epoch, raised to ``ceil(global_batch / n_volumes)`` when the cache holds fewer
+volumes than one global batch (so one CT is enough to train on; the epoch stays a fixed function of the
+cache size and the global batch, so the step plan is the same after a resume on another number of processes); ``total_steps = train.total_steps``
 if set, else ``round(train.epochs * steps_per_epoch)``. The peak learning rate is
 ``optim.lr * global_batch / optim.lr_reference_batch`` (when ``optim.scale_lr``).
 
@@ -112,6 +116,7 @@ __all__ = [
     "stage_width",
     "token_size",
     "plan_steps",
+    "samples_per_volume",
 ]
 
 #: MONAI's SwinTransformer always builds four stages (layers1..layers4).
@@ -183,6 +188,9 @@ class DataConfig:
     intensity_shift_range: tuple[float, float] = _opt((-0.1, 0.1), "offset added, in [0,1]-scaled intensity units")
     intensity_prob: float = _opt(0.5, "probability of applying the scale and, independently, the shift (prob.)")
     batch_size: int = _opt(2, "volumes (view pairs) per process per step; global batch = batch_size*world_size")
+    samples_per_volume: int | None = _opt(
+        None, "view pairs drawn per volume per epoch; null = 1, or enough for one global batch per epoch"
+    )
     num_workers: int = _opt(8, "data-loader worker processes per training process (0 = load in-process)")
 
 
@@ -880,6 +888,8 @@ def validate(cfg: Config) -> Config:
     lo, hi = d.intensity_shift_range
     _require(lo <= hi, f"data.intensity_shift_range must satisfy lo <= hi, got {_show(d.intensity_shift_range)}")
     _positive("data.batch_size", d.batch_size)
+    if d.samples_per_volume is not None:
+        _positive("data.samples_per_volume", d.samples_per_volume)
     _positive("data.num_workers", d.num_workers, zero=True)
 
     s = cfg.sa
@@ -1008,6 +1018,17 @@ class StepPlan:
         return int(round(epochs * self.steps_per_epoch))
 
 
+def samples_per_volume(cfg: Config, num_volumes: int, world_size: int = 1) -> int:
+    """View pairs drawn from each volume per epoch: ``data.samples_per_volume`` when set; else 1, or
+    ``ceil(global_batch / num_volumes)`` when the cache holds fewer volumes than one global batch."""
+    if cfg.data.samples_per_volume is not None:
+        return int(cfg.data.samples_per_volume)
+    global_batch = cfg.data.batch_size * max(1, int(world_size))
+    if num_volumes < 1 or num_volumes >= global_batch:
+        return 1
+    return -(-global_batch // num_volumes)
+
+
 def plan_steps(cfg: Config, num_volumes: int, world_size: int = 1) -> StepPlan:
     """Turn the epoch-based config into steps for ``num_volumes`` volumes and ``world_size`` processes."""
     if world_size < 1:
@@ -1021,7 +1042,7 @@ def plan_steps(cfg: Config, num_volumes: int, world_size: int = 1) -> StepPlan:
     else:
         if num_volumes < 1:
             raise ConfigError("cannot derive train.steps_per_epoch: the data set has no volumes")
-        spe = float(max(1, num_volumes // global_batch))
+        spe = float(max(1, num_volumes * samples_per_volume(cfg, num_volumes, world_size) // global_batch))
     total = t.total_steps if t.total_steps is not None else max(1, int(round(t.epochs * spe)))
     o = cfg.optim
     peak = o.lr * global_batch / o.lr_reference_batch if o.scale_lr else o.lr

@@ -24,8 +24,10 @@ clipped to --hu-window and scaled to [0, 1], and stored as float16 .npy that ope
   CACHE/volumes/<id>.npy   (X, Y, Z) float16 in [0, 1]
 
 Unusable inputs (truncated or corrupt files, 2D or 4D images, non-CT or mixed or incomplete DICOM
-series, all-NaN or constant volumes, volumes with a side shorter than --min-size after resampling)
-are listed with a one-line reason and skipped; the others are still prepared. Running again over the
+series, all-NaN or constant volumes, degenerate volumes with a side shorter than --min-size voxels
+after resampling) are listed with a one-line reason and skipped; the others are still prepared.
+Volumes thinner than a training crop are kept (pretraining pads them with air along the short
+side); the summary names them for the crop of each --size preset. Running again over the
 same inputs only prepares what is new or changed ("cached" in the table). A cache is tied to its
 settings: use a new --out, or --overwrite, to change them.
 
@@ -57,9 +59,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--min-size",
         type=int,
-        default=32,
+        default=8,
         metavar="N",
-        help="skip volumes with a side < N voxels after resampling (default 32, the smallest input of a 4-stage Swin at patch 2; use your crop size to keep only volumes that hold a whole crop — the sampler pads smaller ones)",
+        help="skip degenerate volumes with a side < N voxels after resampling (default 8: 16 mm at 2 mm). Volumes "
+        "thinner than the training crop (a 6 cm slab, a short DICOM series) are kept: the summary lists them, and "
+        "pretraining pads them with air to the crop; use your crop size here to keep only volumes that hold a "
+        "whole crop",
     )
     parser.add_argument(
         "--workers", type=int, default=1, metavar="N", help="parallel worker processes (default 1)"

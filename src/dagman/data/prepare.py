@@ -3,7 +3,8 @@
 Per volume (:func:`prepare_volume`): read (:func:`dagman.data.io.read_ct`, canonical RAS+ HU) -> resample to
 isotropic ``spacing`` mm (:func:`resample_isotropic`: separable linear interpolation, Gaussian anti-aliasing
 along axes that shrink, same physical centre and extent up to half a voxel) -> crop to the body
-(:func:`body_crop`, on HU) -> refuse if any side is below ``min_size`` -> clip to the HU window and scale to
+(:func:`body_crop`, on HU, widened to ``BODY_MIN_SIDE`` voxels where the volume allows) -> refuse only a
+degenerate volume (a side below ``min_size`` voxels, default 8) -> clip to the HU window and scale to
 ``[0, 1]`` (:func:`window_hu`) -> ``float16`` ``.npy`` written atomically -> manifest entry.
 
 :func:`prepare` does that for many inputs, in parallel processes, idempotently (unchanged sources with the
@@ -37,6 +38,11 @@ BODY_THRESHOLD_HU = -500.0  # voxels above this (soft tissue, bone; not air or l
 BODY_MARGIN_MM = 10.0  # margin kept around the body's bounding box
 BODY_COMPONENT_FRACTION = 0.1  # keep connected components with at least this fraction of the largest's voxels
 RESAMPLING = "linear, gaussian anti-aliasing when downsampling"
+#: the body box is widened to this many voxels per side where the volume allows it (the smallest input of a
+#: 4-stage Swin at patch 2); thinner volumes are kept and padded with air at crop time by the sampler
+BODY_MIN_SIDE = 32
+#: default of ``min_size``: a side below this many voxels (16 mm at 2 mm) is not a usable CT volume
+MIN_SIDE = 8
 MIN_HU_RANGE = 50.0  # a CT in HU spans far more (air -1000 .. bone > 300); less means it is not in HU
 MANIFEST_SAVE_INTERVAL_S = 15.0  # during long runs, the manifest is rewritten at most this often
 
@@ -195,8 +201,9 @@ def source_sha256(src: Source) -> str:
 def prepare_volume(volume: CTVolume, settings: dict) -> tuple[np.ndarray, np.ndarray, tuple[slice, slice, slice]]:
     """Resample, crop and window one volume. Returns ``(array (X, Y, Z) float16 in [0, 1], affine (4, 4) of
     that array, crop slices in the resampled grid)``. Raises :class:`DataError` when a side is shorter than
-    ``settings["min_size"]`` after resampling, or when the values span less than ``MIN_HU_RANGE`` (an image
-    already scaled to [0, 1] is not HU and would window to a blank volume)."""
+    ``settings["min_size"]`` after resampling (a degenerate volume: thinner ones are kept, the sampler pads
+    them to the crop), or when the values span less than ``MIN_HU_RANGE`` (an image already scaled to [0, 1]
+    is not HU and would window to a blank volume)."""
     spacing = settings["spacing"]
     lo, hi = float(volume.array.min()), float(volume.array.max())
     if hi - lo < MIN_HU_RANGE:
@@ -208,9 +215,11 @@ def prepare_volume(volume: CTVolume, settings: dict) -> tuple[np.ndarray, np.nda
     if min(hu.shape) < min_size:
         shape = "x".join(str(s) for s in hu.shape)
         raise ImageReadError(
-            volume.source, f"too small: {shape} voxels at {spacing:g} mm, need >= {min_size} per side (--min-size)"
+            volume.source,
+            f"too thin: {shape} voxels at {spacing:g} mm, a side below {min_size} voxels ({min_size * spacing:g} mm) "
+            "is not a usable CT volume (--min-size)",
         )
-    box = body_crop(hu, spacing, min_size=min_size)
+    box = body_crop(hu, spacing, min_size=BODY_MIN_SIDE)
     hu = hu[box]
     start = np.array([b.start for b in box] + [1.0])
     affine = affine.copy()
@@ -331,9 +340,30 @@ class PrepareReport:
             parts.append(f"{self.kept} kept from earlier runs")
         return ", ".join(parts) + f" -> {self.out}"
 
+    def padded_lines(self, *, names: bool = True) -> list[str]:
+        """A line naming the usable volumes of this run that are thinner than the crop of some ``--size`` preset
+        (kept: the sampler pads them with air to the crop), with the presets concerned; empty when none.
+        ``names=False``: the count only."""
+        from dagman.config import SIZES, preset_config
+
+        crops = sorted((int(preset_config(size).data.crop_size), size) for size in SIZES)
+        thin = []
+        for r in self.rows:
+            if r.status in ("prepared", "cached") and r.shape:
+                sizes = [size for crop, size in crops if min(int(v) for v in r.shape) < crop]
+                if sizes:
+                    thin.append(f"{r.name or os.path.basename(r.source)} ({_fmt_shape(r.shape)}: {', '.join(sizes)})")
+        if not thin:
+            return []
+        more = f" and {len(thin) - 5} more" if len(thin) > 5 else ""
+        presets = ", ".join(f"{size} {crop}" for crop, size in crops)
+        which = f": {'; '.join(thin[:5])}{more}" if names else ""
+        return [f"padded at crop time: {len(thin)} volume{'s' if len(thin) > 1 else ''} with a side shorter than the "
+                f"crop of --size ({presets} voxels), kept and padded with air{which}"]
+
     def format_table(self, *, only_skipped: bool = False, total: bool = True) -> str:
         """Fixed-width table: source name, status, ``source shape @ spacing -> prepared shape`` or the reason;
-        then the summary line."""
+        then the volumes that crops will pad (:meth:`padded_lines`) and the summary line."""
         rows = self.skipped if only_skipped else self.rows
         names = [_clip_left(r.name or os.path.basename(r.source), 40) for r in rows]
         width = max([len("source")] + [len(n) for n in names])
@@ -350,6 +380,7 @@ class PrepareReport:
                     detail = f"{src} -> {_fmt_shape(r.shape) if r.shape else '?'}"
                 lines.append(f"{name:<{width}}  {r.status:<8}  {detail}")
         if total:
+            lines.extend(self.padded_lines(names=not only_skipped))
             lines.append(self.summary_line())
         return "\n".join(lines)
 
@@ -428,6 +459,9 @@ def _open_cache(out: Path, settings: dict, overwrite: bool) -> dict:
         return {"version": CACHE_FORMAT_VERSION, "settings": settings, "volumes": []}
     manifest = cache_mod.read_manifest(out)
     old = manifest.get("settings")
+    if isinstance(old, dict) and "min_size" in old and {**old, "min_size": settings["min_size"]} == settings:
+        # the refusal threshold changes no prepared volume: the cache stays, recording the new threshold
+        return {**manifest, "settings": settings}
     if old != settings:
         if not overwrite:
             diff = _settings_diff(old if isinstance(old, dict) else {}, settings)
@@ -487,7 +521,7 @@ def prepare(
     *,
     spacing: float = 2.0,
     hu_window: tuple[float, float] = (-750.0, 1750.0),
-    min_size: int = 32,
+    min_size: int = MIN_SIDE,
     workers: int = 1,
     strict: bool = False,
     progress: bool = True,
@@ -498,11 +532,14 @@ def prepare(
     ``sources``: paths (files, folders, DICOM series folders, dataset.json / manifest files) or
     :class:`~dagman.data.io.Source` objects. ``spacing``: isotropic voxel size in mm. ``hu_window``: HU
     clipped to ``[lo, hi]`` then scaled to ``[0, 1]``. ``min_size``: volumes with a side shorter than this
-    many voxels after resampling are skipped. ``workers``: processes (1 = in this process).
+    many voxels after resampling are skipped as degenerate; volumes thinner than a training crop are kept
+    (listed by :meth:`PrepareReport.padded_lines`; the sampler pads them). ``workers``: processes (1 = in
+    this process).
 
     Idempotent: a source already in the cache with unchanged bytes is reported ``cached`` and not touched; a
     changed one is prepared again; volumes of other inputs from earlier runs stay (``report.kept``). A cache
-    made with other settings is refused unless ``overwrite`` (which deletes its volumes first).
+    made with other settings is refused unless ``overwrite`` (which deletes its volumes first); only ``min_size``
+    may change freely (it decides which inputs are refused, not how a volume is made).
     Unusable inputs are skipped with a one-line reason (report, ``CACHE/skipped.json``); the manifest is
     written also when interrupted. Raises :class:`DataError` (with ``.report`` attached) after writing the
     cache when no usable volume is in it, or when ``strict`` and anything was skipped.

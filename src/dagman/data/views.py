@@ -500,7 +500,7 @@ def two_view_loader(
     if len(sampler) == 0:
         raise ConfigError(
             f"{dataset.cache}: {len(sampler.indices)} samples per epoch per rank make no batch of "
-            f"{batch_size}; raise samples_per_volume or lower the batch size"
+            f"{batch_size}; raise data.samples_per_volume or lower data.batch_size"
         )
     if pin_memory is None:
         pin_memory = torch.cuda.is_available()

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from dagman.config import Config, plan_steps, save_config, to_dict, to_yaml
+from dagman.config import Config, plan_steps, samples_per_volume, save_config, to_dict, to_yaml
 from dagman.errors import DagmanError
 from dagman.models.heads import last_layer_parameter_names, no_weight_decay_parameter_names
 from dagman.ssl.method import SSLMethod, SSLNetwork, StudentNetwork, make_teacher
@@ -356,6 +356,14 @@ def pretrain(cfg: Config, out: str | os.PathLike, *, resume: bool = False, progr
                              intensity_scale=tuple(cfg.data.intensity_scale_range),
                              intensity_shift=tuple(cfg.data.intensity_shift_range),
                              intensity_prob=cfg.data.intensity_prob, seed=cfg.train.seed)
+    # a small cache (fewer volumes than one global batch) draws several crops per volume per epoch
+    n_volumes = dataset.n_volumes
+    dataset.samples_per_volume = samples_per_volume(cfg, n_volumes, info.world_size)
+    if cfg.data.samples_per_volume is None and dataset.samples_per_volume > 1 and info.is_main:
+        print(f"dagman pretrain: the cache holds {n_volumes} volume{'s' if n_volumes > 1 else ''}, fewer than the "
+              f"global batch of {cfg.data.batch_size * info.world_size}: drawing {dataset.samples_per_volume} crop "
+              f"pairs per volume per epoch (data.samples_per_volume={dataset.samples_per_volume}) so that an epoch "
+              "holds one batch", file=sys.stderr)
     plan = plan_steps(cfg, dataset.n_volumes, info.world_size)
     schedules = Schedules.from_config(cfg, plan)
     try:
