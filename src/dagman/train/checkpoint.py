@@ -15,7 +15,9 @@ worst a stray temporary file, removed by the next :func:`save_run_checkpoint`).
 
 Encoder (``RUN/encoder.safetensors``): backbone weights only, in the key layout of
 ``monai.networks.nets.swin_unetr.SwinTransformer`` (loads into ``SwinUNETR(...).swinViT`` with
-``strict=True``); safetensors metadata carries the config (YAML text), step and method.
+``strict=True``); safetensors metadata (:func:`encoder_metadata`) carries the config (YAML text), step,
+method, which network it came from, and the preprocessing the encoder expects (``spacing_mm``, ``hu_window``,
+``crop_size``), so that it travels with the weights.
 """
 
 from __future__ import annotations
@@ -48,6 +50,8 @@ __all__ = [
     "latest_checkpoint",
     "FoundCheckpoint",
     "save_encoder_safetensors",
+    "encoder_metadata",
+    "BACKBONE_PREFIXES",
     "load_encoder",
     "read_encoder_metadata",
     "capture_rng_state",
@@ -297,6 +301,22 @@ def save_encoder_safetensors(
     return path
 
 
+#: where each network's backbone sits in a pretraining checkpoint's state dicts
+BACKBONE_PREFIXES = {"teacher": "encoder.backbone.", "student": "net.encoder.backbone."}
+
+
+def encoder_metadata(cfg: Any, step: int, network: str = "teacher") -> dict[str, Any]:
+    """The metadata an exported encoder carries: where it came from (method, size, step, network, the run's
+    config as YAML) and the preprocessing its inputs need (isotropic ``spacing_mm``, the ``hu_window`` scaled
+    to [0, 1], the pretraining ``crop_size`` in voxels)."""
+    from dagman.config import to_yaml
+
+    return {"step": str(int(step)), "method": cfg.method, "size": cfg.size, "network": network,
+            "source": f"{network} backbone", "spacing_mm": float(cfg.data.spacing_mm),
+            "hu_window": [float(v) for v in cfg.data.hu_window], "crop_size": int(cfg.data.crop_size),
+            "config": to_yaml(cfg)}
+
+
 def _invalid_encoder(path: Path, reason: str) -> DagmanError:
     return DagmanError(f"{path}: not a valid encoder weight file ({reason})")
 
@@ -317,7 +337,8 @@ def load_encoder(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             raise _invalid_encoder(path, _reason(err)) from None
     state = _torch_load_safely(path, _invalid_encoder)
     if isinstance(state, dict) and MARKER in state:
-        raise _invalid_encoder(path, "this is a training checkpoint; export its encoder with `dagman export`")
+        raise _invalid_encoder(path, "this is a training checkpoint; export its encoder with "
+                                     "`dagman export --checkpoint CHECKPOINT --out FILE.safetensors`")
     if not isinstance(state, dict) or not state or not all(
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
     ):

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from dagman.config import Config, plan_steps, samples_per_volume, save_config, to_dict, to_yaml
+from dagman.config import Config, plan_steps, samples_per_volume, save_config, to_dict
 from dagman.errors import DagmanError
 from dagman.models.heads import last_layer_parameter_names, no_weight_decay_parameter_names
 from dagman.ssl.method import SSLMethod, SSLNetwork, StudentNetwork, make_teacher
@@ -303,9 +303,8 @@ def _peer_failure(err: BaseException, info: DistInfo, cfg: Config, during: str,
 
 def export_encoder(state: TrainState, out: Path) -> Path:
     """The teacher's backbone (the encoder DINO/iBOT evaluate), MONAI ``SwinTransformer`` key layout."""
-    meta = {"step": str(state.step), "method": state.cfg.method, "size": state.cfg.size,
-            "source": "teacher backbone", "config": to_yaml(state.cfg)}
-    return ckpt.save_encoder_safetensors(out / ENCODER_FILE, state.teacher.backbone.state_dict(), meta)
+    return ckpt.save_encoder_safetensors(out / ENCODER_FILE, state.teacher.backbone.state_dict(),
+                                         ckpt.encoder_metadata(state.cfg, state.step, "teacher"))
 
 
 def _batches(loader, start_step: int):
