@@ -27,7 +27,7 @@ Unusable inputs (truncated or corrupt files, 2D or 4D images, non-CT or mixed or
 series, all-NaN or constant volumes, degenerate volumes with a side shorter than --min-size voxels
 after resampling) are listed with a one-line reason and skipped; the others are still prepared.
 Volumes thinner than a training crop are kept (pretraining pads them with air along the short
-side); the summary names them for the crop of each --size preset. Running again over the
+side); the summary names them for the crop of each size preset (`dagman pretrain --size`). Running again over the
 same inputs only prepares what is new or changed ("cached" in the table). A cache is tied to its
 settings: use a new --out, or --overwrite, to change them.
 
