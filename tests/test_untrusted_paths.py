@@ -227,6 +227,7 @@ def test_every_command_refuses_a_code_running_pickle_in_one_line(evil_files, tmp
         commands += [
             (["attention", "--checkpoint", ck, "--image", f["ct"], "--out", out], ck),
             (["diversity", "--checkpoint", ck, "--data", tmp_path, "--out", out], ck),
+            (["export", "--checkpoint", ck, "--out", tmp_path / "exported.safetensors"], ck),
         ]
     for model in (f["disguised"], f["pt"]):
         commands.append((["segment", "--model", model, "--predict", f["ct"], "--out", out], model))
