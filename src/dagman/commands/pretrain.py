@@ -23,8 +23,10 @@ The configuration is resolved in this order, later wins:
   4. the options --data, --steps, --seed
   5. KEY=VALUE overrides           (dotted keys, values read as YAML; put them last; quote lists)
 Use --print-config to see every key with its meaning and unit. Durations are in epochs; an epoch is
-(number of volumes // global batch) optimiser steps unless train.steps_per_epoch is set, and --steps N
-squeezes the whole schedule (warm-ups included) into N steps. The learning rate is given for a global
+(number of volumes x data.samples_per_volume // global batch) optimiser steps unless train.steps_per_epoch is
+set, and --steps N squeezes the whole schedule (warm-ups included) into N steps. data.samples_per_volume
+(null by default) is 1 crop pair per volume per epoch, or enough pairs for one global batch when the cache
+holds fewer volumes than that: one CT is enough to start (a notice line says so). The learning rate is given for a global
 batch of 8 and scaled linearly with data.batch_size x number of processes.
 
 examples:
