@@ -62,9 +62,9 @@ stretched to that many steps, warm-ups keep their fraction), else
 ``max(1, n_volumes * samples_per_volume // global_batch)`` (last partial batch dropped), where
 ``samples_per_volume`` (:func:`samples_per_volume`) is ``data.samples_per_volume`` if set, else 1 pair of
 views per volume per epoch, raised to ``ceil(global_batch / n_volumes)`` when the cache holds fewer
-volumes than one global batch (so one CT is enough to train on; the epoch stays a fixed function of the
-cache size and the global batch, so the step plan is the same after a resume on another number of processes); ``total_steps = train.total_steps``
-if set, else ``round(train.epochs * steps_per_epoch)``. The peak learning rate is
+volumes than one global batch (one CT is enough to train on; the epoch stays a function of the cache size
+and the global batch only, so the step plan is the same after a resume on another number of processes);
+``total_steps = train.total_steps`` if set, else ``round(train.epochs * steps_per_epoch)``. The peak learning rate is
 ``optim.lr * global_batch / optim.lr_reference_batch`` (when ``optim.scale_lr``).
 
 Loading: :func:`load_config` = presets, then an optional (partial, nested) YAML file, then ``key=value``
