@@ -22,7 +22,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-#: smallest input the 4-stage Swin pyramid takes at patch 2 (2 * 2**4 voxels); thinner scans are skipped
+#: the demo's cache keeps only scans with every side >= 32 voxels (2 * 2**4, the smallest 4-stage Swin input at
+#: patch 2), as in the runs of docs/RESULTS.md, so its numbers stay comparable; `data prepare` itself keeps
+#: thinner scans (down to --min-size 8) and pads them at crop time
 DEMO_MIN_SIZE = 32
 METHODS = ("dagman", "smit")
 
