@@ -45,15 +45,15 @@ def _run(args: list[str], env: dict | None = None) -> subprocess.CompletedProces
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_every_method_pretrains_30_steps_and_exports_a_monai_encoder(method, cache, tmp_path, capsys):
+def test_every_method_pretrains_16_steps_and_exports_a_monai_encoder(method, cache, tmp_path, capsys):
     run = tmp_path / method
     rc = cli_main(["pretrain", "--size", "tiny", "--method", method, "--data", str(cache), "--out", str(run),
-                   "--steps", "30", "train.checkpoint_every_steps=15"])
+                   "--steps", "16", "train.checkpoint_every_steps=8"])
     out = capsys.readouterr().out
     assert rc == 0, out
-    assert "30 steps" in out and "encoder ->" in out
+    assert "16 steps" in out and "encoder ->" in out
     entries = read_metrics(run / "metrics.jsonl")
-    assert [e["step"] for e in entries] == list(range(1, 31))
+    assert [e["step"] for e in entries] == list(range(1, 17))
     logged = {k[len("loss_"):] for k in entries[-1] if k.startswith("loss_")}
     assert logged == EXPECTED_LOSSES[method]
     for e in entries:
@@ -69,7 +69,7 @@ def test_every_method_pretrains_30_steps_and_exports_a_monai_encoder(method, cac
     state = load_encoder(run / "encoder.safetensors")
     net.swinViT.load_state_dict(state, strict=True)
     ckpt = load_checkpoint(run / "checkpoints" / "last.pt")
-    assert ckpt["step"] == 30
+    assert ckpt["step"] == 16
     for k, v in state.items():  # the exported encoder is the teacher's backbone
         assert torch.equal(v, ckpt["teacher"][f"encoder.backbone.{k}"]), k
 
