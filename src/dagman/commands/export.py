@@ -14,8 +14,9 @@ SwinTransformer, so that it loads with strict=True into monai.networks.nets.Swin
 
   from monai.networks.nets import SwinUNETR
   from safetensors.torch import load_file
-  net = SwinUNETR(in_channels=1, out_channels=2, feature_size=E, depths=D, num_heads=H)  # the run's model.*
+  net = SwinUNETR(in_channels=1, out_channels=2, feature_size=E, depths=D, num_heads=H, window_size=W)
   net.swinViT.load_state_dict(load_file("encoder.safetensors"), strict=True)
+  # E, D, H, W: the run's model.embed_dim, model.depths, model.num_heads, model.window_size
 
 CHECKPOINT is a run folder (its newest loadable checkpoint is used: last.pt or a newer snapshot) or a
 checkpoint .pt file such as RUN/checkpoints/last.pt or RUN/checkpoints/step_00001000.pt. A checkpoint is
