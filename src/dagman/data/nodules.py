@@ -660,6 +660,41 @@ def stratified_subset(
     return sorted(chosen, key=lambda it: it[0].id)
 
 
+def choose_nodules(
+    selected: Sequence[tuple[lidc.Nodule, int]], limit: int | None, seed: int, match_bin_mm: float | None = None
+) -> tuple[list[tuple[lidc.Nodule, int]], dict]:
+    """The nodules to build and the size-control record for the manifest.
+
+    ``match_bin_mm`` None: :func:`stratified_subset` (the label balance of the selection). Otherwise the
+    size-matched subset (:func:`dagman.data.size_match.match_by_diameter`: as many benign as malignant nodules
+    in every ``match_bin_mm`` diameter bin; ``limit`` keeps at most ``limit // 2`` pairs). The record holds the
+    out-of-fold AUC of a diameter-only logistic model on the chosen set and on the whole selection."""
+    from dagman.data.size_match import diameter_only_auc, match_by_diameter
+
+    selected = sorted(selected, key=lambda it: it[0].id)
+    if match_bin_mm is None:
+        chosen = stratified_subset(selected, limit, seed)
+    else:
+        chosen = match_by_diameter(selected, [nd.diameter_mm for nd, _ in selected], [lab for _, lab in selected],
+                                   seed=seed, bin_mm=match_bin_mm, limit=limit)
+
+    def auc(items):
+        value = diameter_only_auc([nd.diameter_mm for nd, _ in items], [lab for _, lab in items], seed=seed)
+        return None if not np.isfinite(value) else round(value, 4)
+
+    return chosen, {
+        "matched": match_bin_mm is not None,
+        "bin_mm": match_bin_mm,
+        "rule": ("as many benign as malignant nodules in every diameter bin (drawn at random, seeded)"
+                 if match_bin_mm is not None else "none: the selection's own diameter distributions"),
+        "diameter_only_auc": auc(chosen),
+        "diameter_only_auc_unmatched": auc(selected),
+        "auc_protocol": "logistic regression on diameter_mm, stratified 5-fold out-of-fold AUC",
+        "benign": sum(1 for _, lab in chosen if lab == 0),
+        "malignant": sum(1 for _, lab in chosen if lab == 1),
+    }
+
+
 def choose_insertion(
     nodule: lidc.Nodule, backgrounds: Sequence[Background], seed: int, crop_mm: float
 ) -> tuple[int, np.ndarray, float, bool]:
@@ -861,6 +896,7 @@ class BuildReport:
     notes: list
     seconds: float
     counts: dict
+    size_control: dict | None = None
 
     @property
     def n(self) -> int:
@@ -880,6 +916,22 @@ class BuildReport:
             f"dagman data nodules: {self.n} {what} nodules (benign {self.benign}, malignant {self.malignant}; "
             f"rule {self.rule}, >= {self.min_readers} readers) -> {self.out / LABELS_CSV}"
         )
+
+    def size_line(self) -> str | None:
+        """The size control of the set: its diameter-only AUC (and that of the unmatched selection)."""
+        sc = self.size_control
+        if not sc:
+            return None
+
+        def fmt(v):
+            return "n/a" if v is None else f"{v:.3f}"
+
+        if sc["matched"]:
+            return (f"size-matched in {sc['bin_mm']:g} mm diameter bins: {sc['benign']} benign + {sc['malignant']} "
+                    f"malignant chosen; diameter-only logistic AUC (5-fold CV) {fmt(sc['diameter_only_auc'])} "
+                    f"(unmatched selection: {fmt(sc['diameter_only_auc_unmatched'])})")
+        return (f"not size-matched: diameter-only logistic AUC (5-fold CV) {fmt(sc['diameter_only_auc'])} on the "
+                f"{sc['benign']} benign + {sc['malignant']} malignant chosen (--match-size controls for size)")
 
 
 def validate_options(
@@ -959,7 +1011,7 @@ def _common_manifest(
     }
 
 
-def _load_selection(db_path, rule, min_readers, limit, seed, tol_mm):
+def _load_selection(db_path, rule, min_readers, limit, seed, tol_mm, match_bin_mm=None):
     db, nodules = lidc.load_nodules(db_path, tol_mm)
     selected = lidc.select_nodules(nodules, rule, min_readers)
     counts = {
@@ -969,9 +1021,9 @@ def _load_selection(db_path, rule, min_readers, limit, seed, tol_mm):
         "db_nodules_min_readers": sum(1 for nd in nodules if nd.n_readers >= min_readers),
         "selected_by_rule": len(selected),
     }
-    chosen = stratified_subset(selected, limit, seed)
+    chosen, size_control = choose_nodules(selected, limit, seed, match_bin_mm)
     counts["chosen"] = len(chosen)
-    return db, chosen, counts
+    return db, chosen, counts, size_control
 
 
 def build_semisynthetic(
@@ -989,6 +1041,7 @@ def build_semisynthetic(
     progress: bool = True,
     notes: Sequence[str] = (),
     tol_mm: float = lidc.DEFAULT_CLUSTER_TOL_MM,
+    match_bin_mm: float | None = None,
 ) -> BuildReport:
     """Build the semi-synthetic LIDC-shape set into ``out`` (layout and method in the module docstring).
 
@@ -1000,7 +1053,8 @@ def build_semisynthetic(
         raise DataError("no chest background CT for the semi-synthetic nodules")
     out = Path(out).expanduser()
     db_path = Path(db_path).expanduser()
-    _, chosen, counts = _load_selection(db_path, label_rule, min_readers, limit, seed, tol_mm)
+    _, chosen, counts, size_control = _load_selection(db_path, label_rule, min_readers, limit, seed, tol_mm,
+                                                       match_bin_mm)
     check_out_folder(out)
     (out / LABELS_CSV).unlink(missing_ok=True)  # the set is incomplete until labels.csv is written again
     notes = list(notes)
@@ -1080,6 +1134,7 @@ def build_semisynthetic(
         seconds,
         tol_mm,
     )
+    manifest["size_control"] = size_control
     manifest["description"] = (
         "SEMI-SYNTHETIC: real LIDC-IDRI nodule shapes (consensus of the radiologists' outlines) filled with HU texture "
         "driven by their texture and calcification ratings, inserted into lung parenchyma of real chest CTs, "
@@ -1114,6 +1169,7 @@ def build_semisynthetic(
         notes=notes,
         seconds=seconds,
         counts=counts,
+        size_control=size_control,
     )
 
 
@@ -1261,6 +1317,7 @@ def build_lidc(
     progress: bool = True,
     say: Callable[[str], None] = lambda m: None,
     tol_mm: float = lidc.DEFAULT_CLUSTER_TOL_MM,
+    match_bin_mm: float | None = None,
 ) -> BuildReport:
     """Build real LIDC-IDRI crops from the user's DICOM download (see module docstring). Series under the root
     that are not in the database are reported one line each through ``say``; database scans missing from the
@@ -1298,7 +1355,7 @@ def build_lidc(
             f"{dicom_root}: none of its DICOM series is in the LIDC annotation database ({len(series)} series found)"
         )
     selected = [(nd, lab) for nd, lab in lidc.select_nodules(nodules, label_rule, min_readers) if nd.scan.id in found]
-    chosen = stratified_subset(selected, limit, seed)
+    chosen, size_control = choose_nodules(selected, limit, seed, match_bin_mm)
     counts = {
         "db_scans": len(db.scans),
         "db_nodules": len(nodules),
@@ -1346,6 +1403,7 @@ def build_lidc(
         seconds,
         tol_mm,
     )
+    manifest["size_control"] = size_control
     manifest["description"] = (
         "Real LIDC-IDRI CT crops around radiologist-outlined nodules, labelled by median malignancy."
     )
@@ -1362,4 +1420,5 @@ def build_lidc(
         notes=notes,
         seconds=seconds,
         counts=counts,
+        size_control=size_control,
     )
