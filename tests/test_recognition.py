@@ -96,3 +96,25 @@ def test_only_shared_classes_are_scored_and_the_ceiling_needs_two_crops_per_clas
     assert ceiling(test_x[:3], np.array([0, 0, 1]), ["liver", "spleen"]) is None  # one crop of spleen
     with pytest.raises(DataError, match="shares 1 class"):
         recognise([train_x], [["liver"] * 40], test_x, test_c)
+
+
+def test_cli_writes_metrics_and_the_confusion_picture(tmp_path, capsys):
+    import json
+
+    from dagman.cli import main
+
+    a = _patient(tmp_path / "a", 0, (-100.0, 400.0))
+    b = _patient(tmp_path / "b", 1, (-100.0, 400.0))
+    names = tmp_path / "names.json"
+    names.write_text(json.dumps({"1": "organ_one", "2": "organ_two"}))
+    out = tmp_path / "rec"
+    assert main(["recognize", "--train", *a, "--test", *b, "--checkpoint", "none", "--names", str(names),
+                 "--crops-per-structure", "6", "--min-voxels", "10", "--bootstrap", "50", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["classes"] == ["organ_one", "organ_two"] and set(m["knn"]) == {"10", "20"}
+    assert f"{m['knn']['10']['balanced_accuracy']['value']:.3f}" in printed and "chance: 0.500" in printed
+    assert (out / "confusion.png").stat().st_size > 1000
+    assert main(["recognize", "--train", *a, "--test", str(tmp_path / "nope.nii.gz"), b[1], "--checkpoint", "none",
+                 "--out", str(out)]) == 2
+    assert "no such file" in capsys.readouterr().err

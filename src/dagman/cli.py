@@ -33,6 +33,7 @@ COMMANDS: list[tuple[str | None, str, str]] = [
     (None, "outcome", "dagman.commands.outcome"),
     (None, "segment", "dagman.commands.segment"),
     (None, "cluster", "dagman.commands.cluster"),
+    (None, "recognize", "dagman.commands.recognize"),
 ]
 
 GROUP_HELP = {"data": "get, convert and prepare CT data (fetch-examples, prepare, nodules)"}

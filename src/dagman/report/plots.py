@@ -236,3 +236,31 @@ def roc_figure(curves: dict[str, tuple[np.ndarray, np.ndarray, str]], path: str 
     if title:
         ax.set_title(title, fontsize=9)
     return _save(fig, path, dpi)
+
+
+def confusion_figure(confusion: Sequence[Sequence[int]], classes: Sequence[str], path: str | os.PathLike,
+                     title: str | None = None, *, dpi: int = 100) -> Path:
+    """A row-normalised confusion matrix (rows: true class, columns: predicted), counts written in the cells."""
+    from matplotlib.figure import Figure
+
+    cm = np.asarray(confusion, dtype=np.float64)
+    rows = cm.sum(axis=1, keepdims=True)
+    frac = np.divide(cm, rows, out=np.zeros_like(cm), where=rows > 0)
+    n = len(classes)
+    side = max(3.5, 0.45 * n + 2.0)
+    fig = Figure(figsize=(side + 1.0, side))
+    ax = fig.add_subplot(1, 1, 1)
+    im = ax.imshow(frac, vmin=0.0, vmax=1.0, cmap="viridis")
+    ax.set_xticks(range(n), labels=list(classes), rotation=60, ha="right", fontsize=8)
+    ax.set_yticks(range(n), labels=list(classes), fontsize=8)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    for i in range(n):
+        for j in range(n):
+            if cm[i, j]:
+                ax.text(j, i, str(int(cm[i, j])), ha="center", va="center", fontsize=7,
+                        color="black" if frac[i, j] > 0.5 else "white")
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="fraction of the true class")
+    if title:
+        ax.set_title(title, fontsize=9)
+    return _save(fig, path, dpi)
