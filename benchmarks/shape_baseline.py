@@ -26,7 +26,6 @@ exact command.
 from __future__ import annotations
 
 import argparse
-import math
 import shlex
 import sys
 import tempfile
@@ -35,73 +34,17 @@ from pathlib import Path
 
 import numpy as np
 
-FEATURES = (
-    "log_volume_mm3",
-    "equiv_diameter_mm",
-    "max_axial_extent_mm",
-    "surface_to_volume",
-    "sphericity",
-    "elongation",
-    "flatness",
-    "solidity",
-    "extent",
-)
-
-
-def shape_features(mask: np.ndarray, spacing: float) -> np.ndarray:
-    """``(len(FEATURES),) float64`` shape features of a binary ``(X, Y, Z)`` mask on an isotropic grid of
-    ``spacing`` mm (see module docstring)."""
-    from scipy.spatial import ConvexHull, QhullError
-
-    m = np.asarray(mask, dtype=bool)
-    n = int(m.sum())
-    if n == 0:
-        return np.full(len(FEATURES), np.nan)
-    v = n * spacing**3
-    padded = np.pad(m, 1)
-    faces = sum(int(np.count_nonzero(np.diff(padded.astype(np.int8), axis=a))) for a in range(3))
-    area = faces * spacing**2
-    pts = np.argwhere(m).astype(np.float64) * spacing
-    cov = np.cov(pts.T) if n > 1 else np.zeros((3, 3))
-    lam = np.sort(np.clip(np.linalg.eigvalsh(cov), 1e-9, None))[::-1]
-    ext = pts.max(0) - pts.min(0) + spacing
-    try:
-        # hull of the voxel corners, so a single voxel has volume spacing^3
-        corners = (
-            pts[:, None, :]
-            + spacing * (np.array([[a, b, c] for a in (-0.5, 0.5) for b in (-0.5, 0.5) for c in (-0.5, 0.5)]))[None]
-        ).reshape(-1, 3)
-        hull = ConvexHull(corners).volume
-    except (QhullError, ValueError):
-        hull = v
-    axial = max(ext[0], ext[1])
-    return np.array(
-        [
-            math.log(v),
-            (6.0 * v / math.pi) ** (1.0 / 3.0),
-            axial,
-            area / v,
-            math.pi ** (1.0 / 3.0) * (6.0 * v) ** (2.0 / 3.0) / area,
-            math.sqrt(lam[1] / lam[0]),
-            math.sqrt(lam[2] / lam[0]),
-            v / max(hull, v),
-            v / float(np.prod(ext)),
-        ]
-    )
+from dagman.data.shape import FEATURES, mask_file_features, shape_features  # noqa: F401 - in the library
 
 
 def load_set(folder: Path):
     """Features ``(N, F)``, labels ``(N,)``, patients ``(N,)`` of a nodule set folder."""
-    import nibabel as nib
-
     from dagman.data.nodules import read_labels_csv
 
     rows = read_labels_csv(folder / "labels.csv")
     feats, labels, patients = [], [], []
     for r in rows:
-        img = nib.load(folder / r["mask"])
-        spacing = float(np.mean(img.header.get_zooms()[:3]))
-        feats.append(shape_features(np.asarray(img.dataobj) > 0, spacing))
+        feats.append(mask_file_features(folder / r["mask"]))
         labels.append(r["label"])
         patients.append(r["patient"])
     return np.array(feats), np.array(labels), np.array(patients), rows

@@ -348,3 +348,43 @@ def test_cli_errors_are_one_line(blobs, tmp_path, capsys):
 
     err = _error(capsys, ["classify", "--labels", str(csv_path), *base, "--test", str(one)])
     assert "AUC needs both classes" in err
+
+
+def test_reference_rows_use_the_same_folds_and_see_size_and_shape(tmp_path, capsys):
+    """diameter_mm equal to the label's blob size class: the diameter-only reference separates perfectly; masks
+    that are the blobs themselves: the shape-only reference sees their size too. SYNTHETIC crops."""
+    from dagman.tasks.classify import reference_rows
+
+    root = tmp_path / "ref"
+    path = write_blobs(root, 24, seed=3)
+    rows = list(csv.DictReader(open(path)))
+    for i, r in enumerate(rows):
+        big = r["label"] == "1"
+        r["diameter_mm"] = str(12.0 + i * 0.01 if big else 6.0 + i * 0.01)
+        m = np.zeros((SIZE,) * 3, np.uint8)
+        c, rad = SIZE // 2, (6 if big else 3)
+        m[c - rad:c + rad, c - rad:c + rad, c - rad:c + rad] = 1
+        nib.save(nib.Nifti1Image(m, np.eye(4)), str(root / f"mask{i:03d}.nii.gz"))
+        r["mask"] = f"mask{i:03d}.nii.gz"
+    with open(path, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    table = read_label_table(path)
+    cohort = cohort_from_table(table)
+    refs = reference_rows(cohort, table, Protocol(folds=3, n_boot=100))
+    assert set(refs) == {"diameter-only", "shape-only"}
+    assert refs["diameter-only"]["cv"]["auc"] == 1.0 and refs["shape-only"]["cv"]["auc"] == 1.0
+    assert refs["diameter-only"]["cv"]["n"] == len(rows)
+    out = tmp_path / "out"
+    assert cli_main(["classify", "--labels", str(path), "--checkpoint", "none", "--spacing", "1", "--crop-size", "32",
+                 "--n-boot", "100", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "reference diameter-only (logistic regression on the diameter_mm column): CV AUC 1.000" in printed
+    assert "reference shape-only" in printed
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["references"]["diameter-only"]["cv"]["auc"] == 1.0
+    # the blobs table of the other tests has empty mask cells: no shape reference, and nothing breaks
+    assert set(reference_rows(cohort_from_table(read_label_table(write_blobs(tmp_path / "b", 12))),
+                              read_label_table(tmp_path / "b" / "labels.csv"), Protocol(folds=2, n_boot=50))) == {
+        "diameter-only"}

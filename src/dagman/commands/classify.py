@@ -32,6 +32,12 @@ Images are resampled to --spacing mm (default: the encoder's pretraining spacing
 encoder's window) and centre-cropped to --crop-size voxels (a multiple of patch size * 16).
 Labels: 0/1, or any two values (sorted; the larger is positive unless --positive names it).
 
+Reference rows: when the CSV has a diameter_mm column (as `dagman data nodules` writes), a logistic regression
+on the diameter alone runs through the same folds and seeds and is printed below the encoder's table
+("reference diameter-only"); with a mask column, the same for 9 shape features of each mask ("reference
+shape-only"). An encoder that does not beat them has learned nothing the size or the outline does not say.
+They are stored under "references" in metrics.json.
+
 Writes into OUT: metrics.json, predictions.csv (row, image, patient, label, seed, fold, score, threshold,
 called), test_predictions.csv (with --test) and roc.png.
 
@@ -128,22 +134,28 @@ def open_encoder_and_inputs(args: argparse.Namespace, cohorts: list) -> tuple[ob
 
 
 def run(args: argparse.Namespace) -> int:
-    from dagman.tasks.classify import (cohort_from_table, format_table, read_label_table, run_classification,
-                                       summary_line)
+    from dagman.tasks.classify import (cohort_from_table, format_table, read_label_table, reference_lines,
+                                       reference_rows, run_classification, summary_line)
 
     protocol = protocol_from_args(args)
-    cohort = cohort_from_table(read_label_table(args.labels), label_col=args.label_col, positive=args.positive)
-    test = None
+    table = read_label_table(args.labels)
+    cohort = cohort_from_table(table, label_col=args.label_col, positive=args.positive)
+    test = test_table = None
     if args.test:
-        test = cohort_from_table(read_label_table(args.test), label_col=args.label_col,
-                                 class_names=cohort.class_names)
+        test_table = read_label_table(args.test)
+        test = cohort_from_table(test_table, label_col=args.label_col, class_names=cohort.class_names)
+    # diameter-only / shape-only references on the same folds and seeds, when the table has the columns
+    references = reference_rows(cohort, table, protocol, test=test, test_table=test_table)
     encoder, inputs = open_encoder_and_inputs(args, [cohort, test])
-    meta = {"labels_csv": str(Path(args.labels)), "label_column": args.label_col, "input": inputs}
+    meta = {"labels_csv": str(Path(args.labels)), "label_column": args.label_col, "input": inputs,
+            "references": references}
     result = run_classification(cohort, encoder, protocol, test=test, device=args.device, out_dir=args.out,
                                 task="classify", meta=meta)
     print(f"{result['checkpoint']}; {result['feature_source']}; {result['n']} rows "
           f"({result['label_balance']['positives']} positive = {result['label_balance']['positive_label']!r}); "
           f"folds: {result['fold_source']}")
     print(format_table(result))
+    for line in reference_lines(references):
+        print(line)
     print(summary_line(result, args.out))
     return 0

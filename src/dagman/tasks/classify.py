@@ -289,6 +289,77 @@ def cohort_from_table(table: LabelTable, label_col: str | None = "label", patien
                   source=str(table.path), has_patients=has_patients)
 
 
+#: reference models printed beside every encoder: name -> (the label-table column they need, description)
+REFERENCES = {
+    "diameter-only": ("diameter_mm", "logistic regression on the diameter_mm column"),
+    "shape-only": ("mask", "logistic regression on 9 shape features of the mask (dagman.data.shape)"),
+}
+
+
+def reference_features(table: LabelTable) -> dict[str, np.ndarray]:
+    """The reference rows' features for the rows of ``table``, for each reference whose column it has with every
+    cell filled: ``{"diameter-only": (N, 1), "shape-only": (N, 9)}`` (the row order of :func:`cohort_from_table`)."""
+    from dagman.data.shape import mask_file_features
+
+    out: dict[str, np.ndarray] = {}
+
+    def filled(column: str) -> bool:  # a column with an empty cell (no mask for that row) gives no reference
+        return column in table.columns and all(v.strip() for v in table.column(column))
+
+    if filled("diameter_mm"):
+        values = table.column("diameter_mm")
+        try:
+            out["diameter-only"] = np.array([[float(v)] for v in values], dtype=np.float64)
+        except ValueError:
+            bad = next(i for i, v in enumerate(values) if not _is_float(v))
+            raise DataError(f"{table.path} line {bad + 2}: 'diameter_mm' must be a number, got {values[bad]!r}") from None
+    if filled("mask"):
+        out["shape-only"] = np.stack([mask_file_features(p) for p in _resolve_images(table, column="mask")])
+    for name, x in out.items():
+        if not np.isfinite(x).all():
+            raise DataError(f"{table.path}: the {name} reference has a non-finite feature (an empty mask?)")
+    return out
+
+
+def reference_rows(cohort: Cohort, table: LabelTable, protocol: Protocol, *, test: Cohort | None = None,
+                   test_table: LabelTable | None = None) -> dict:
+    """The reference models (:data:`REFERENCES`) run through the same linear-probe protocol, folds and seeds as
+    the encoder (the folds depend only on the cohort, the protocol and the seed), on the columns the table has.
+    Returns ``{name: {"features", "cv", "test", "across_seeds"}}``."""
+    import dataclasses
+
+    feats = reference_features(table)
+    test_feats = reference_features(test_table) if test is not None and test_table is not None else {}
+    lp = dataclasses.replace(protocol, mode="lp")
+    out = {}
+    for name, x in feats.items():
+        held_out = test if name in test_feats else None
+        r = run_classification(cohort, None, lp, test=held_out, features=x, test_features=test_feats.get(name),
+                               progress=False)
+        out[name] = {"features": REFERENCES[name][1], "cv": {k: v for k, v in r["cv"].items() if k != "folds"},
+                     "test": r["test"], "across_seeds": r["across_seeds"]}
+    return out
+
+
+def reference_lines(references: dict) -> list[str]:
+    """One line per reference row for the printed table."""
+    lines = []
+    for name, r in references.items():
+        line = f"reference {name} ({r['features']}): CV AUC {_ci(r['cv'], 'auc')}"
+        if r.get("test"):
+            line += f"; test AUC {_ci(r['test'], 'auc')}"
+        lines.append(line)
+    return lines
+
+
+def _is_float(v: str) -> bool:
+    try:
+        float(v)
+        return True
+    except ValueError:
+        return False
+
+
 def _is_int(v: str) -> bool:
     try:
         int(float(v))
