@@ -56,6 +56,11 @@ def test_quick_demo_real_examples(tmp_path, capsys):
         assert f"{m['cv']['auc']:.3f} [{m['cv']['auc_ci'][0]:.3f}, {m['cv']['auc_ci'][1]:.3f}]" in text
         c = json.loads((out / "cluster" / name / "metrics.json").read_text())
         assert c["n_classes"] >= 5 and f"{round(c['metrics']['kmeans_nmi'], 3)}" in text
+    # reference rows on the same folds: diameter alone and mask shape alone, numbers from classify's metrics.json
+    refs = json.loads((out / "classify" / "random-init_50" / "metrics.json").read_text())["references"]
+    for ref in ("diameter-only", "shape-only"):
+        cv = refs[ref]["cv"]
+        assert f"reference: {ref}" in text and f"{cv['auc']:.3f} [{cv['auc_ci'][0]:.3f}, {cv['auc_ci'][1]:.3f}]" in text
     d = json.loads((out / "diversity" / "dagman" / "diversity.json").read_text())
     assert len(d["stages"]) == 4
     assert text.count(" ok ") >= 14  # every stage listed as ok in Reproduce

@@ -175,7 +175,7 @@ def _classify_section(rep, demo, encoders: dict[str, str], figs: Path) -> None:
                   "training part of each fold is cut to the given fraction; threshold for sensitivity/specificity "
                   "chosen on a validation split of the training part; AUC etc. on the pooled out-of-fold "
                   "predictions with bootstrap 95% CIs; mean ± std over seeds.")
-    rows, curves = [], {}
+    rows, curves, references = [], {}, {}
     for name in encoders:
         for frac in demo.budget.fractions:
             stage_name = f"classify {name} {frac:g}"
@@ -188,6 +188,8 @@ def _classify_section(rep, demo, encoders: dict[str, str], figs: Path) -> None:
                 continue
             cv = m.get("cv", {})
             seeds = _get(m, "across_seeds", "cv", default={})
+            if m.get("references"):  # the same for every encoder at one fraction (same folds and seeds)
+                references.setdefault(frac, m["references"])
             rows.append([name, m.get("feature_source", ""), f"{frac:.0%}", _ci(cv.get("auc"), cv.get("auc_ci")),
                          _ci(cv.get("sensitivity"), cv.get("sensitivity_ci")),
                          _ci(cv.get("specificity"), cv.get("specificity_ci")),
@@ -197,10 +199,20 @@ def _classify_section(rep, demo, encoders: dict[str, str], figs: Path) -> None:
                 if pred is not None and len(set(pred[0])) == 2:
                     fpr, tpr, _ = roc_curve(pred[0], pred[1])
                     curves[name] = (fpr, tpr, f"AUC {cv.get('auc', float('nan')):.3f}")
+    for frac, refs in sorted(references.items()):
+        for ref_name, r in refs.items():
+            cv = r.get("cv", {})
+            seeds = _get(r, "across_seeds", "cv", default={})
+            rows.append([f"reference: {ref_name}", r.get("features", ""), f"{frac:.0%}",
+                         _ci(cv.get("auc"), cv.get("auc_ci")), _ci(cv.get("sensitivity"), cv.get("sensitivity_ci")),
+                         _ci(cv.get("specificity"), cv.get("specificity_ci")),
+                         _pm(_get(seeds, "auc", "mean"), _get(seeds, "auc", "std"))])
     sec.table(["encoder", "features", "training fraction", "AUC [95% CI]", "sensitivity", "specificity",
                "AUC mean ± std over seeds"], rows,
-              caption="Semi-synthetic LIDC-shape nodules; tiny encoders; linear probe on frozen features.")
-    full = [r for r in rows if r[2] == f"{max(demo.budget.fractions):.0%}"]
+              caption="Semi-synthetic LIDC-shape nodules; tiny encoders; linear probe on frozen features. "
+                      "Reference rows: the same protocol (folds, seeds) on the nodule diameter alone and on 9 shape "
+                      "features of its mask, no image.")
+    full = [r for r in rows if r[2] == f"{max(demo.budget.fractions):.0%}" and not r[0].startswith("reference")]
     if len(full) >= 2:
         best = max(full, key=lambda r: float(r[3].split()[0]) if r[3] != "n/a" else -1.0)
         sec.paragraph(f"Reading: at {max(demo.budget.fractions):.0%} of the training folds, the highest AUC here is {best[0]}'s ({best[3]}). Where "
