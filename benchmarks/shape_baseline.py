@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dagman.data.shape import FEATURES, mask_file_features, shape_features  # noqa: F401 - in the library
+from dagman.data.shape import FEATURES, mask_file_features
 
 
 def load_set(folder: Path):

@@ -18,7 +18,6 @@ import ast
 import re
 from pathlib import Path
 
-import pytest
 
 import dagman
 from dagman.cli import COMMANDS, build_parser

@@ -102,6 +102,23 @@ def _state_dicts(run: Path) -> dict:
             "optimizer": ckpt["optimizer"]["state"], "step": ckpt["step"]}
 
 
+def assert_same_run(a_run: Path, b_run: Path, steps: int) -> None:
+    """Two run folders ended bitwise equal after ``steps`` steps: student, teacher, loss centres, Adam state, the
+    exported encoder; and ``b_run``'s metrics file has exactly one entry per step (no duplicates after resumes)."""
+    a, b = _state_dicts(a_run), _state_dicts(b_run)
+    assert a["step"] == b["step"] == steps
+    for part in ("student", "teacher", "method"):
+        assert a[part].keys() == b[part].keys()
+        for k in a[part]:
+            assert torch.equal(a[part][k], b[part][k]), f"{part}.{k}"
+    for pid, st in a["optimizer"].items():
+        for k, v in st.items():
+            assert torch.equal(v, b["optimizer"][pid][k]), (pid, k)
+    assert [e["step"] for e in read_metrics(b_run / "metrics.jsonl")] == list(range(1, steps + 1))
+    ea, eb = load_encoder(a_run / "encoder.safetensors"), load_encoder(b_run / "encoder.safetensors")
+    assert all(torch.equal(ea[k], eb[k]) for k in ea)
+
+
 def test_resume_after_kill_is_bitwise_identical(cache, tmp_path):
     common = ["pretrain", "--size", "tiny", "--method", "dagman", "--data", str(cache), "--steps", "20",
               "train.checkpoint_every_steps=10"]
@@ -115,20 +132,7 @@ def test_resume_after_kill_is_bitwise_identical(cache, tmp_path):
     assert not (broken / "encoder.safetensors").exists()
     r = _run(["pretrain", "--out", str(broken), "--resume", "--data", str(cache)])
     assert r.returncode == 0, r.stderr[-2000:]
-    a, b = _state_dicts(straight), _state_dicts(broken)
-    assert a["step"] == b["step"] == 20
-    for part in ("student", "teacher", "method"):
-        assert a[part].keys() == b[part].keys()
-        for k in a[part]:
-            assert torch.equal(a[part][k], b[part][k]), f"{part}.{k}"
-    for pid, st in a["optimizer"].items():
-        for k, v in st.items():
-            assert torch.equal(v, b["optimizer"][pid][k]), (pid, k)
-    # the metrics file has exactly one entry per step after the resume
-    assert [e["step"] for e in read_metrics(broken / "metrics.jsonl")] == list(range(1, 21))
-    ra = load_encoder(straight / "encoder.safetensors")
-    rb = load_encoder(broken / "encoder.safetensors")
-    assert all(torch.equal(ra[k], rb[k]) for k in ra)
+    assert_same_run(straight, broken, 20)
 
 
 DDP_WORKER = r"""

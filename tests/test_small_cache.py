@@ -7,9 +7,6 @@ same package, written here with pydicom.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 
 import nibabel as nib
 import numpy as np
@@ -22,13 +19,15 @@ from dagman.data.cache import read_manifest
 from dagman.data.prepare import prepare
 from dagman.data.views import TwoViewDataset, make_synthetic_cache, two_view_loader
 from dagman.errors import ConfigError, DataError
-from dagman.train.checkpoint import load_checkpoint, load_encoder
+from dagman.train.checkpoint import load_checkpoint
 from dagman.train.logging import read_metrics
 
 try:
     from test_io import write_dicom_series, write_nifti
+    from test_pretrain import _run, assert_same_run
 except ImportError:  # pragma: no cover - run as a package
     from .test_io import write_dicom_series, write_nifti
+    from .test_pretrain import _run, assert_same_run
 
 
 @pytest.fixture(scope="module")
@@ -38,12 +37,6 @@ def one_ct(totalseg_examples, tmp_path_factory):
     report = prepare([totalseg_examples["totalseg_abdomen"]["image"]], cache, progress=False)
     assert len(report.prepared) == 1
     return cache
-
-
-def _run(args: list[str], env: dict | None = None) -> subprocess.CompletedProcess:
-    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-    return subprocess.run([sys.executable, "-m", "dagman", *args], capture_output=True, text=True, env=full_env,
-                          timeout=600)
 
 
 # ------------------------------------------------------------------------------------ epoch of a small cache
@@ -98,27 +91,6 @@ def test_every_method_pretrains_on_a_one_ct_cache(method, one_ct, tmp_path, caps
     assert all(np.isfinite(e["loss"]) for e in entries) and entries[-1]["skipped_steps"] == 0
 
 
-def _final_state(run) -> dict:
-    ckpt = load_checkpoint(run / "checkpoints" / "last.pt")
-    return {"student": ckpt["student"], "teacher": ckpt["teacher"], "method": ckpt["method"],
-            "optimizer": ckpt["optimizer"]["state"], "step": ckpt["step"]}
-
-
-def _assert_same_run(a_run, b_run, steps: int) -> None:
-    a, b = _final_state(a_run), _final_state(b_run)
-    assert a["step"] == b["step"] == steps
-    for part in ("student", "teacher", "method"):
-        assert a[part].keys() == b[part].keys()
-        for k in a[part]:
-            assert torch.equal(a[part][k], b[part][k]), f"{part}.{k}"
-    for pid, st in a["optimizer"].items():
-        for k, v in st.items():
-            assert torch.equal(v, b["optimizer"][pid][k]), (pid, k)
-    assert [e["step"] for e in read_metrics(b_run / "metrics.jsonl")] == list(range(1, steps + 1))
-    ea, eb = load_encoder(a_run / "encoder.safetensors"), load_encoder(b_run / "encoder.safetensors")
-    assert all(torch.equal(ea[k], eb[k]) for k in ea)
-
-
 @pytest.fixture(scope="module")
 def straight_12(one_ct, tmp_path_factory):
     run = tmp_path_factory.mktemp("straight") / "run"
@@ -140,7 +112,7 @@ def test_one_ct_resume_is_bitwise_identical(kill_after, one_ct, straight_12, tmp
     assert load_checkpoint(broken / "checkpoints" / "last.pt")["step"] == 6
     r = _run(["pretrain", "--out", str(broken), "--resume", "--data", str(one_ct)])
     assert r.returncode == 0, r.stderr[-2000:]
-    _assert_same_run(straight_12, broken, 12)
+    assert_same_run(straight_12, broken, 12)
 
 
 # ------------------------------------------------------------------------------ a thin real DICOM series

@@ -42,10 +42,19 @@ examples:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from dagman.tasks.cluster import DEFAULT_MIN_VOXELS, MODES
-
     parser.add_argument("--image", required=True, metavar="CT", help="CT file or DICOM series folder")
     parser.add_argument("--labels", required=True, metavar="LABELMAP", help="label map on the CT's voxel grid")
+    add_structure_crop_arguments(parser)
+    parser.add_argument("--spacing", type=float, metavar="MM", help="crop spacing in mm (default: the encoder's "
+                        "data.spacing_mm)")
+    parser.add_argument("--seed", type=int, default=0, metavar="N", help="seed of crop centres, UMAP and k-means "
+                        "(default 0)")
+
+
+def add_structure_crop_arguments(parser: argparse.ArgumentParser) -> None:
+    """The encoder, output and structure-crop options shared by `dagman cluster` and `dagman recognize`."""
+    from dagman.tasks.cluster import DEFAULT_MIN_VOXELS, MODES
+
     parser.add_argument("--checkpoint", required=True, metavar="C", help="run folder, checkpoint .pt, encoder "
                         ".safetensors, or 'none' (random init)")
     parser.add_argument("--out", required=True, metavar="DIR", help="output folder")
@@ -57,8 +66,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "(default 8)")
     parser.add_argument("--crop-size", type=int, default=32, metavar="S", help="crop edge in voxels at the "
                         "encoder's spacing; a multiple of patch size * 16 (default 32)")
-    parser.add_argument("--spacing", type=float, metavar="MM", help="crop spacing in mm (default: the encoder's "
-                        "data.spacing_mm)")
     parser.add_argument("--min-voxels", type=int, default=DEFAULT_MIN_VOXELS, metavar="N", help="smallest "
                         f"structure, in label-map voxels (default {DEFAULT_MIN_VOXELS})")
     parser.add_argument("--mode", choices=MODES, default="crop", help="crop: plain crops; masked: voxels outside "
@@ -66,8 +73,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--size", choices=("tiny", "small", "paper"), default="tiny", help="architecture of a "
                         "random-init encoder ('none') or of an encoder file without config (default tiny)")
     parser.add_argument("--batch-size", type=int, default=16, metavar="B", help="crops per forward pass (default 16)")
-    parser.add_argument("--seed", type=int, default=0, metavar="N", help="seed of crop centres, UMAP and k-means "
-                        "(default 0)")
+
+
+def check_structure_crop_arguments(args: argparse.Namespace) -> None:
+    """One-line errors for the counts of :func:`add_structure_crop_arguments` below 1."""
+    from dagman.errors import DagmanError
+
+    for flag, value in (("--crops-per-structure", args.crops_per_structure), ("--min-voxels", args.min_voxels),
+                        ("--batch-size", args.batch_size)):
+        if value < 1:
+            raise DagmanError(f"{flag} {value}: must be >= 1")
 
 
 def _finite_or_null(obj):
@@ -116,14 +131,9 @@ def run(args: argparse.Namespace) -> int:
     from dagman.tasks.cluster import cluster_figure, evaluate_encoder, make_structure_crops
     from dagman.tasks.encoder import build_task_encoder, default_input_size
 
-    if args.crops_per_structure < 1:
-        raise DagmanError(f"--crops-per-structure {args.crops_per_structure}: must be >= 1")
-    if args.min_voxels < 1:
-        raise DagmanError(f"--min-voxels {args.min_voxels}: must be >= 1")
+    check_structure_crop_arguments(args)
     if args.spacing is not None and not args.spacing > 0:
         raise DagmanError(f"--spacing {args.spacing}: must be > 0 mm")
-    if args.batch_size < 1:
-        raise DagmanError(f"--batch-size {args.batch_size}: must be >= 1")
     for flag, p in (("--image", args.image), ("--labels", args.labels)):
         if not Path(p).exists():
             raise DagmanError(f"{p}: no such file ({flag})")

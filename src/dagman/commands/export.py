@@ -62,7 +62,7 @@ def export_backbone(checkpoint: str | Path, out: str | Path, *, network: str = "
 
     from dagman.commands.diversity import load_pretrained
     from dagman.errors import DagmanError
-    from dagman.train.checkpoint import BACKBONE_PREFIXES, encoder_metadata, save_encoder_safetensors
+    from dagman.train.checkpoint import BACKBONE_PREFIXES, encoder_metadata, save_encoder_safetensors, sub_state
 
     if network not in NETWORKS:
         raise DagmanError(f"--network must be one of {', '.join(NETWORKS)}, got {network!r}")
@@ -78,7 +78,7 @@ def export_backbone(checkpoint: str | Path, out: str | Path, *, network: str = "
     weights = pre.state.get(network)
     if not isinstance(weights, dict):
         raise DagmanError(f"{pre.path}: the checkpoint holds no {network} weights")
-    backbone = {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
+    backbone = sub_state(weights, prefix)
     if not backbone:
         raise DagmanError(f"{pre.path}: no {network} backbone inside (no '{prefix}*' weights)")
     reference = SwinTransformer(spatial_dims=3, **dataclasses.asdict(pre.cfg.model))

@@ -33,33 +33,16 @@ examples:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from dagman.tasks.cluster import DEFAULT_MIN_VOXELS, MODES
+    from dagman.commands.cluster import add_structure_crop_arguments
 
     parser.add_argument("--train", nargs=2, action="append", required=True, metavar=("CT", "LABELMAP"),
                         help="a training patient: CT and its label map (repeat for more patients)")
     parser.add_argument("--test", nargs=2, required=True, metavar=("CT", "LABELMAP"),
                         help="the held-out patient: CT and its label map")
-    parser.add_argument("--checkpoint", required=True, metavar="C", help="run folder, checkpoint .pt, encoder "
-                        ".safetensors, or 'none' (random init)")
-    parser.add_argument("--out", required=True, metavar="DIR", help="output folder")
-    parser.add_argument("--groups", metavar="JSON", help="organ classes: 'totalseg', a JSON file or inline JSON "
-                        "(default: one class per structure)")
-    parser.add_argument("--names", metavar="JSON", help="label names (default: the fetch-examples manifest "
-                        "listing the label map, if any)")
-    parser.add_argument("--crops-per-structure", type=int, default=8, metavar="N", help="crops per structure "
-                        "(default 8)")
-    parser.add_argument("--crop-size", type=int, default=32, metavar="S", help="crop edge in voxels; a multiple of "
-                        "patch size * 16 (default 32)")
-    parser.add_argument("--min-voxels", type=int, default=DEFAULT_MIN_VOXELS, metavar="N",
-                        help=f"skip structures with fewer voxels (default {DEFAULT_MIN_VOXELS})")
-    parser.add_argument("--mode", choices=MODES, default="crop", help="crop (default) or masked (voxels outside "
-                        "the structure set to 0)")
-    parser.add_argument("--size", default="tiny", metavar="S", help="architecture of --checkpoint none "
-                        "(default tiny)")
+    add_structure_crop_arguments(parser)
     parser.add_argument("--bootstrap", type=int, default=1000, metavar="N", help="bootstrap replicates of the "
                         "intervals (default 1000)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the crop centres, random init and bootstrap")
-    parser.add_argument("--batch-size", type=int, default=16, metavar="N", help="crops per forward pass")
 
 
 def format_table(result: dict) -> str:
@@ -86,16 +69,16 @@ def run(args: argparse.Namespace) -> int:
 
     import torch
 
+    from dagman.commands.cluster import check_structure_crop_arguments
     from dagman.data.cache import atomic_write_text
     from dagman.errors import DagmanError
     from dagman.report.plots import confusion_figure
     from dagman.tasks.encoder import build_task_encoder, default_input_size
     from dagman.tasks.recognition import organ_recognition
 
-    for flag, value in (("--crops-per-structure", args.crops_per_structure), ("--min-voxels", args.min_voxels),
-                        ("--bootstrap", args.bootstrap), ("--batch-size", args.batch_size)):
-        if value < 1:
-            raise DagmanError(f"{flag} {value}: must be >= 1")
+    check_structure_crop_arguments(args)
+    if args.bootstrap < 1:
+        raise DagmanError(f"--bootstrap {args.bootstrap}: must be >= 1")
     for pair in [*args.train, args.test]:
         for p in pair:
             if not Path(p).exists():

@@ -303,18 +303,14 @@ def reference_features(table: LabelTable) -> dict[str, np.ndarray]:
 
     out: dict[str, np.ndarray] = {}
 
-    def filled(column: str) -> bool:  # a column with an empty cell (no mask for that row) gives no reference
-        return column in table.columns and all(v.strip() for v in table.column(column))
+    def filled(name: str) -> str | None:  # a column with an empty cell (no mask for that row) gives no reference
+        column = REFERENCES[name][0]
+        return column if column in table.columns and all(v.strip() for v in table.column(column)) else None
 
-    if filled("diameter_mm"):
-        values = table.column("diameter_mm")
-        try:
-            out["diameter-only"] = np.array([[float(v)] for v in values], dtype=np.float64)
-        except ValueError:
-            bad = next(i for i, v in enumerate(values) if not _is_float(v))
-            raise DataError(f"{table.path} line {bad + 2}: 'diameter_mm' must be a number, got {values[bad]!r}") from None
-    if filled("mask"):
-        out["shape-only"] = np.stack([mask_file_features(p) for p in _resolve_images(table, column="mask")])
+    if column := filled("diameter-only"):
+        out["diameter-only"] = numeric_column(table, column)[:, None]
+    if column := filled("shape-only"):
+        out["shape-only"] = np.stack([mask_file_features(p) for p in _resolve_images(table, column=column)])
     for name, x in out.items():
         if not np.isfinite(x).all():
             raise DataError(f"{table.path}: the {name} reference has a non-finite feature (an empty mask?)")
@@ -352,12 +348,16 @@ def reference_lines(references: dict) -> list[str]:
     return lines
 
 
-def _is_float(v: str) -> bool:
-    try:
-        float(v)
-        return True
-    except ValueError:
-        return False
+def numeric_column(table: LabelTable, column: str) -> np.ndarray:
+    """``(N,) float64`` of a column; a one-line DataError names the line of the first cell that is not a number."""
+    values = table.column(column)
+    out = np.empty(len(values), dtype=np.float64)
+    for i, v in enumerate(values):
+        try:
+            out[i] = float(v)
+        except ValueError:
+            raise DataError(f"{table.path} line {i + 2}: {column!r} must be a number, got {v!r}") from None
+    return out
 
 
 def _is_int(v: str) -> bool:

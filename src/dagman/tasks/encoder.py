@@ -62,10 +62,6 @@ class EncoderSource:
         return "random" if self.kind == "none" else (self.method or "pretrained")
 
 
-def _sub_state(state: dict, prefix: str) -> dict:
-    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-
-
 def open_encoder(checkpoint: str | Path | None, size: str = "tiny") -> EncoderSource:
     """Open a downstream encoder source (see the module docstring). ``size``: the preset of a random-init
     encoder, and of an encoder file that carries no config. One-line DagmanError on any problem."""
@@ -93,9 +89,11 @@ def open_encoder(checkpoint: str | Path | None, size: str = "tiny") -> EncoderSo
             except DagmanError:
                 reason = str(err).split(": ", 1)[-1]
                 raise DagmanError(f"{path}: unknown checkpoint format ({reason})") from None
+        from dagman.train.checkpoint import BACKBONE_PREFIXES, sub_state
+
         teacher = pre.state["teacher"]
-        backbone = _sub_state(teacher, "encoder.backbone.")
-        sa = _sub_state(teacher, "sa.") if pre.cfg.sa.enabled else None
+        backbone = sub_state(teacher, BACKBONE_PREFIXES["teacher"])
+        sa = sub_state(teacher, "sa.") if pre.cfg.sa.enabled else None
         return EncoderSource(cfg=pre.cfg, backbone=backbone, sa=sa or None, kind="run", path=pre.path,
                              method=pre.cfg.method, step=pre.step)
     raise DagmanError(f"{path}: unknown checkpoint format '{path.suffix or path.name}' (expected a run folder, "

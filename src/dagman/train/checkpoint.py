@@ -52,6 +52,7 @@ __all__ = [
     "save_encoder_safetensors",
     "encoder_metadata",
     "BACKBONE_PREFIXES",
+    "sub_state",
     "load_encoder",
     "read_encoder_metadata",
     "capture_rng_state",
@@ -303,6 +304,11 @@ def save_encoder_safetensors(
 
 #: where each network's backbone sits in a pretraining checkpoint's state dicts
 BACKBONE_PREFIXES = {"teacher": "encoder.backbone.", "student": "net.encoder.backbone."}
+
+
+def sub_state(state: Mapping[str, Any], prefix: str) -> dict:
+    """The entries of ``state`` under ``prefix``, with the prefix removed (e.g. a backbone out of a network)."""
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
 
 
 def encoder_metadata(cfg: Any, step: int, network: str = "teacher") -> dict[str, Any]:

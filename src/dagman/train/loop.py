@@ -363,7 +363,7 @@ def pretrain(cfg: Config, out: str | os.PathLike, *, resume: bool = False, progr
               f"global batch of {cfg.data.batch_size * info.world_size}: drawing {dataset.samples_per_volume} crop "
               f"pairs per volume per epoch (data.samples_per_volume={dataset.samples_per_volume}) so that an epoch "
               "holds one batch", file=sys.stderr)
-    plan = plan_steps(cfg, dataset.n_volumes, info.world_size)
+    plan = plan_steps(cfg, n_volumes, info.world_size)
     schedules = Schedules.from_config(cfg, plan)
     try:
         state = build_state(cfg, info, schedules)  # DDP broadcasts rank 0's weights: a collective
