@@ -459,3 +459,41 @@ def test_read_label_map_refuses_fractional_labels(tmp_path):
     path = save_nifti(tmp_path / "soft.nii.gz", np.full((4, 4, 4), 0.5, np.float32), np.eye(4))
     with pytest.raises(DataError, match="non-integer"):
         seg.read_label_map(path)
+
+
+def test_loss_and_precision_choices():
+    assert set(seg.LOSSES) == {"dicece", "dicece-batch"}
+    with pytest.raises(DagmanError, match="--loss hinge: unknown"):
+        seg.make_loss("hinge")
+    with pytest.raises(DagmanError, match="--precision fp8: unknown"):
+        seg.use_bf16("fp8", torch.device("cpu"))
+    assert seg.use_bf16("bf16", torch.device("cpu")) and not seg.use_bf16("auto", torch.device("cpu"))
+    assert seg.use_bf16("auto", torch.device("cuda")) and not seg.use_bf16("fp32", torch.device("cuda"))
+    # two crops, one with a small foreground and one without: the per-crop loss counts the empty crop's
+    # background Dice, the batch loss scores the foreground over the whole batch only
+    y = torch.zeros(2, 1, 8, 8, 8)
+    y[0, 0, 2:4, 2:4, 2:4] = 1
+    onehot = torch.cat([1 - y, y], dim=1)
+    perfect = 20.0 * (2 * onehot - 1)  # confident, correct logits
+    assert float(seg.make_loss("dicece-batch")(perfect, y)) < 1e-3
+    blank = torch.stack([torch.full_like(y[:, 0], 5.0), torch.zeros_like(y[:, 0])], dim=1)  # all background
+    per_crop, batch = float(seg.make_loss("dicece")(blank, y)), float(seg.make_loss("dicece-batch")(blank, y))
+    assert batch > per_crop and batch > 0.9  # missing the nodule costs the whole Dice term only in the batch loss
+
+
+def test_lesion_crop_is_centred_on_the_lesion_in_the_nodule_geometry(tmp_path):
+    img, lab = synthetic_ct((40, 40, 40), radius=5.0, centre=(14.0, 22.0, 19.0))
+    aff = np.diag([1.5, 1.5, 2.0, 1.0])
+    ct, lm = save_nifti(tmp_path / "ct.nii.gz", img, aff), save_nifti(tmp_path / "lab.nii.gz", lab * 3, aff)
+    r = seg.lesion_crop(ct, lm, tmp_path / "img.nii.gz", tmp_path / "les.nii.gz", size=32, spacing=1.0)
+    volume = float(lab.sum()) * 1.5 * 1.5 * 2.0
+    assert r["inside_fraction"] == pytest.approx(1.0, abs=0.05)
+    assert r["equivalent_diameter_mm"] == pytest.approx((6 * volume / np.pi) ** (1 / 3))
+    out = nib.load(str(tmp_path / "les.nii.gz"))
+    mask = np.asarray(out.dataobj)
+    assert out.shape == (32, 32, 32) and np.allclose(np.abs(np.diag(out.affine)[:3]), 1.0)
+    assert np.allclose(np.argwhere(mask).mean(0), 15.5, atol=0.6) and mask.sum() == r["voxels"]
+    hu = np.asarray(nib.load(str(tmp_path / "img.nii.gz")).dataobj)
+    assert hu.dtype == np.int16 and hu[mask > 0].mean() > 600  # the bright sphere sits under the mask
+    with pytest.raises(DataError, match="no lesion voxel"):
+        seg.lesion_crop(ct, lm, tmp_path / "a.nii.gz", tmp_path / "b.nii.gz", value=1)

@@ -16,8 +16,9 @@ Pipeline, in order (each step is one function here):
 3. :class:`PatchSampler` -- random ROI crops, half of them centred on a foreground voxel (a present class chosen
    uniformly, then a voxel of it), half anywhere; random flips along each axis.
 4. :func:`build_model` -- ``SwinUNETR`` with the encoder's architecture, ``swinViT.load_state_dict(strict=True)``.
-5. :func:`train_model` -- AdamW, linear warm-up + cosine learning rate, ``DiceCELoss(softmax, to_onehot_y)``,
-   gradient clipping, bf16 autocast on CUDA.
+5. :func:`train_model` -- AdamW, linear warm-up + cosine learning rate, Dice + cross-entropy (:func:`make_loss`:
+   per-crop Dice with background, or batch Dice over the foreground), gradient clipping, bf16 autocast on CUDA
+   (or everywhere with ``precision="bf16"``).
 6. :func:`predict_volume` -- MONAI ``sliding_window_inference`` (ROI windows, overlap 0.5, Gaussian weights) ->
    class map on the isotropic grid; :func:`case_metrics` -> per-class Dice and HD95 (mm, at the resampled spacing).
 7. :func:`to_source_labels` + :func:`write_label_map` -- class map -> label values on the source grid (nearest
@@ -73,6 +74,10 @@ __all__ = [
     "roi_multiple",
     "check_roi",
     "build_model",
+    "LOSSES",
+    "PRECISIONS",
+    "make_loss",
+    "use_bf16",
     "train_model",
     "lr_at",
     "predict_volume",
@@ -80,6 +85,7 @@ __all__ = [
     "summarise",
     "to_source_labels",
     "write_label_map",
+    "lesion_crop",
     "save_model",
     "load_model",
     "split_cases",
@@ -752,24 +758,52 @@ class TrainLog:
     seconds: float = 0.0
 
 
+LOSSES = {
+    "dicece": "DiceCE (softmax, one-hot; Dice per crop, background included)",
+    "dicece-batch": "DiceCE (softmax, one-hot; Dice over the batch, foreground classes only)",
+}
+PRECISIONS = ("auto", "bf16", "fp32")
+
+
+def make_loss(name: str) -> nn.Module:
+    """The training loss :data:`LOSSES` names. ``dicece``: MONAI ``DiceCELoss`` as in MONAI's SwinUNETR recipes;
+    ``dicece-batch``: the same with the Dice computed over the whole batch and the background class left out
+    (a small foreground, such as a nodule, then carries the Dice term from the first steps)."""
+    from monai.losses import DiceCELoss
+
+    if name == "dicece":
+        return DiceCELoss(to_onehot_y=True, softmax=True)
+    if name == "dicece-batch":
+        return DiceCELoss(to_onehot_y=True, softmax=True, include_background=False, batch=True)
+    raise DagmanError(f"--loss {name}: unknown (choose from {', '.join(LOSSES)})")
+
+
+def use_bf16(precision: str, device: torch.device) -> bool:
+    """bf16 autocast or not: ``auto`` = on CUDA only; ``bf16`` = on any device (CPUs with AMX / AVX512-BF16 run
+    the convolutions and attention faster); ``fp32`` = never."""
+    if precision not in PRECISIONS:
+        raise DagmanError(f"--precision {precision}: unknown (choose from {', '.join(PRECISIONS)})")
+    return precision == "bf16" or (precision == "auto" and device.type == "cuda")
+
+
 def train_model(model: nn.Module, sampler: PatchSampler, steps: int, batch_size: int = 2, lr: float = 1e-4,
                 weight_decay: float = 1e-5, device: str | torch.device = "cpu", seed: int = 0,
-                progress: bool = True) -> TrainLog:
+                progress: bool = True, loss: str = "dicece", bf16: bool | None = None) -> TrainLog:
     """Fine-tune ``model`` for ``steps`` AdamW steps on crops from ``sampler`` (cases drawn epoch by epoch in
-    random order, ``batch_size`` crops per step) with ``DiceCELoss(to_onehot_y=True, softmax=True)``, the
-    :func:`lr_at` schedule, gradient-norm clipping at ``GRAD_CLIP``, bf16 autocast on CUDA; a non-finite loss
-    skips its step. Crop randomness comes from ``seed``. Leaves the model in eval mode."""
-    from monai.losses import DiceCELoss
+    random order, ``batch_size`` crops per step) with the :func:`make_loss` loss, the :func:`lr_at` schedule,
+    gradient-norm clipping at ``GRAD_CLIP``, bf16 autocast when ``bf16`` (None: on CUDA only); a non-finite
+    loss skips its step. Crop randomness comes from ``seed``. Leaves the model in eval mode."""
     from tqdm import tqdm
 
     device = torch.device(device)
+    bf16 = device.type == "cuda" if bf16 is None else bool(bf16)
     model.to(device).to(memory_format=torch.channels_last_3d).train()
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.ndim > 1]
     no_decay = [p for p in params if p.ndim <= 1]
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=lr)
-    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
+    loss_fn = make_loss(loss)
     rng = np.random.default_rng(seed)
     order = case_order(len(sampler), steps * batch_size, rng)
     log = TrainLog()
@@ -780,15 +814,15 @@ def train_model(model: nn.Module, sampler: PatchSampler, steps: int, batch_size:
             group["lr"] = lr_at(step, steps, lr)
         x, y = sampler.batch(order[step * batch_size:(step + 1) * batch_size], rng)
         x, y = _channels_last(x.to(device, non_blocking=True)), y.to(device, non_blocking=True)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             logits = model(x)
-        loss = loss_fn(logits.float(), y)
+        value_t = loss_fn(logits.float(), y)
         opt.zero_grad(set_to_none=True)
-        if not torch.isfinite(loss):
+        if not torch.isfinite(value_t):
             log.skipped += 1
             log.losses.append(float("nan"))
             continue
-        loss.backward()
+        value_t.backward()
         norm = torch.nn.utils.clip_grad_norm_(params, GRAD_CLIP)
         if not torch.isfinite(norm):  # finite loss, non-finite gradient: skipped, never applied
             opt.zero_grad(set_to_none=True)
@@ -796,7 +830,7 @@ def train_model(model: nn.Module, sampler: PatchSampler, steps: int, batch_size:
             log.losses.append(float("nan"))
             continue
         opt.step()
-        value = float(loss.detach())
+        value = float(value_t.detach())
         log.losses.append(value)
         bar.set_postfix(loss=f"{value:.4f}")
     bar.close()
@@ -812,18 +846,21 @@ def train_model(model: nn.Module, sampler: PatchSampler, steps: int, batch_size:
 
 @torch.no_grad()
 def predict_volume(model: nn.Module | Callable[[torch.Tensor], torch.Tensor], image: np.ndarray, roi: int,
-                   device: str | torch.device = "cpu", sw_batch_size: int = 2, overlap: float = OVERLAP) -> np.ndarray:
+                   device: str | torch.device = "cpu", sw_batch_size: int = 2, overlap: float = OVERLAP,
+                   bf16: bool | None = None) -> np.ndarray:
     """Class map ``(X, Y, Z) uint8`` of an isotropic windowed image ``(X, Y, Z)`` by MONAI sliding-window
     inference with ``roi``-edged windows (``overlap``, Gaussian blending; volumes smaller than ``roi`` are
-    padded) and argmax over the logits ``(1, C, X, Y, Z)`` of ``model``."""
+    padded) and argmax over the logits ``(1, C, X, Y, Z)`` of ``model``; bf16 autocast when ``bf16`` (None: on
+    CUDA only)."""
     from monai.inferers import sliding_window_inference
 
     device = torch.device(device)
+    bf16 = device.type == "cuda" if bf16 is None else bool(bf16)
     if isinstance(model, nn.Module):
         model.to(device).to(memory_format=torch.channels_last_3d).eval()
 
     def predictor(x: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             return model(_channels_last(x)).float()
 
     x = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None, None].to(device)
@@ -924,6 +961,34 @@ def write_label_map(path: str | os.PathLike, labels: np.ndarray, geometry: Sourc
 # ----------------------------------------------------------------------------------------------------------
 # Saved model
 # ----------------------------------------------------------------------------------------------------------
+
+
+def lesion_crop(image: str | os.PathLike, label: str | os.PathLike, out_image: str | os.PathLike,
+                out_label: str | os.PathLike, size: int = 64, spacing: float = 1.0, value: int | None = None) -> dict:
+    """A lesion-centred cube of a labelled CT, in the geometry of the semi-synthetic nodule set (``size``^3 voxels
+    of ``spacing`` mm, RAS-aligned, centred on the lesion's centroid): the CT sampled trilinearly (-1024 HU beyond
+    the field of view) and the lesion mask (``label == value``, or ``> 0``) sampled trilinearly and kept where
+    >= 0.5, written as NIfTI (int16 HU, uint8 0/1). Lets a model trained on nodule crops be scored on real
+    hand-drawn lesions. Returns ``{"voxels", "equivalent_diameter_mm", "inside_fraction"}`` (the share of the
+    lesion's volume inside the cube). One-line DataError when the label map has no such voxel."""
+    from dagman.data.io import read_ct
+    from dagman.data.nodules import OUTSIDE_HU, crop_affine, sample_volume, write_nifti
+
+    values, lab_affine, _ = read_label_map(label)
+    mask = values > 0 if value is None else values == int(value)
+    voxels = np.argwhere(mask)
+    if voxels.size == 0:
+        raise DataError(f"{label}: no lesion voxel ({'label > 0' if value is None else f'label == {value}'})")
+    centre = (lab_affine @ np.append(voxels.mean(0), 1.0))[:3]
+    affine = crop_affine(centre, int(size), float(spacing))
+    vol = read_ct(image)
+    hu = sample_volume(vol.array, vol.affine, affine, (size,) * 3, cval=OUTSIDE_HU)
+    lesion = sample_volume(mask.astype(np.float32), lab_affine, affine, (size,) * 3, cval=0.0) >= 0.5
+    write_nifti(out_image, np.clip(np.rint(hu), -32768, 32767).astype(np.int16), affine)
+    write_nifti(out_label, lesion.astype(np.uint8), affine)
+    volume_mm3 = float(mask.sum() * abs(np.linalg.det(lab_affine[:3, :3])))
+    return {"voxels": int(lesion.sum()), "equivalent_diameter_mm": float((6.0 * volume_mm3 / np.pi) ** (1 / 3)),
+            "inside_fraction": float(lesion.sum() * spacing ** 3 / volume_mm3)}
 
 
 @dataclass
@@ -1040,6 +1105,8 @@ class SegmentOptions:
     seed: int = 0
     device: str | None = None
     progress: bool = True
+    loss: str = "dicece"
+    precision: str = "auto"
 
 
 @dataclass
@@ -1143,6 +1210,8 @@ def run_segmentation(opts: SegmentOptions, log: Callable[[str], None] = print) -
     if dataset.declared is not None or opts.labels is not None or opts.num_classes is not None:
         spec = label_spec(dataset.declared, opts.labels, opts.num_classes, source=dataset.path.name)
     device = _device(opts.device)
+    make_loss(opts.loss)  # unknown names fail before any loading
+    bf16 = use_bf16(opts.precision, device)
 
     train_idx, held_idx = split_cases(len(dataset.training), opts.val_fraction, opts.fraction, opts.seed)
     train_cases = [dataset.training[i] for i in train_idx]
@@ -1183,7 +1252,7 @@ def run_segmentation(opts: SegmentOptions, log: Callable[[str], None] = print) -
         prepared = []  # the sampler holds its own (float16) copies
     train_log = train_model(model, sampler, steps, batch_size=opts.batch_size, lr=opts.lr,
                             weight_decay=opts.weight_decay, device=device, seed=opts.seed + 2,
-                            progress=opts.progress)
+                            progress=opts.progress, loss=opts.loss, bf16=bf16)
     info = ModelInfo(cfg=cfg, spec=spec, roi=roi, spacing=spacing, hu_window=hu_window, encoder=source.description)
     model_path = save_model(out / "model.safetensors", model, info)
 
@@ -1202,7 +1271,7 @@ def run_segmentation(opts: SegmentOptions, log: Callable[[str], None] = print) -
             if pc is None:
                 pc = prepare_case(case.image, case.label, spacing, hu_window, name=case.name, origin=case.origin)
                 pc.to_classes(spec)
-            pred = predict_volume(model, pc.image, roi, device=device, sw_batch_size=opts.batch_size)
+            pred = predict_volume(model, pc.image, roi, device=device, sw_batch_size=opts.batch_size, bf16=bf16)
             metrics = case_metrics(pred, pc.labels, spec.num_classes, spacing)
             pred_path = None
             if split != "train":
@@ -1230,8 +1299,9 @@ def run_segmentation(opts: SegmentOptions, log: Callable[[str], None] = print) -
             "val_fraction": opts.val_fraction, "seed": opts.seed, "steps": steps, "epochs": opts.epochs,
             "batch_size": opts.batch_size, "lr": opts.lr, "weight_decay": opts.weight_decay, "roi": roi,
             "spacing_mm": spacing, "hu_window": list(hu_window), "freeze_encoder": opts.freeze_encoder,
-            "device": device.type, "precision": "bf16 autocast" if device.type == "cuda" else "fp32",
-            "overlap": OVERLAP, "loss": "DiceCE (softmax, one-hot)", "optimizer": "AdamW, warm-up + cosine",
+            "device": device.type, "precision": "bf16 autocast" if bf16 else "fp32",
+            "overlap": OVERLAP, "loss": opts.loss, "loss_definition": LOSSES[opts.loss],
+            "optimizer": "AdamW, warm-up + cosine",
             "steps_per_epoch": steps_per_epoch,
             "train_cases": [c.name for c in train_cases], "held_out_cases": [c.name for c in held_cases],
             "unlabelled_test_images": len(dataset.unlabelled),
