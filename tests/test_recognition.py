@@ -118,3 +118,22 @@ def test_cli_writes_metrics_and_the_confusion_picture(tmp_path, capsys):
     assert main(["recognize", "--train", *a, "--test", str(tmp_path / "nope.nii.gz"), b[1], "--checkpoint", "none",
                  "--out", str(out)]) == 2
     assert "no such file" in capsys.readouterr().err
+
+
+def test_a_label_fraction_keeps_a_stratified_seeded_subset_and_at_least_one_crop_per_class():
+    rng = np.random.default_rng(1)
+    train_x = np.concatenate([rng.normal(0, 1, (60, 3)) + [4, 0, 0], rng.normal(0, 1, (20, 3)) - [4, 0, 0]])
+    train_c = ["liver"] * 60 + ["spleen"] * 20
+    test_x = np.concatenate([rng.normal(0, 1, (10, 3)) + [4, 0, 0], rng.normal(0, 1, (10, 3)) - [4, 0, 0]])
+    test_c = ["liver"] * 10 + ["spleen"] * 10
+    full = recognise([train_x], [train_c], test_x, test_c, n_boot=50)
+    quarter = recognise([train_x], [train_c], test_x, test_c, n_boot=50, fraction=0.25, subset_seed=3)
+    tiny = recognise([train_x], [train_c], test_x, test_c, n_boot=50, fraction=0.01, subset_seed=3)
+    assert full["n_train"] == 80 and quarter["n_train"] == 20 and quarter["fraction"] == 0.25
+    assert tiny["n_train"] == 2  # one crop of each class survives any fraction
+    assert quarter["ceiling"] == full["ceiling"]  # the ceiling uses the test patient only
+    again = recognise([train_x], [train_c], test_x, test_c, n_boot=50, fraction=0.25, subset_seed=3)
+    other = recognise([train_x], [train_c], test_x, test_c, n_boot=50, fraction=0.25, subset_seed=4)
+    assert again["predictions"] == quarter["predictions"]
+    assert quarter["y_test"] == [0] * 10 + [1] * 10 and len(quarter["predictions"]["linear_probe"]) == 20
+    assert other["n_train"] == 20 and quarter["knn"][10]["balanced_accuracy"]["value"] == 1.0

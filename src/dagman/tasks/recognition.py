@@ -38,13 +38,16 @@ def shared_classes(train_names: Sequence[Sequence[str]], test_names: Sequence[st
 
 def recognise(train_features: Sequence[np.ndarray], train_classes: Sequence[Sequence[str]],
               test_features: np.ndarray, test_classes: Sequence[str], *, ks: Sequence[int] = KNN_K,
-              n_boot: int = 1000, seed: int = 0, ceiling_folds: int = 5) -> dict:
+              n_boot: int = 1000, seed: int = 0, ceiling_folds: int = 5, fraction: float = 1.0,
+              subset_seed: int = 0) -> dict:
     """Score frozen features: k-NN and linear probe trained on ``train_*``, tested on ``test_*``; and the ceiling.
 
     ``train_features[i]`` ``(N_i, D)`` with ``train_classes[i]`` the class name of each row; ``test_features``
     ``(M, D)`` with ``test_classes``. Rows of classes absent from training are left out of the test (counted
-    in ``"test_rows_dropped"``). Returns ``{"classes", "n_train", "n_test", "knn": {k: metrics},
-    "linear_probe": metrics, "ceiling": metrics | None, ...}`` (metrics: :func:`recognition_metrics`)."""
+    in ``"test_rows_dropped"``). ``fraction`` < 1 keeps a seeded (``subset_seed``), class-stratified share of
+    the training crops, at least one per class (a label-fraction curve point; the ceiling is unchanged). Returns ``{"classes", "n_train", "n_test", "knn": {k: metrics},
+    "linear_probe": metrics, "ceiling": metrics | None, "y_test": test class indices, "predictions": {"knn_10",
+    "knn_20", "linear_probe": predicted indices}, ...}`` (metrics: :func:`recognition_metrics`)."""
     classes = shared_classes([list(c) for c in train_classes], list(dict.fromkeys(test_classes)))
     if len(classes) < 2:
         raise DataError(f"the test patient shares {len(classes)} class{'' if len(classes) == 1 else 'es'} with the "
@@ -56,17 +59,26 @@ def recognise(train_features: Sequence[np.ndarray], train_classes: Sequence[Sequ
         xs.append(np.asarray(feats)[keep])
         ys.append(np.array([index[names[i]] for i in keep], dtype=np.int64))
     x_train, y_train = np.concatenate(xs), np.concatenate(ys)
+    if fraction != 1.0:
+        from dagman.tasks.splits import fewshot_subset
+
+        rows = fewshot_subset(np.arange(len(y_train)), y_train, None, fraction, seed=subset_seed)
+        x_train, y_train = x_train[rows], y_train[rows]
     keep = [i for i, n in enumerate(test_classes) if n in index]
     x_test = np.asarray(test_features)[keep]
     y_test = np.array([index[test_classes[i]] for i in keep], dtype=np.int64)
     out: dict = {"classes": classes, "n_train": int(len(y_train)), "n_test": int(len(y_test)),
-                 "test_rows_dropped": int(len(test_classes) - len(keep)), "knn": {}}
+                 "fraction": float(fraction),
+                 "test_rows_dropped": int(len(test_classes) - len(keep)), "knn": {},
+                 "y_test": y_test.tolist(), "predictions": {}}
     for k in ks:
         pred = knn_predict(x_train, y_train, x_test, k=int(k), num_classes=len(classes))
         out["knn"][int(k)] = recognition_metrics(y_test, pred, classes, n_boot=n_boot, seed=seed)
+        out["predictions"][f"knn_{int(k)}"] = np.asarray(pred).tolist()
     if len(np.unique(y_train)) >= 2:
-        probe = _linear_probe().fit(x_train, y_train)
-        out["linear_probe"] = recognition_metrics(y_test, probe.predict(x_test), classes, n_boot=n_boot, seed=seed)
+        pred = _linear_probe().fit(x_train, y_train).predict(x_test)
+        out["linear_probe"] = recognition_metrics(y_test, pred, classes, n_boot=n_boot, seed=seed)
+        out["predictions"]["linear_probe"] = np.asarray(pred).tolist()
     out["ceiling"] = ceiling(x_test, y_test, classes, folds=ceiling_folds, n_boot=n_boot, seed=seed)
     return out
 
