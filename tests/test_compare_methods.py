@@ -83,4 +83,6 @@ def test_default_budget_covers_the_issue(cm):
     b = cm.Budget()
     assert cm.PRESETS == ("dagman", "dagman-no-nt", "dagman-no-sa", "smit", "ibot", "attmask")
     assert cm.ENCODERS[0] == "random-init" and b.seeds >= 3
-    assert b.fractions == (0.25, 0.5, 1.0) and b.ft_fractions == (0.25, 0.5, 1.0) and b.seg_fractions == (0.25, 1.0)
+    # the label-fraction curves of issue 12: 5, 10, 25 and 100% for probes and fine-tuning; few-shot segmentation
+    assert b.fractions == (0.05, 0.1, 0.25, 1.0) and b.ft_fractions == (0.05, 0.1, 0.25, 1.0)
+    assert b.seg_fractions == (0.1, 0.25, 1.0) and b.seg_lr == 3e-3 and b.seg_loss == "dicece-batch"
