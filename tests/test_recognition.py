@@ -118,6 +118,14 @@ def test_cli_writes_metrics_and_the_confusion_picture(tmp_path, capsys):
     assert main(["recognize", "--train", *a, "--test", str(tmp_path / "nope.nii.gz"), b[1], "--checkpoint", "none",
                  "--out", str(out)]) == 2
     assert "no such file" in capsys.readouterr().err
+    assert main(["recognize", "--train", *a, "--test", *b, "--checkpoint", "none", "--names", str(names),
+                 "--crops-per-structure", "6", "--min-voxels", "10", "--bootstrap", "50", "--fraction", "0.5",
+                 "--out", str(tmp_path / "half")]) == 0
+    half = json.loads((tmp_path / "half" / "metrics.json").read_text())
+    assert half["n_train"] == m["n_train"] // 2 and half["fraction"] == 0.5 and "(50% of them)" in capsys.readouterr().out
+    assert main(["recognize", "--train", *a, "--test", *b, "--checkpoint", "none", "--fraction", "0",
+                 "--out", str(out)]) == 2
+    assert "--fraction 0: must be in (0, 1]" in capsys.readouterr().err
 
 
 def test_a_label_fraction_keeps_a_stratified_seeded_subset_and_at_least_one_crop_per_class():

@@ -42,7 +42,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_structure_crop_arguments(parser)
     parser.add_argument("--bootstrap", type=int, default=1000, metavar="N", help="bootstrap replicates of the "
                         "intervals (default 1000)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the crop centres, random init and bootstrap")
+    parser.add_argument("--fraction", type=float, default=1.0, metavar="F",
+                        help="share of the training crops the probes see, in (0, 1] (class-stratified, at least one "
+                        "crop per class; default 1): one point of a label-fraction curve")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the crop centres, random init, the --fraction "
+                        "subset and bootstrap")
 
 
 def format_table(result: dict) -> str:
@@ -59,7 +63,9 @@ def format_table(result: dict) -> str:
                                                                                              "macro_f1")]
         lines.append(f"{name:<40}  {cells[0]:<28}  {cells[1]:<28}")
     lines.append(f"chance: {1 / len(result['classes']):.3f} ({len(result['classes'])} classes: "
-                 f"{', '.join(result['classes'])}); {result['n_train']} training crops, {result['n_test']} test crops")
+                 f"{', '.join(result['classes'])}); {result['n_train']} training crops"
+                 + (f" ({result['fraction']:.0%} of them)" if result.get("fraction", 1.0) < 1.0 else "")
+                 + f", {result['n_test']} test crops")
     return "\n".join(lines)
 
 
@@ -79,6 +85,8 @@ def run(args: argparse.Namespace) -> int:
     check_structure_crop_arguments(args)
     if args.bootstrap < 1:
         raise DagmanError(f"--bootstrap {args.bootstrap}: must be >= 1")
+    if not 0.0 < args.fraction <= 1.0:
+        raise DagmanError(f"--fraction {args.fraction:g}: must be in (0, 1]")
     for pair in [*args.train, args.test]:
         for p in pair:
             if not Path(p).exists():
@@ -89,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
     result = organ_recognition(encoder, [tuple(p) for p in args.train], tuple(args.test), size=size,
                                crops_per_structure=args.crops_per_structure, min_voxels=args.min_voxels,
                                mode=args.mode, names=args.names, groups=args.groups, n_boot=args.bootstrap,
-                               seed=args.seed, batch_size=args.batch_size)
+                               seed=args.seed, batch_size=args.batch_size, fraction=args.fraction)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     report = {"format": "dagman-recognize", "format_version": 1, "checkpoint": str(args.checkpoint),

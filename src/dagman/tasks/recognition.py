@@ -105,10 +105,11 @@ def ceiling(features: np.ndarray, classes_of_rows: np.ndarray, classes: Sequence
 def organ_recognition(encoder, train_cases: Sequence[tuple], test_case: tuple, *, size: int = 32,
                       spacing: float | None = None, crops_per_structure: int = 8, min_voxels: int | None = None,
                       mode: str = "crop", names=None, groups=None, ks: Sequence[int] = KNN_K, n_boot: int = 1000,
-                      seed: int = 0, batch_size: int = 16, progress: bool = True) -> dict:
+                      seed: int = 0, batch_size: int = 16, progress: bool = True, fraction: float = 1.0) -> dict:
     """Crops of every structure of each ``(image, labels)`` case (:func:`~dagman.tasks.cluster.make_structure_crops`
     with the encoder's HU window and, unless given, spacing), their frozen features (:func:`encode_crops`), and
-    :func:`recognise` with ``train_cases`` against ``test_case``. Adds per-case crop counts and classes."""
+    :func:`recognise` with ``train_cases`` against ``test_case`` (``fraction``: the share of the training crops
+    kept, class-stratified, seeded by ``seed``). Adds per-case crop counts and classes."""
     from dagman.tasks.cluster import DEFAULT_MIN_VOXELS, encode_crops, make_structure_crops
 
     data_cfg = encoder.source.cfg.data
@@ -128,7 +129,8 @@ def organ_recognition(encoder, train_cases: Sequence[tuple], test_case: tuple, *
     feats = [encode_crops(encoder, c, batch_size=batch_size, progress=progress) for c in train]
     test_feats = encode_crops(encoder, test, batch_size=batch_size, progress=progress)
     result = recognise(feats, [[c.class_names[i] for i in c.class_ids] for c in train], test_feats,
-                       [test.class_names[i] for i in test.class_ids], ks=ks, n_boot=n_boot, seed=seed)
+                       [test.class_names[i] for i in test.class_ids], ks=ks, n_boot=n_boot, seed=seed,
+                       fraction=fraction, subset_seed=seed)
     result["cases"] = {"train": [{"image": c.image, "labels": c.labels, "crops": len(c.class_ids),
                                   "classes": c.class_names} for c in train],
                        "test": {"image": test.image, "labels": test.labels, "crops": len(test.class_ids),
