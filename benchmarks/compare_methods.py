@@ -40,8 +40,10 @@ same budget, so an interrupted run resumes where it stopped; pretraining resumes
      protocol chosen on a separate development set: 150 steps, lr 3e-3, batch Dice + CE over the foreground,
      bf16, 64^3 crops at 1 mm): held-out Dice at 10/25/100% of the training nodules, CI by a bootstrap over
      held-out cases; the 100% models also segment the two REAL hand-drawn lung lesions of the pyradiomics
-     example CTs (64 mm lesion-centred crops; n = 2, reported apart). Random init runs first: it needs no
-     pretraining and checks that the protocol trains.
+     example CTs (64 mm lesion-centred crops; n = 2, reported apart).
+   Order: random init is evaluated first (it needs no pretraining, and its segmentation checks that the
+   protocol trains at all); then each preset is pretrained and evaluated in turn, so a run cut short leaves
+   whole columns, and ``--report-only`` writes them with the rest marked pending.
 4. ``OUT/comparison.md`` and ``OUT/comparison.json`` (every number, the budget, the machine, the commands)
    and ``OUT/figures/*.png``.
 """
@@ -211,23 +213,22 @@ def run_folder(out: Path, method: str, seed: int) -> Path:
     return out / "runs" / f"{method}_s{seed}"
 
 
-def pretrain_all(out: Path, cache: Path, budget: Budget) -> None:
+def pretrain(out: Path, cache: Path, budget: Budget, method: str, seed: int) -> None:
+    """``dagman pretrain`` of one preset into its run folder; skipped when finished, resumed when cut short."""
     from dagman.train.checkpoint import latest_checkpoint
 
-    for seed in budget.pretrain_seeds:
-        for method in PRESETS:
-            run = run_folder(out, method, seed)
-            found = latest_checkpoint(run) if (run / "checkpoints").is_dir() else None
-            if found is not None and found.state.get("step", 0) >= budget.steps and (run / "encoder.safetensors").is_file():
-                continue
-            say(f"pretrain {method} (seed {seed}, {budget.steps} steps)" + (" [resume]" if found else ""))
-            args = ["pretrain", "--size", budget.size, "--method", method, "--data", cache, "--out", run,
-                    "--steps", budget.steps, "--seed", seed]
-            if found is not None:
-                args.append("--resume")
-            t0 = time.perf_counter()
-            dagman_cli(args, out / "logs" / f"pretrain_{method}_s{seed}.log")
-            say(f"  pretrain {method}: {time.perf_counter() - t0:.0f} s")
+    run = run_folder(out, method, seed)
+    found = latest_checkpoint(run) if (run / "checkpoints").is_dir() else None
+    if found is not None and found.state.get("step", 0) >= budget.steps and (run / "encoder.safetensors").is_file():
+        return
+    say(f"pretrain {method} (seed {seed}, {budget.steps} steps)" + (" [resume]" if found else ""))
+    args = ["pretrain", "--size", budget.size, "--method", method, "--data", cache, "--out", run,
+            "--steps", budget.steps, "--seed", seed]
+    if found is not None:
+        args.append("--resume")
+    t0 = time.perf_counter()
+    dagman_cli(args, out / "logs" / f"pretrain_{method}_s{seed}.log")
+    say(f"  pretrain {method}: {time.perf_counter() - t0:.0f} s")
 
 
 def open_encoder(ckpt: str, budget: Budget, use_sa: bool | None = None):
@@ -772,43 +773,45 @@ def main(argv=None) -> int:
         cache, nodules, manifest = prepare_data(out, budget, args.workers)
         seg_data = seg_table(nodules, manifest, budget, out)
 
-    def seg_cell(e: str, f: float) -> dict | None:
-        runs = [results.get(f"seg_{e}_{f}_{s}", lambda s=s: segmentation(
-            seg_data, ckpts[e], budget, f, s, out / "seg" / f"{e}_{f}_{s}")) for s in range(budget.seg_seeds)]
-        runs = [r for r in runs if r is not None]
-        return seg_summary(runs, budget.n_boot) if len(runs) == budget.seg_seeds else None
-
-    say("segmentation with random-init")  # the protocol check (random init must train) needs no pretraining
-    res["seg"][RANDOM] = {str(f): seg_cell(RANDOM, f) for f in budget.seg_fractions}
-    if not args.report_only:
-        pretrain_all(out, cache, budget)
     folders = {"unmatched": nodules, "matched": out / "nodules_matched"}
+    data = {nset: None if args.report_only else NoduleData(folders[nset], budget) for nset, _ in NODULE_SETS}
+    tags = {"unmatched": "", "matched": "m"}
     for nset, _ in NODULE_SETS:
-        data = None if args.report_only else NoduleData(folders[nset], budget)
-        tag = "" if nset == "unmatched" else "m"
-        r = res[nset]
         for e in REFS:
-            r["lp"]["ref"][e] = results.get(f"lp{tag}_ref_{e}", lambda e=e: nodule_lp(data, e, "", budget, "auto"))
-        for e in ENCODERS:
+            res[nset]["lp"]["ref"][e] = results.get(f"lp{tags[nset]}_ref_{e}",
+                                                    lambda e=e: nodule_lp(data[nset], e, "", budget, "auto"))
+
+    def evaluate(e: str) -> None:
+        """Every unit of one encoder (done units are read back): a run cut short leaves whole columns."""
+        for nset, _ in NODULE_SETS:
             say(f"evaluate {e} on the {nset} nodules")
+            tag, r = tags[nset], res[nset]
             for feat in ("auto", "mean"):
                 r["lp"][feat][e] = results.get(f"lp{tag}_{feat}_{e}",
-                                               lambda feat=feat, e=e: nodule_lp(data, e, ckpts[e], budget, feat))
-        ffr = budget.ft_fractions if nset == "unmatched" else budget.ft_matched_fractions
-        for e in ENCODERS:
-            r["ft"][e] = {str(f): results.get(f"ft{tag}_{e}_{f}", lambda f=f, e=e: nodule_ft(data, ckpts[e], budget, f))
+                                               lambda feat=feat: nodule_lp(data[nset], e, ckpts[e], budget, feat))
+            ffr = budget.ft_fractions if nset == "unmatched" else budget.ft_matched_fractions
+            r["ft"][e] = {str(f): results.get(f"ft{tag}_{e}_{f}", lambda f=f: nodule_ft(data[nset], ckpts[e], budget, f))
                           for f in ffr}
-        data = None  # free the feature tables before the next set
-    for e in ENCODERS:
-        say(f"evaluate {e}: organs, heads")
+        say(f"evaluate {e}: organs, heads, segmentation")
         res["recognition"][e] = results.get(f"recognition_{e}", lambda: recognition(manifest, ckpts[e], budget))
         res["cluster"][e] = results.get(f"cluster_{e}", lambda: clustering(manifest, ckpts[e], budget))
         res["diversity"][e] = results.get(f"diversity_{e}", lambda: diversity(cache, ckpts[e], budget))
+        res["seg"][e] = {}
+        for f in budget.seg_fractions:
+            runs = [results.get(f"seg_{e}_{f}_{s}", lambda s=s, f=f: segmentation(
+                seg_data, ckpts[e], budget, f, s, out / "seg" / f"{e}_{f}_{s}")) for s in range(budget.seg_seeds)]
+            runs = [r for r in runs if r is not None]
+            res["seg"][e][str(f)] = seg_summary(runs, budget.n_boot) if len(runs) == budget.seg_seeds else None
 
-    for f in sorted(budget.seg_fractions, reverse=True):  # the 100% column first: a cut-short run still compares
-        say(f"segmentation, {f:.0%} of the training nodules")
-        for e in PRESETS:
-            res["seg"].setdefault(e, {})[str(f)] = seg_cell(e, f)
+    evaluate(RANDOM)  # needs no pretraining; its segmentation checks that the protocol trains at all
+    for method in PRESETS:  # pretrain, then evaluate, one preset at a time
+        if not args.report_only:
+            pretrain(out, cache, budget, method, seed)
+        evaluate(method)
+    if not args.report_only:
+        for s in budget.pretrain_seeds[1:]:  # further pretraining seeds: trained for their checkpoints only
+            for method in PRESETS:
+                pretrain(out, cache, budget, method, s)
     hours = (time.perf_counter() - t_start) / 3600
     seconds_total = sum(json.loads(p.read_text()).get("seconds", 0) for p in (out / "results").glob("*.json"))
     meta = {"machine": describe_machine(), "hours": hours, "evaluation_seconds_recorded": seconds_total,
