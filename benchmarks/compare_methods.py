@@ -181,32 +181,28 @@ def prepare_data(out: Path, budget: Budget, workers: int) -> tuple[Path, Path, d
     cache = out / "cache"
     report = prepare([manifest_path], cache, min_size=32, workers=workers, progress=False)
     say(f"cache: {len(report.prepared) + len(report.cached)} real CT volumes -> {cache}")
-    nodules = out / "nodules"
-    want = budget.nodules
-    man = nodules / "manifest.json"
-    ok = man.is_file() and json.loads(man.read_text()).get("limit") == want
-    if not ok:
-        args = ["data", "nodules", "--out", nodules, "--seed", 0, "--workers", workers, "--quiet"]
-        if want:
-            args += ["--limit", want]
-        say("building the semi-synthetic LIDC-shape nodule set ...")
-        dagman_cli(args, out / "logs" / "nodules.log")
-    nm = json.loads(man.read_text())
+    nodules, matched = out / "nodules", out / "nodules_matched"
+    nm = nodule_set(out, nodules, budget, workers, match_size=False)
     say(f"nodules: {nm['counts']['written']} semi-synthetic (benign {nm['label_balance']['benign']}, "
         f"malignant {nm['label_balance']['malignant']})")
-    matched = out / "nodules_matched"
-    mman = matched / "manifest.json"
-    if not (mman.is_file() and json.loads(mman.read_text()).get("limit") == want):
-        args = ["data", "nodules", "--out", matched, "--seed", 0, "--workers", workers, "--quiet", "--match-size"]
-        if want:
-            args += ["--limit", want]
-        say("building the size-matched semi-synthetic nodule set ...")
-        dagman_cli(args, out / "logs" / "nodules_matched.log")
-    mm = json.loads(mman.read_text())
+    mm = nodule_set(out, matched, budget, workers, match_size=True)
     say(f"size-matched nodules: {mm['counts']['written']} (benign {mm['label_balance']['benign']}, malignant "
         f"{mm['label_balance']['malignant']}); diameter-only AUC {mm['size_control']['diameter_only_auc']:.3f} (unmatched "
         f"{mm['size_control']['diameter_only_auc_unmatched']:.3f})")
     return cache, nodules, manifest
+
+
+def nodule_set(out: Path, folder: Path, budget: Budget, workers: int, match_size: bool) -> dict:
+    """``dagman data nodules`` into ``folder`` (``--match-size`` for the size-matched set) unless a set of the
+    budget's size is there already; returns its manifest."""
+    man = folder / "manifest.json"
+    if not (man.is_file() and json.loads(man.read_text()).get("limit") == budget.nodules):
+        args = ["data", "nodules", "--out", folder, "--seed", 0, "--workers", workers, "--quiet"]
+        args += ["--match-size"] if match_size else []
+        args += ["--limit", budget.nodules] if budget.nodules else []
+        say(f"building the {'size-matched ' if match_size else ''}semi-synthetic LIDC-shape nodule set ...")
+        dagman_cli(args, out / "logs" / f"{folder.name}.log")
+    return json.loads(man.read_text())
 
 
 def run_folder(out: Path, method: str, seed: int) -> Path:
