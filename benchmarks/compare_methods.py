@@ -551,7 +551,9 @@ def segmentation(seg_data: Path, ckpt: str, budget: Budget, frac: float, seed: i
 def fmt(ms: dict, ci, digits: int = 3) -> str:
     if ms is None:
         return "n/a"
-    s = f"{ms['mean']:.{digits}f} ± {ms['std']:.{digits}f}"
+    s = f"{ms['mean']:.{digits}f}"
+    if len(ms.get("values") or [0, 0]) > 1:  # one run (one seed, or 100% of the crops) has no spread to show
+        s += f" ± {ms['std']:.{digits}f}"
     if ci:
         s += f" [{ci[0]:.{digits}f}, {ci[1]:.{digits}f}]"
     return s
