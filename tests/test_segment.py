@@ -469,6 +469,15 @@ def test_loss_and_precision_choices():
         seg.use_bf16("fp8", torch.device("cpu"))
     assert seg.use_bf16("bf16", torch.device("cpu")) and not seg.use_bf16("auto", torch.device("cpu"))
     assert seg.use_bf16("auto", torch.device("cuda")) and not seg.use_bf16("fp32", torch.device("cuda"))
+    # the CLI spells the choices out (no torch import at --help); they must stay the library's
+    import argparse
+
+    from dagman.commands import segment as seg_cmd
+
+    parser = argparse.ArgumentParser()
+    seg_cmd.add_arguments(parser)
+    choices = {a.dest: a.choices for a in parser._actions if a.dest in ("loss", "precision")}
+    assert tuple(choices["loss"]) == tuple(seg.LOSSES) and tuple(choices["precision"]) == seg.PRECISIONS
     # two crops, one with a small foreground and one without: the per-crop loss counts the empty crop's
     # background Dice, the batch loss scores the foreground over the whole batch only
     y = torch.zeros(2, 1, 8, 8, 8)

@@ -796,7 +796,7 @@ def train_model(model: nn.Module, sampler: PatchSampler, steps: int, batch_size:
     from tqdm import tqdm
 
     device = torch.device(device)
-    bf16 = device.type == "cuda" if bf16 is None else bool(bf16)
+    bf16 = use_bf16("auto", device) if bf16 is None else bool(bf16)
     model.to(device).to(memory_format=torch.channels_last_3d).train()
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.ndim > 1]
@@ -855,7 +855,7 @@ def predict_volume(model: nn.Module | Callable[[torch.Tensor], torch.Tensor], im
     from monai.inferers import sliding_window_inference
 
     device = torch.device(device)
-    bf16 = device.type == "cuda" if bf16 is None else bool(bf16)
+    bf16 = use_bf16("auto", device) if bf16 is None else bool(bf16)
     if isinstance(model, nn.Module):
         model.to(device).to(memory_format=torch.channels_last_3d).eval()
 
