@@ -403,7 +403,7 @@ def recognition(manifest: dict, ckpt: str, budget: Budget) -> dict:
     from dagman.data import examples
     from dagman.tasks.cluster import encode_crops, make_structure_crops
     from dagman.tasks.metrics import bootstrap_ci
-    from dagman.tasks.recognition import recognise
+    from dagman.tasks.recognition import ceiling, recognise
 
     root = examples.default_examples_dir()
     vols = {v["case"]: v for v in manifest["volumes"]}
@@ -421,8 +421,8 @@ def recognition(manifest: dict, ckpt: str, budget: Budget) -> dict:
                  "test_case": RECOGNITION_PAIR[1], "fractions": {}}
     for frac in budget.fractions:
         subsets = range(budget.seeds) if frac < 1.0 else [0]
-        runs = [recognise([feats[0]], [names[0]], feats[1], names[1], n_boot=budget.n_boot, seed=0,
-                          fraction=frac, subset_seed=k) for k in subsets]
+        runs = [recognise([feats[0]], [names[0]], feats[1], names[1], n_boot=0, ceiling_folds=0, seed=0,
+                          fraction=frac, subset_seed=k) for k in subsets]  # intervals: of the subset mean, below
         y = np.asarray(runs[0]["y_test"])
         cell = {"n_train": mean_std([r["n_train"] for r in runs])}
         for probe, _ in RECOGNITION_PROBES:
@@ -433,11 +433,12 @@ def recognition(manifest: dict, ckpt: str, budget: Budget) -> dict:
                                      n_boot=budget.n_boot, seed=0, stratify=y)
             cell[probe] = {**mean_std([bacc(y, p) for p in preds]), "ci": [lo, hi]}
         out["fractions"][str(frac)] = cell
-        if frac == max(budget.fractions):
-            ceiling = runs[0]["ceiling"]
-            out.update(classes=runs[0]["classes"], n_test=runs[0]["n_test"], chance=1.0 / len(runs[0]["classes"]),
-                       ceiling=None if ceiling is None else {"value": ceiling["balanced_accuracy"]["value"],
-                                                             "ci": ceiling["balanced_accuracy"]["ci"]})
+    classes = runs[0]["classes"]
+    test_rows = [i for i, n in enumerate(names[1]) if n in classes]  # the rows recognise scored, in its order
+    top = ceiling(feats[1][test_rows], np.asarray(runs[0]["y_test"]), classes, folds=5, n_boot=budget.n_boot, seed=0)
+    out.update(classes=classes, n_test=runs[0]["n_test"], chance=1.0 / len(classes),
+               ceiling=None if top is None else {"value": top["balanced_accuracy"]["value"],
+                                                 "ci": top["balanced_accuracy"]["ci"]})
     return out
 
 

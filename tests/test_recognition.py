@@ -145,3 +145,18 @@ def test_a_label_fraction_keeps_a_stratified_seeded_subset_and_at_least_one_crop
     assert again["predictions"] == quarter["predictions"]
     assert quarter["y_test"] == [0] * 10 + [1] * 10 and len(quarter["predictions"]["linear_probe"]) == 20
     assert other["n_train"] == 20 and quarter["knn"][10]["balanced_accuracy"]["value"] == 1.0
+
+
+def test_without_intervals_or_ceiling_the_predictions_and_values_are_unchanged():
+    rng = np.random.default_rng(2)
+    train_x = np.concatenate([rng.normal(0, 1, (30, 3)) + [1, 0, 0], rng.normal(0, 1, (30, 3)) - [1, 0, 0]])
+    train_c = ["liver"] * 30 + ["spleen"] * 30
+    test_x = np.concatenate([rng.normal(0, 1, (15, 3)) + [1, 0, 0], rng.normal(0, 1, (15, 3)) - [1, 0, 0]])
+    test_c = ["liver"] * 15 + ["spleen"] * 15
+    full = recognise([train_x], [train_c], test_x, test_c, n_boot=100, fraction=0.5, subset_seed=1)
+    bare = recognise([train_x], [train_c], test_x, test_c, n_boot=0, ceiling_folds=0, fraction=0.5, subset_seed=1)
+    assert bare["predictions"] == full["predictions"] and bare["ceiling"] is None and full["ceiling"] is not None
+    for key in ("balanced_accuracy", "macro_f1"):
+        assert bare["linear_probe"][key]["value"] == full["linear_probe"][key]["value"]
+        assert bare["linear_probe"][key]["ci"] is None and len(full["linear_probe"][key]["ci"]) == 2
+    assert 0.5 < full["knn"][10]["balanced_accuracy"]["value"] < 1.0  # overlapping classes: not a trivial case

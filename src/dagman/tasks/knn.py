@@ -76,7 +76,8 @@ def recognition_metrics(y_true, y_pred, classes: Sequence[str] | None = None, *,
 
     Classes are the integers ``0 .. len(classes) - 1`` (``classes`` names them; default: those present).
     Returns ``{"balanced_accuracy": {"value", "ci"}, "macro_f1": {...}, "chance": 1 / n_classes, "n",
-    "classes", "confusion": [[...]] (rows true, columns predicted), "per_class_recall": {name: value}}``."""
+    "classes", "confusion": [[...]] (rows true, columns predicted), "per_class_recall": {name: value}}``;
+    ``n_boot=0`` skips the bootstrap (each ``ci`` is None)."""
     from sklearn.metrics import balanced_accuracy_score, confusion_matrix, f1_score
 
     from dagman.tasks.metrics import bootstrap_ci
@@ -97,6 +98,9 @@ def recognition_metrics(y_true, y_pred, classes: Sequence[str] | None = None, *,
 
     out = {"n": int(y_true.size), "classes": names, "chance": 1.0 / len(present)}
     for key, fn in (("balanced_accuracy", bacc), ("macro_f1", mf1)):
+        if n_boot == 0:
+            out[key] = {"value": fn(y_true, y_pred), "ci": None}
+            continue
         value, lo, hi = bootstrap_ci(fn, y_true, y_pred, n_boot=n_boot, seed=seed, stratify=y_true)
         out[key] = {"value": value, "ci": [lo, hi]}
     cm = confusion_matrix(y_true, y_pred, labels=labels)

@@ -45,7 +45,9 @@ def recognise(train_features: Sequence[np.ndarray], train_classes: Sequence[Sequ
     ``train_features[i]`` ``(N_i, D)`` with ``train_classes[i]`` the class name of each row; ``test_features``
     ``(M, D)`` with ``test_classes``. Rows of classes absent from training are left out of the test (counted
     in ``"test_rows_dropped"``). ``fraction`` < 1 keeps a seeded (``subset_seed``), class-stratified share of
-    the training crops, at least one per class (a label-fraction curve point; the ceiling is unchanged). Returns ``{"classes", "n_train", "n_test", "knn": {k: metrics},
+    the training crops, at least one per class (a label-fraction curve point; the ceiling is unchanged).
+    ``n_boot=0`` skips the bootstrap intervals and ``ceiling_folds=0`` the ceiling (``None``): a caller that scores
+    many subsets of one split computes those once. Returns ``{"classes", "n_train", "n_test", "knn": {k: metrics},
     "linear_probe": metrics, "ceiling": metrics | None, "y_test": test class indices, "predictions": {"knn_10",
     "knn_20", "linear_probe": predicted indices}, ...}`` (metrics: :func:`recognition_metrics`)."""
     classes = shared_classes([list(c) for c in train_classes], list(dict.fromkeys(test_classes)))
@@ -79,7 +81,8 @@ def recognise(train_features: Sequence[np.ndarray], train_classes: Sequence[Sequ
         pred = _linear_probe().fit(x_train, y_train).predict(x_test)
         out["linear_probe"] = recognition_metrics(y_test, pred, classes, n_boot=n_boot, seed=seed)
         out["predictions"]["linear_probe"] = np.asarray(pred).tolist()
-    out["ceiling"] = ceiling(x_test, y_test, classes, folds=ceiling_folds, n_boot=n_boot, seed=seed)
+    out["ceiling"] = (ceiling(x_test, y_test, classes, folds=ceiling_folds, n_boot=n_boot, seed=seed)
+                      if ceiling_folds else None)
     return out
 
 
