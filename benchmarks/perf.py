@@ -3,6 +3,7 @@
     python benchmarks/perf.py                      # full table on CPU (<= ~25 min on 2 cores) -> perf-out/
     python benchmarks/perf.py --quick              # reduced sizes and repeats (~1-2 min on 2 cores)
     python benchmarks/perf.py --device cuda        # the same rows on a GPU, plus torch.compile on/off
+    python benchmarks/perf.py --baseline-commit ff03bbb --skip backbone loader memory flops   # row (g) only
 
 Rows (the existing benchmarks' functions are imported and reused, not re-implemented):
 
@@ -36,6 +37,13 @@ Rows (the existing benchmarks' functions are imported and reused, not re-impleme
     backward is plain matmuls and counted as executed (also 5, incl. the recompute). The output states what
     was added and cross-checks the forward attention FLOPs against the analytic sum over blocks.
 
+(g) this checkout's training step / a baseline commit's (only with --baseline-commit REV): the baseline's
+    ``src`` is exported (``git archive``) to a temporary folder, and two child processes
+    (benchmarks/step_worker.py) hold one `dagman pretrain --size S` state each — this checkout's and the
+    baseline's, each with its own default settings (precision, path) — and run one step per request, in
+    alternating order, so both are timed in the same rounds. The figure is the marginal step time (after
+    --baseline-warmup steps) of this checkout over the baseline's, per --step-sizes preset. Target <= 0.5.
+
 Spread: every ratio is the median over interleaved rounds (the order of the variants alternates between
 rounds) of the per-round ratio, with a 95% percentile-bootstrap confidence interval of that median
 (--bootstrap resamples, seed 0); the min-max range is in perf.json. Rows whose two sides are not measured in
@@ -59,7 +67,9 @@ import importlib.util  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
 import statistics  # noqa: E402
+import subprocess  # noqa: E402
 import sys  # noqa: E402
+import tarfile  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
@@ -99,6 +109,7 @@ TARGET_STEP = step_speed.TARGET_RATIO  # dagman / smit step (1.15)
 TARGET_LOADER = 5.0  # loader pairs/s / step consumption
 TARGET_MEMORY_GIB = 24.0  # paper 128^3 batch-2 step with activation checkpointing (CPU)
 TARGET_FLOPS_PERCENT = 40.0  # backbone fp32 step, % of the measured fp32 matmul peak (aim)
+TARGET_BASELINE = 0.5  # this checkout's default step / the baseline commit's (issue 13)
 GIB = 1024**3
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 INTERVAL_TEXT = ("95% percentile-bootstrap CI of the median over the per-round ratios ({n} resamples, seed 0); "
@@ -472,6 +483,120 @@ def step_row(result: dict, resamples: int) -> dict:
         t["dagman"], t["smit"], target=("<=", TARGET_STEP), resamples=resamples)
 
 
+# ----------------------------------------------------------------------------------------------------------
+# (g) this checkout vs a baseline commit
+# ----------------------------------------------------------------------------------------------------------
+
+REPO = HERE.parent
+
+
+def export_source(commit: str, dest: Path, repo: Path = REPO) -> str:
+    """Write ``commit``'s ``src`` folder under ``dest`` (``git archive``, no worktree state left behind);
+    returns the full commit id. A commit git does not know exits 2 with one line."""
+    try:
+        full = subprocess.run(["git", "-C", str(repo), "rev-parse", "--verify", "--quiet", f"{commit}^{{commit}}"],
+                              capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        _usage_error(f"--baseline-commit {commit!r} is not a commit of {repo}")
+    tar = subprocess.run(["git", "-C", str(repo), "archive", "--format=tar", full, "src"], capture_output=True,
+                         check=True).stdout
+    import io
+
+    with tarfile.open(fileobj=io.BytesIO(tar)) as archive:
+        archive.extractall(dest, filter="data")
+    return full
+
+
+class StepWorker:
+    """A benchmarks/step_worker.py child on the package under ``src``: ``step()`` runs one training step there
+    and returns its wall seconds."""
+
+    def __init__(self, src: Path, size: str, device: str, threads: int, seed: int) -> None:
+        env = dict(os.environ, PYTHONPATH=str(src) + (os.pathsep + os.environ["PYTHONPATH"]
+                                                     if os.environ.get("PYTHONPATH") else ""))
+        cmd = [sys.executable, str(HERE / "step_worker.py"), "--size", size, "--device", device,
+               "--threads", str(threads), "--seed", str(seed)]
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+        self.losses: list[float] = []
+        self.info = self._read("READY")
+        expected = (Path(src) / "dagman").resolve()
+        if Path(self.info["package"]).resolve() != expected:
+            self.close()
+            raise RuntimeError(f"the worker imported {self.info['package']}, not {expected}")
+
+    def _read(self, tag: str) -> dict:
+        for line in self.proc.stdout:
+            if line.startswith(tag + " "):
+                return json.loads(line[len(tag) + 1:])
+            if line.startswith("ERROR "):
+                raise RuntimeError(line.strip())
+        raise RuntimeError(f"the step worker stopped (exit {self.proc.wait()}) before printing {tag}")
+
+    def step(self) -> float:
+        self.proc.stdin.write("step\n")
+        self.proc.stdin.flush()
+        out = self._read("STEP")
+        if out["skipped"]:
+            raise RuntimeError("a step was skipped (non-finite loss)")
+        self.losses.append(out["loss"])
+        return out["seconds"]
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                self.proc.stdin.write("quit\n")
+                self.proc.stdin.flush()
+            except OSError:
+                pass
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+
+def measure_against_baseline(size: str, baseline_src: Path, *, rounds: int, warmup: int, device: str = "cpu",
+                             threads: int = 0, seed: int = 0, current_src: Path = REPO / "src") -> dict:
+    """Interleaved marginal step times of this checkout and the baseline at preset ``size``: both workers
+    alive, ``warmup`` untimed steps each, then ``rounds`` rounds of one step each (order alternating)."""
+    workers = {}
+    try:
+        workers["current"] = StepWorker(current_src, size, device, threads, seed)
+        workers["baseline"] = StepWorker(baseline_src, size, device, threads, seed)
+        for w in workers.values():
+            for _ in range(warmup):
+                w.step()
+        times = {"current": [], "baseline": []}
+        for r in range(rounds):
+            for name in (("current", "baseline") if r % 2 == 0 else ("baseline", "current")):
+                times[name].append(workers[name].step())
+        return {"size": size, "rounds": rounds, "warmup": warmup, "times": times,
+                "seconds": {k: statistics.median(v) for k, v in times.items()},
+                "info": {k: w.info for k, w in workers.items()},
+                "losses": {k: w.losses for k, w in workers.items()}}
+    finally:
+        for w in workers.values():
+            w.close()
+
+
+def baseline_row(result: dict, commit: str, resamples: int) -> dict:
+    """Row (g): this checkout's step / the baseline's, with each side's default path."""
+    cur, base = result["info"]["current"], result["info"]["baseline"]
+
+    def path(info):
+        text = info["precision"]
+        if info.get("compile") is not None:
+            text += f", compile {info['compile']}"
+        return text
+
+    return paired_ratio_row(
+        f"step_vs_baseline_{result['size']}", f"(g) training step, this checkout / {commit[:7]}",
+        f"{result['size']}: {cur['crop']}³, batch {cur['batch']}, DAGMaN, default settings (this: {path(cur)}; "
+        f"{commit[:7]}: {path(base)}), {result['warmup']} warm-up + {result['rounds']} rounds",
+        {"current_s": result["seconds"]["current"], "baseline_s": result["seconds"]["baseline"]},
+        f"this {_fmt_s(result['seconds']['current'])}, {commit[:7]} {_fmt_s(result['seconds']['baseline'])}",
+        result["times"]["current"], result["times"]["baseline"], target=("<=", TARGET_BASELINE), resamples=resamples)
+
+
 def loader_row(loader: dict, step_times: Sequence[float], step_source: str, resamples: int) -> dict:
     """Row (d): loader pairs/s over the pairs/s the step consumes (batch / step time)."""
     rates = loader["rates"]
@@ -667,6 +792,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--step-rounds", type=int, default=None,
                    help="interleaved rounds per preset (default: tiny 10, others 4; CUDA 20; quick 4)")
     g.add_argument("--step-warmup", type=int, default=None, help="untimed steps per method (default 1; CUDA 3)")
+    g = p.add_argument_group("(g) this checkout vs a baseline commit")
+    g.add_argument("--baseline-commit", default=None, metavar="REV",
+                   help="also time this checkout's default training step against commit REV's (e.g. ff03bbb), "
+                        "interleaved, at each --step-sizes preset (row (g); off by default)")
+    g.add_argument("--baseline-rounds", type=int, default=None,
+                   help="interleaved rounds per preset (default: as --step-rounds)")
+    g.add_argument("--baseline-warmup", type=int, default=3,
+                   help="untimed steps per side first, so compile and caches are not in the figure (default 3)")
     g = p.add_argument_group("(d) loader")
     g.add_argument("--cache", type=Path, default=None,
                    help="a prepared cache (default: a SYNTHETIC one in a temporary folder)")
@@ -883,6 +1016,22 @@ def loader_step_sources(s: Session) -> dict[str, tuple[list[float], str]]:
     return sources
 
 
+def run_baseline(s: Session) -> None:
+    """(g) per --step-sizes preset: this checkout's default step against --baseline-commit's."""
+    a = s.args
+    with tempfile.TemporaryDirectory(prefix="dagman-baseline-") as tmp:
+        commit = export_source(a.baseline_commit, Path(tmp))
+        s.raw["baseline"] = {"commit": commit, "sizes": {}}
+        for size in a.step_sizes:
+            rounds = a.baseline_rounds if a.baseline_rounds is not None else _step_rounds(a, size)
+            s.progress(f"(g) training step at {size}: this checkout vs {commit[:7]} (two child processes), "
+                       f"{a.baseline_warmup} warm-up + {rounds} rounds")
+            res = measure_against_baseline(size, Path(tmp) / "src", rounds=rounds, warmup=a.baseline_warmup,
+                                           device=a.device, threads=a.threads, seed=a.seed)
+            s.raw["baseline"]["sizes"][size] = res
+            s.rows.append(baseline_row(res, commit, a.bootstrap))
+
+
 def run_loader(s: Session) -> None:
     """(d) for every preset with a measured DAGMaN step time."""
     a = s.args
@@ -928,14 +1077,16 @@ def run(args: argparse.Namespace, argv: Sequence[str] | None = None) -> dict:
         loader_presets.add(args.memory_preset)  # used when its preset configuration is among the children
     n_total = (("backbone" not in skip) * (1 + counting) + ("step" not in skip) * len(args.step_sizes) * (1 + counting)
                + ("loader" not in skip) * len(loader_presets) + ("memory" not in skip) * 2 * len(args.paper_precisions)
-               + counting * len(DTYPES))
+               + counting * len(DTYPES) + bool(args.baseline_commit) * len(args.step_sizes))
     s = Session(args, device, Progress(n_total))
     for part, function in (("flops", run_matmul_peaks), ("backbone", run_backbone), ("step", run_steps),
                            ("memory", run_memory), ("loader", run_loader)):
         if part not in skip:
             function(s)
+    if args.baseline_commit:
+        run_baseline(s)
 
-    order = {"(a)": 0, "(b)": 1, "(c)": 2, "(d)": 3, "(e)": 4, "(f)": 5}
+    order = {"(a)": 0, "(b)": 1, "(c)": 2, "(d)": 3, "(e)": 4, "(f)": 5, "(g)": 6}
     s.rows.sort(key=lambda r: order.get(r["measurement"][:3], 9))  # stable: keeps the order within a part
     machine = describe_machine(device)
     for row in s.rows:
@@ -955,7 +1106,7 @@ def run(args: argparse.Namespace, argv: Sequence[str] | None = None) -> dict:
         "interval": INTERVAL_TEXT.format(n=args.bootstrap),
         "targets": {"backbone_ours_vs_monai": f"<= {TARGET_BACKBONE}", "step_dagman_vs_smit": f"<= {TARGET_STEP}",
                     "loader_vs_step": f">= {TARGET_LOADER}", "memory_ckpt": f"<= {TARGET_MEMORY_GIB} GiB",
-                    "flops_backbone_fp32": f">= {TARGET_FLOPS_PERCENT}%"},
+                    "flops_backbone_fp32": f">= {TARGET_FLOPS_PERCENT}%", "step_vs_baseline": f"<= {TARGET_BASELINE}"},
         "rows": s.rows,
         "notes": s.notes,
         "raw": s.raw,

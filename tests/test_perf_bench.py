@@ -223,3 +223,29 @@ def test_step_profile_counts_one_host_sync_per_train_step_and_its_phases_add_up(
     assert set(table) == set(sp.PHASES) | {"backward + the rest", "whole step"}
     assert math.isclose(sum(ms for p, ms in table.items() if p != "whole step"), table["whole step"], rel_tol=1e-9)
     assert table["teacher forward"] > 0 and table["student forward"] > 0 and table["optimiser step"] > 0
+
+
+def test_baseline_row_times_two_source_trees_in_the_same_rounds(perf, tmp_path):
+    """Row (g): HEAD's src exported as the 'baseline' and this checkout's src, each in its own worker process
+    on its own package; the same code and seed give the same losses step by step, and the row is their ratio."""
+    commit = perf.export_source("HEAD", tmp_path)
+    assert len(commit) == 40 and (tmp_path / "src" / "dagman" / "__init__.py").is_file()
+    res = perf.measure_against_baseline("tiny", tmp_path / "src", rounds=2, warmup=0, threads=1)
+    assert Path(res["info"]["baseline"]["package"]).resolve() == (tmp_path / "src" / "dagman").resolve()
+    assert Path(res["info"]["current"]["package"]).resolve() == (perf.REPO / "src" / "dagman").resolve()
+    assert len(res["times"]["current"]) == len(res["times"]["baseline"]) == 2
+    losses = res["losses"]
+    assert len(losses["current"]) == 2 and losses["current"] == losses["baseline"]
+    row = perf.baseline_row(res, commit, resamples=200)
+    assert row["id"] == "step_vs_baseline_tiny" and row["target"] == "<= 0.5"
+    ratios = [a / b for a, b in zip(res["times"]["current"], res["times"]["baseline"])]
+    assert row["ratio"] == pytest.approx(statistics.median(ratios))
+    assert commit[:7] in row["measurement"]
+
+
+def test_baseline_commit_that_git_does_not_know_exits_2_with_one_line(perf, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        perf.export_source("no-such-commit-xyz", tmp_path)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no-such-commit-xyz" in err[0]
