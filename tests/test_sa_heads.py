@@ -274,3 +274,17 @@ def test_reconstruction_head_shapes_and_linearity():
     with torch.no_grad():
         ref = head.conv.weight.view(32, 24) @ x[0, :, 1, 0, 1] + head.conv.bias
     assert torch.allclose(out[0, 0, 2:4, 0:4, 4:8].reshape(-1), ref, atol=1e-5)
+    # the matrix-product forward is the 1x1x1 convolution + pixel shuffle, values and gradients
+    head2 = ReconstructionHead(24, out_channels=2, upsample=(2, 1, 4))
+    tokens = torch.randn(2, 3, 2, 2, 24, requires_grad=True)
+    xs = tokens.permute(0, 4, 1, 2, 3)  # a channels-last view, as the backbone's maps are
+    g = torch.randn(2, 2, 6, 2, 8)
+    results = []
+    for fn in (head2, lambda t: pixel_shuffle_3d(head2.conv(t), head2.upsample)):
+        head2.zero_grad()
+        tokens.grad = None
+        y = fn(xs)
+        y.backward(g)
+        results.append((y.detach(), tokens.grad.clone(), head2.conv.weight.grad.clone(), head2.conv.bias.grad.clone()))
+    for a, b in zip(*results):
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-5)

@@ -79,15 +79,24 @@ def test_fused_cpu_attention_gradients_match_reference():
     grad_out = torch.randn(w, h, n, d, dtype=torch.float64)
     results = []
     for fn, dtype in ((lambda *a: attn_mod.explicit_window_attention(*a)[0], torch.float64),
-                      (attn_mod.window_attention, torch.float32)):
+                      (attn_mod.window_attention, torch.float32),
+                      ("packed", torch.float32)):
         t = qkv.to(dtype).detach().clone().requires_grad_()
         b = bias.to(dtype).detach().clone().requires_grad_()
-        q, k, v = t.permute(2, 0, 3, 1, 4).unbind(0)
-        out = fn(q, k, v, b, d**-0.5)
+        if fn == "packed":  # from the packed (W, L, 3, H, d) qkv: its gradient comes back in that layout
+            out = attn_mod.window_attention_qkv(t, b, d**-0.5)
+        else:
+            q, k, v = t.permute(2, 0, 3, 1, 4).unbind(0)
+            out = fn(q, k, v, b, d**-0.5)
         out.backward(grad_out.to(dtype))
+        assert t.grad.shape == qkv.shape and t.grad.is_contiguous()
         results.append((out.double(), t.grad.double(), b.grad.double()))
-    for ref, got in zip(*results):
-        assert torch.allclose(ref, got, rtol=1e-4, atol=1e-5), float((ref - got).abs().max())
+    for got_set in results[1:]:
+        for ref, got in zip(results[0], got_set):
+            assert torch.allclose(ref, got, rtol=1e-4, atol=1e-5), float((ref - got).abs().max())
+    # the packed and unpacked fused paths are the same computation
+    for a, b in zip(results[1], results[2]):
+        assert torch.equal(a, b)
 
 
 def test_window_plan_is_a_permutation_grouped_by_mask_pattern():
@@ -185,3 +194,17 @@ def test_bf16_autocast_and_checkpointing_run_and_agree():
         out = bb(x)
     out[-1].float().mean().backward()
     assert all(torch.isfinite(o.float()).all() for o in out)
+
+
+def test_outputs_leaves_unread_maps_out_and_keeps_the_read_ones_exact():
+    torch.manual_seed(3)
+    model = build_backbone(in_chans=1, embed_dim=12, window_size=(4, 4, 4), patch_size=(2, 2, 2),
+                           depths=(1, 1, 1, 1), num_heads=(2, 2, 2, 2))
+    x = torch.randn(2, 1, 32, 32, 32)
+    full = model.forward_features(x)
+    part = model.forward_features(x, outputs=[3, -1])
+    for i in range(5):
+        if i in (3, 4):
+            assert torch.equal(part.maps[i], full.maps[i]) and torch.equal(part.tokens[i], full.tokens[i])
+        else:
+            assert part.maps[i] is None and part.tokens[i] is None

@@ -290,6 +290,10 @@ class TrainConfig:
     steps_per_epoch: int | None = _opt(None, "optimiser steps per epoch; null = derived (see module doc)")
     total_steps: int | None = _opt(None, "training length override (optimiser steps; --steps); null = epochs")
     precision: Literal["fp32", "bf16", "fp16"] = _opt("bf16", "autocast dtype of forward passes (fp32 = none)")
+    compile: Literal["auto", "on", "off"] = _opt(
+        "auto", "torch.compile the student's and teacher's encoders: auto = on with CUDA, off on a CPU (there the "
+        "compile takes minutes and the compiled tiny step measured slower, docs/RESULTS.md); a compile failure "
+        "falls back to eager with one warning")
     max_nonfinite_steps: int = _opt(5, "non-finite losses are skipped; abort after this many in a row (steps)")
     dist_timeout_s: float = _opt(
         600.0, "multi-process runs: a process waiting this long for the others stops the run with an error "

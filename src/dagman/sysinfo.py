@@ -27,3 +27,26 @@ def describe_machine(device=None) -> str:
     return (f"{cpu}, {cores} cores, {torch.get_num_threads()} torch threads "
             f"(OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'default')}), torch {torch.__version__}, "
             f"python {platform.python_version()}")
+
+
+def cpu_features() -> dict:
+    """What this CPU offers the training step: ``capability`` (the vector ISA PyTorch dispatches to, e.g.
+    ``AVX512``), ``bf16_matmul`` (AVX512-BF16 or AMX-BF16 units: bf16 matrix products faster than fp32) and
+    ``amx`` (AMX tiles); False where /proc/cpuinfo cannot be read."""
+    import torch
+
+    flags: set[str] = set()
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    break
+    except OSError:
+        pass
+    try:
+        capability = torch.backends.cpu.get_cpu_capability()
+    except Exception:  # noqa: BLE001 - older torch
+        capability = "unknown"
+    amx = "amx_bf16" in flags and "amx_tile" in flags
+    return {"capability": capability, "bf16_matmul": amx or "avx512_bf16" in flags, "amx": amx}

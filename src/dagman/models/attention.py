@@ -12,6 +12,8 @@ of windows), without materialising the attention matrices where the device allow
   log-sum-exp) and its own backward that recomputes the probabilities a few windows at a time and
   returns dq, dk, dv and the bias gradient in one pass, so no full ``(windows, heads, L, L)`` tensor
   is ever stored.
+- ``window_attention_qkv(qkv, bias, scale)`` takes the packed ``(W, L, 3, H, d)`` qkv instead (the Swin
+  blocks' form): on CPU its backward returns the gradient in that layout, ready for the qkv Linear.
 - ``explicit_window_attention`` is the reference path that also returns the probabilities (used when a
   caller asks for attention maps, e.g. for the head-diversity measure).
 
@@ -34,27 +36,57 @@ def _cpu_flash_available() -> bool:
     )
 
 
+def _flash_forward(ctx, q, k, v, bias, scale):
+    """The CPU flash kernel's forward (output and log-sum-exp) with the bias as its additive mask; remembers in
+    ``ctx`` what the backward needs besides the saved tensors."""
+    mask = bias.to(q.dtype).unsqueeze(0)
+    out, lse = _aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False, attn_mask=mask, scale=scale)
+    ctx.scale = scale
+    ctx.bias_dtype = bias.dtype
+    ctx.bias_needs_grad = bias.requires_grad
+    return out, lse, mask
+
+
+def _bias_grad(ctx, dbias):
+    return dbias.to(ctx.bias_dtype) if ctx.bias_needs_grad else None
+
+
 class _FlashWindowAttentionCPU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, bias, scale):  # type: ignore[override]
-        mask = bias.to(q.dtype).unsqueeze(0)
-        out, lse = _aten._scaled_dot_product_flash_attention_for_cpu(
-            q, k, v, 0.0, False, attn_mask=mask, scale=scale
-        )
+        out, lse, mask = _flash_forward(ctx, q, k, v, bias, scale)
         ctx.save_for_backward(q, k, v, out, lse, mask)
-        ctx.scale = scale
-        ctx.bias_dtype = bias.dtype
-        ctx.bias_needs_grad = bias.requires_grad
         return out
 
     @staticmethod
     def backward(ctx, grad_out):  # type: ignore[override]
         q, k, v, out, lse, mask = ctx.saved_tensors
         dq, dk, dv, dbias = _chunked_attention_backward(q, k, v, out, lse, mask, grad_out, ctx.scale)
-        return dq, dk, dv, (dbias.to(ctx.bias_dtype) if ctx.bias_needs_grad else None), None
+        return dq, dk, dv, _bias_grad(ctx, dbias), None
 
 
-def _chunked_attention_backward(q, k, v, out, lse, mask, grad_out, scale):
+class _FlashWindowAttentionQKVCPU(torch.autograd.Function):
+    """As :class:`_FlashWindowAttentionCPU`, from the packed ``qkv`` ``(W, L, 3, H, d)`` (the qkv Linear's output
+    viewed per window): the backward writes dq, dk and dv straight into one gradient of that layout, so autograd
+    neither stacks them nor copies the stack to a contiguous tensor for the Linear's backward."""
+
+    @staticmethod
+    def forward(ctx, qkv, bias, scale):  # type: ignore[override]
+        out, lse, mask = _flash_forward(ctx, *qkv.permute(2, 0, 3, 1, 4).unbind(0), bias, scale)
+        ctx.save_for_backward(qkv, out, lse, mask)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):  # type: ignore[override]
+        qkv, out, lse, mask = ctx.saved_tensors
+        dqkv = torch.empty(qkv.shape, dtype=qkv.dtype, device=qkv.device)
+        grads = dqkv.permute(2, 0, 3, 1, 4).unbind(0)
+        *_, dbias = _chunked_attention_backward(*qkv.permute(2, 0, 3, 1, 4).unbind(0), out, lse, mask, grad_out,
+                                                ctx.scale, grads=grads)
+        return dqkv, _bias_grad(ctx, dbias), None
+
+
+def _chunked_attention_backward(q, k, v, out, lse, mask, grad_out, scale, grads=None):
     """Attention backward from the saved log-sum-exp, a few windows at a time so every intermediate
     ``(chunk, H, L, L)`` block stays in cache:
 
@@ -63,12 +95,13 @@ def _chunked_attention_backward(q, k, v, out, lse, mask, grad_out, scale):
 
     One pass gives all four gradients (the flash kernel's own backward would recompute P again just to
     get dq, dk, dv). Shapes: q, k, v, out, grad_out (W, H, L, d); lse (W, H, L); mask (1, H, L, L).
-    Intermediates in float32 whatever the input dtype; dbias (H, L, L) float32.
+    Intermediates in float32 whatever the input dtype; dbias (H, L, L) float32. ``grads``: optional (dq, dk, dv)
+    tensors (any strides) to write into instead of new ones.
     """
     n_win, heads, length, dim = q.shape
-    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
-    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    if grads is None:
+        grads = tuple(torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
+    dq, dk, dv = grads
     dbias = torch.zeros(heads, length, length, dtype=torch.float32, device=q.device)
     chunk = max(1, _CHUNK_ELEMENTS // (heads * length * length))
     m = mask.float()
@@ -92,6 +125,15 @@ def explicit_window_attention(q, k, v, bias, scale) -> tuple[torch.Tensor, torch
     logits = torch.matmul(q * scale, k.transpose(-1, -2)) + bias.to(q.dtype).unsqueeze(0)
     probs = logits.softmax(-1)
     return torch.matmul(probs, v), probs
+
+
+def window_attention_qkv(qkv, bias, scale: float) -> torch.Tensor:
+    """:func:`window_attention` from the packed ``qkv`` ``(W, L, 3, H, d)``; returns ``(W, H, L, d)``."""
+    if (qkv.device.type == "cpu" and _cpu_flash_available() and qkv.dtype in (torch.float32, torch.bfloat16, torch.float16)
+            and torch.is_grad_enabled() and (qkv.requires_grad or bias.requires_grad)):
+        return _FlashWindowAttentionQKVCPU.apply(qkv, bias, scale)
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+    return window_attention(q, k, v, bias, scale)
 
 
 def window_attention(q, k, v, bias, scale: float) -> torch.Tensor:

@@ -34,7 +34,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from dagman.models.attention import window_attention
+from dagman.models.attention import window_attention_qkv
 
 _SHIFT_MASK_VALUE = -100.0  # MONAI's value for attention between different shifted regions
 
@@ -226,16 +226,16 @@ class WindowAttention(nn.Module):
         # full-size gradient per group)
         chunks = qkv.split([end - start for start, end, _ in plan.groups], 0) if len(plan.groups) > 1 else (qkv,)
         for (start, end, mask), chunk in zip(plan.groups, chunks):
-            q, k, v = chunk.permute(2, 0, 3, 1, 4).unbind(0)  # (W, H, L, d)
             group_bias = bias if mask is None else bias + mask.to(bias.dtype)
             if use_explicit:
+                q, k, v = chunk.permute(2, 0, 3, 1, 4).unbind(0)  # (W, H, L, d)
                 logits = torch.matmul(q * self.scale, k.transpose(-1, -2)) + group_bias.to(q.dtype).unsqueeze(0)
                 probs = logits.softmax(-1)
                 if keep_attention:
                     probs_all.append(probs.detach())
                 o = torch.matmul(self.attn_drop(probs), v)
-            else:
-                o = window_attention(q, k, v, group_bias, self.scale)
+            else:  # fused; from the packed chunk so that its gradient comes back in the qkv Linear's layout
+                o = window_attention_qkv(chunk, group_bias, self.scale)  # (W, H, L, d)
             outs.append(o.transpose(1, 2).reshape(-1, c))
         out = outs[0] if len(outs) == 1 else torch.cat(outs, 0)
         out = self.proj_drop(self.proj(out))
@@ -416,7 +416,8 @@ class SwinFeatures:
     """Outputs of :meth:`SwinBackbone.forward_features`.
 
     ``maps[i]``: ``(B, C_i, D_i, H_i, W_i)``, MONAI's i-th output (i = 0 patch embedding, 1..4 after each
-    stage with its merging); layer-normed (no affine) when ``normalize``. ``tokens[i]``: the same
+    stage with its merging); layer-normed (no affine) when ``normalize``; None for an index the caller
+    left out of ``outputs``. ``tokens[i]``: the same
     values as ``(B, N_i, C_i)`` (a view, channels-last). ``attention[s][j]``: stage s, block j
     (only with ``return_attention``).
     """
@@ -496,9 +497,13 @@ class SwinBackbone(nn.Module):
 
     def forward_features(self, x: torch.Tensor, mask: torch.Tensor | None = None,
                          mask_token: torch.Tensor | None = None, normalize: bool = True,
-                         return_attention: bool = False) -> SwinFeatures:
+                         return_attention: bool = False, outputs: Sequence[int] | None = None) -> SwinFeatures:
         """x: ``(B, in_chans, D, H, W)``. ``mask``: optional bool ``(B, d, h, w)`` over any token grid
-        (True = replace by ``mask_token``, a ``(embed_dim,)`` or ``(1, embed_dim)`` tensor)."""
+        (True = replace by ``mask_token``, a ``(embed_dim,)`` or ``(1, embed_dim)`` tensor). ``outputs``: the
+        indices (0-4) of the maps the caller reads; the others are None in the result and their layer norm is
+        not computed (None = all five)."""
+        wanted = set(range(self.num_layers + 1)) if outputs is None else {int(i) % (self.num_layers + 1)
+                                                                          for i in outputs}
         x = self.patch_embed(x)  # (B, D, H, W, C) channels-last
         if mask is not None:
             if mask_token is None:
@@ -506,16 +511,16 @@ class SwinBackbone(nn.Module):
             w = upsample_mask(mask, x.shape[1:4]).unsqueeze(-1).to(x.dtype)
             x = x * (1.0 - w) + mask_token.reshape(-1).to(x.dtype) * w
         x = self.pos_drop(x)
-        outs, attention = [self._out(x, normalize)], []
+        outs, attention = [self._out(x, normalize) if 0 in wanted else None], []
         for i in range(self.num_layers):
             if self.use_v2:
                 conv = getattr(self, f"layers{i + 1}c")[0]
                 x = conv(x.permute(0, 4, 1, 2, 3).contiguous()).permute(0, 2, 3, 4, 1).contiguous()
             x, att = getattr(self, f"layers{i + 1}")[0](x, keep_attention=return_attention)
             attention.append(att)
-            outs.append(self._out(x, normalize))
-        tokens = [t.reshape(t.shape[0], -1, t.shape[-1]) for t in outs]
-        maps = [t.permute(0, 4, 1, 2, 3) for t in outs]
+            outs.append(self._out(x, normalize) if i + 1 in wanted else None)
+        tokens = [None if t is None else t.reshape(t.shape[0], -1, t.shape[-1]) for t in outs]
+        maps = [None if t is None else t.permute(0, 4, 1, 2, 3) for t in outs]
         return SwinFeatures(maps, tokens, attention if return_attention else [])
 
     @staticmethod
@@ -556,9 +561,11 @@ class MaskTokenEncoder(nn.Module):
         self.mask_token = nn.Parameter(torch.zeros(1, backbone.embed_dim))
         nn.init.trunc_normal_(self.mask_token, std=0.02)
 
-    def forward(self, x, mask=None, normalize: bool = True, return_attention: bool = False) -> SwinFeatures:
+    def forward(self, x, mask=None, normalize: bool = True, return_attention: bool = False,
+                outputs: Sequence[int] | None = None) -> SwinFeatures:
         return self.backbone.forward_features(x, mask, self.mask_token if mask is not None else None,
-                                              normalize=normalize, return_attention=return_attention)
+                                              normalize=normalize, return_attention=return_attention,
+                                              outputs=outputs)
 
     def encoder_state_dict(self) -> dict:
         return self.backbone.state_dict()

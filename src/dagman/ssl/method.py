@@ -125,9 +125,17 @@ class SSLNetwork(nn.Module):
     def backbone(self):
         return self.encoder.backbone
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, *, heads: bool = True) -> NetworkOutput:
-        """x ``(B, C, D, H, W)``; mask bool over the mask-unit grid ``(B, d, h, w)`` or None."""
-        feats = self.encoder(x, mask=mask)
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, *, heads: bool = True,
+                outputs: tuple[int, ...] = ()) -> NetworkOutput:
+        """x ``(B, C, D, H, W)``; mask bool over the mask-unit grid ``(B, d, h, w)`` or None. ``outputs``: the
+        backbone maps needed beyond those the SA block and the heads read (the others are left out)."""
+        needed = set(outputs)
+        if self.sa is not None:
+            needed.add(self.sa_stage)
+        if heads:
+            needed |= {s for s, m in ((self.global_stage, self.global_mlp), (self.unit_stage, self.patch_mlp))
+                       if m is not None}
+        feats = self.encoder(x, mask=mask, outputs=sorted(needed))
         out = NetworkOutput(features=feats)
         if self.sa is not None:
             sa = self.sa(feats.tokens[self.sa_stage])
@@ -158,7 +166,7 @@ class StudentNetwork(nn.Module):
                                                      reconstruction_upsample(cfg.model.patch_size, 4))
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> NetworkOutput:
-        out = self.net(x, mask)
+        out = self.net(x, mask, outputs=(4,) if self.reconstruction is not None else ())
         if self.reconstruction is not None:
             out.reconstruction = self.reconstruction(out.features.maps[-1])
         return out

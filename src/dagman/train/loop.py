@@ -112,7 +112,55 @@ def build_state(cfg: Config, info: DistInfo, schedules: Schedules) -> TrainState
     scaler = torch.amp.GradScaler(info.device.type, enabled=cfg.train.precision == "fp16")
     last = set(last_layer_parameter_names(module))
     last_layer = [p for n, p in module.named_parameters() if n in last]
-    return TrainState(cfg, info, student, teacher, method, optimizer, scaler, schedules, last_layer)
+    state = TrainState(cfg, info, student, teacher, method, optimizer, scaler, schedules, last_layer)
+    if compile_enabled(cfg, info.device):
+        compile_encoders(state)
+    return state
+
+
+def compile_enabled(cfg: Config, device: torch.device) -> bool:
+    """``train.compile``: on, off, or auto = on with CUDA and off on a CPU (there compiling the tiny preset's
+    blocks took ~10 minutes on 2 cores and the compiled step ran slower than eager; docs/RESULTS.md)."""
+    return cfg.train.compile == "on" or (cfg.train.compile == "auto" and torch.device(device).type == "cuda")
+
+
+def _encoders(state: TrainState) -> tuple[nn.Module, nn.Module]:
+    return state.student_module.net.encoder, state.teacher.encoder
+
+
+def compile_encoders(state: TrainState) -> None:
+    """``torch.compile`` the student's and the teacher's encoders in place (``nn.Module.compile``: parameter
+    names, state dicts and checkpoints stay as they are). Compiling happens lazily in the first step; a
+    failure there falls back to eager (see :func:`train_step`)."""
+    for encoder in _encoders(state):
+        encoder.compile()
+    state.extra["compile"] = "pending"
+
+
+def _uncompile(state: TrainState) -> None:
+    for encoder in _encoders(state):
+        encoder._compiled_call_impl = None
+    state.extra["compile"] = "failed"
+
+
+def _is_compile_error(err: BaseException) -> bool:
+    module = type(err).__module__ or ""
+    return isinstance(err, torch._dynamo.exc.TorchDynamoException) or module.startswith(("torch._dynamo", "torch._inductor"))
+
+
+def step_path(cfg: Config, device: torch.device) -> str:
+    """One line that says which step runs: device, precision, torch.compile, and on a CPU its vector unit and
+    whether it has bf16 matrix units."""
+    device = torch.device(device)
+    parts = [f"{device.type}", "fp32" if cfg.train.precision == "fp32" else f"{cfg.train.precision} autocast"]
+    parts.append(f"torch.compile {'on' if compile_enabled(cfg, device) else 'off'} (train.compile={cfg.train.compile})")
+    if device.type == "cpu":
+        from dagman.sysinfo import cpu_features
+
+        f = cpu_features()
+        units = "AMX-BF16" if f["amx"] else ("AVX512-BF16" if f["bf16_matmul"] else "no bf16 matrix units")
+        parts.append(f"CPU kernels {f['capability']}, {units}, {torch.get_num_threads()} threads")
+    return "step path: " + ", ".join(parts)
 
 
 def train_step(state: TrainState, view1: torch.Tensor, view2: torch.Tensor, missing: int = 0) -> dict:
@@ -121,7 +169,34 @@ def train_step(state: TrainState, view1: torch.Tensor, view2: torch.Tensor, miss
     ``state.missing_samples`` with the same all-reduce as the finiteness flags).
 
     A non-finite loss or gradient norm on any process skips the update everywhere (counted); after
-    ``train.max_nonfinite_steps`` such steps in a row the run stops with a DagmanError."""
+    ``train.max_nonfinite_steps`` such steps in a row the run stops with a DagmanError.
+
+    With compiled encoders (:func:`compile_encoders`) the first step compiles them; if torch.compile fails
+    there (no C++ compiler, an unsupported op), one warning line is printed, the encoders go back to eager
+    and the step runs again eagerly (every random draw of a step is seeded from the step, so the retry is the
+    step the eager run would have taken)."""
+    if state.extra.get("compile") != "pending":
+        return _train_step(state, view1, view2, missing)
+    t0 = time.perf_counter()
+    try:
+        metrics = _train_step(state, view1, view2, missing)
+    except Exception as err:  # noqa: BLE001 - only compile failures are caught, the rest re-raised
+        if not _is_compile_error(err):
+            raise
+        _uncompile(state)
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        print(f"dagman: warning: torch.compile failed ({type(err).__name__}: {first[:200]}); running eager "
+              "(train.compile=off skips the attempt)", file=sys.stderr)
+        return _train_step(state, view1, view2, missing)
+    state.extra["compile"] = "done"
+    state.extra["compile_seconds"] = time.perf_counter() - t0
+    if state.info.is_main:
+        print(f"dagman: torch.compile: the first step took {state.extra['compile_seconds']:.1f} s (compiling); "
+              "later steps run the compiled encoders", file=sys.stderr)
+    return metrics
+
+
+def _train_step(state: TrainState, view1: torch.Tensor, view2: torch.Tensor, missing: int = 0) -> dict:
     cfg, info = state.cfg, state.info
     step = state.step
     values = state.schedules.at(step)
@@ -376,6 +451,8 @@ def pretrain(cfg: Config, out: str | os.PathLike, *, resume: bool = False, progr
     if info.is_main:
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "config.yaml")
+        if progress:
+            print(f"dagman pretrain: {step_path(cfg, info.device)}", file=sys.stderr)
 
     loader = two_view_loader(dataset, cfg.data.batch_size, workers=cfg.data.num_workers, seed=cfg.train.seed,
                              distributed=info.distributed or None,
