@@ -108,15 +108,17 @@ def _chunked_attention_backward(q, k, v, out, lse, mask, grad_out, scale, grads=
     delta = (grad_out.float() * out.float()).sum(-1, keepdim=True)  # (W, H, L, 1)
     for s in range(0, n_win, chunk):
         e = min(n_win, s + chunk)
-        qc, kc, vc, gc = (t[s:e].float() for t in (q, k, v, grad_out))
-        probs = torch.matmul(qc, kc.transpose(-1, -2)).mul_(scale).add_(m)
+        # the scale rides on the small (chunk, H, L, d) operands, not on the (chunk, H, L, L) blocks:
+        # S = (scale q) k^T, dQ = dS (scale k), dK = dS^T (scale q)
+        qs, ks = q[s:e].float() * scale, k[s:e].float() * scale
+        kc, vc, gc = (t[s:e].float() for t in (k, v, grad_out))
+        probs = torch.matmul(qs, kc.transpose(-1, -2)).add_(m)
         probs.sub_(lse[s:e].float().unsqueeze(-1)).exp_()
         dv[s:e] = torch.matmul(probs.transpose(-1, -2), gc)
         ds = torch.matmul(gc, vc.transpose(-1, -2)).sub_(delta[s:e]).mul_(probs)
         dbias += ds.sum(0)
-        ds.mul_(scale)
-        dq[s:e] = torch.matmul(ds, kc)
-        dk[s:e] = torch.matmul(ds.transpose(-1, -2), qc)
+        dq[s:e] = torch.matmul(ds, ks)
+        dk[s:e] = torch.matmul(ds.transpose(-1, -2), qs)
     return dq, dk, dv, dbias
 
 
