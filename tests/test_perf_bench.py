@@ -226,13 +226,19 @@ def test_step_profile_counts_one_host_sync_per_train_step_and_its_phases_add_up(
 
 
 def test_baseline_row_times_two_source_trees_in_the_same_rounds(perf, tmp_path):
-    """Row (g): HEAD's src exported as the 'baseline' and this checkout's src, each in its own worker process
-    on its own package; the same code and seed give the same losses step by step, and the row is their ratio."""
-    commit = perf.export_source("HEAD", tmp_path)
-    assert len(commit) == 40 and (tmp_path / "src" / "dagman" / "__init__.py").is_file()
-    res = perf.measure_against_baseline("tiny", tmp_path / "src", rounds=2, warmup=0, threads=1)
-    assert Path(res["info"]["baseline"]["package"]).resolve() == (tmp_path / "src" / "dagman").resolve()
-    assert Path(res["info"]["current"]["package"]).resolve() == (perf.REPO / "src" / "dagman").resolve()
+    """Row (g): HEAD's src exported twice, as 'this checkout' and as the 'baseline' (a working tree with
+    uncommitted changes would differ from HEAD), each in its own worker process on its own package; the same
+    code and seed give the same losses step by step, and the row is their ratio."""
+    import inspect
+
+    assert inspect.signature(perf.measure_against_baseline).parameters["current_src"].default == perf.REPO / "src"
+    commit = perf.export_source("HEAD", tmp_path / "a")
+    assert perf.export_source("HEAD", tmp_path / "b") == commit
+    assert len(commit) == 40 and (tmp_path / "a" / "src" / "dagman" / "__init__.py").is_file()
+    res = perf.measure_against_baseline("tiny", tmp_path / "b" / "src", rounds=2, warmup=0, threads=1,
+                                        current_src=tmp_path / "a" / "src")
+    assert Path(res["info"]["baseline"]["package"]).resolve() == (tmp_path / "b" / "src" / "dagman").resolve()
+    assert Path(res["info"]["current"]["package"]).resolve() == (tmp_path / "a" / "src" / "dagman").resolve()
     assert len(res["times"]["current"]) == len(res["times"]["baseline"]) == 2
     losses = res["losses"]
     assert len(losses["current"]) == 2 and losses["current"] == losses["baseline"]
