@@ -1,6 +1,6 @@
 """The method comparison: all six pretraining presets + random init, one size, one data set, one budget.
 
-    python benchmarks/compare_methods.py                  # default budget (<= 2.5 h on 2 CPU cores)
+    python benchmarks/compare_methods.py                  # default budget (~3.7 h measured on 2 CPU cores)
     python benchmarks/compare_methods.py --quick          # minutes: checks the whole path, numbers meaningless
     python benchmarks/compare_methods.py --out DIR        # resumable: rerun the same command after a kill
 
@@ -71,7 +71,7 @@ CLUSTER_CASES = ("totalseg_abdomen", "totalseg_abdomen_crop", "totalseg_dicom_ab
 
 @dataclass(frozen=True)
 class Budget:
-    """Everything that changes the numbers. ``default`` fits <= 2.5 h on 2 CPU cores; ``quick`` minutes."""
+    """Everything that changes the numbers. ``default``: ~3.7 h measured on 2 CPU cores; ``quick``: minutes."""
 
     size: str = "tiny"
     steps: int = 1000                    # pretraining steps per preset
