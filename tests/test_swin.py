@@ -208,3 +208,64 @@ def test_outputs_leaves_unread_maps_out_and_keeps_the_read_ones_exact():
             assert torch.equal(part.maps[i], full.maps[i]) and torch.equal(part.tokens[i], full.tokens[i])
         else:
             assert part.maps[i] is None and part.tokens[i] is None
+
+
+def test_packed_attention_with_a_separate_shift_mask_equals_the_folded_bias():
+    """The shifted-window mask passed apart from the learnable bias (the backward recomputes with -inf there,
+    avoiding subnormal arithmetic) gives the values and gradients of the mask folded into the bias."""
+    torch.manual_seed(2)
+    w, h, n, d = 16, 2, 27, 6
+    qkv = torch.randn(w, n, 3, h, d)
+    bias = torch.randn(h, n, n) * 0.3
+    region = torch.randint(0, 3, (n,))
+    shift_mask = torch.zeros(n, n)
+    shift_mask[region[:, None] != region[None, :]] = -100.0
+    grad_out = torch.randn(w, h, n, d)
+    results = []
+    for separate in (False, True):
+        t = qkv.clone().requires_grad_()
+        b = bias.clone().requires_grad_()
+        if separate:
+            out = attn_mod.window_attention_qkv(t, b, d**-0.5, shift_mask=shift_mask)
+        else:
+            out = attn_mod.window_attention_qkv(t, b + shift_mask, d**-0.5)
+        out.backward(grad_out)
+        results.append((out, t.grad, b.grad))
+    (o1, g1, b1), (o2, g2, b2) = results
+    assert torch.equal(o1, o2)  # the forward is the same computation
+    assert torch.allclose(g1, g2, rtol=0, atol=1e-6) and torch.allclose(b1, b2, rtol=0, atol=1e-6)
+    # and both match the float64 reference
+    x = qkv.double().requires_grad_()
+    bb = bias.double().requires_grad_()
+    q, k, v = x.permute(2, 0, 3, 1, 4).unbind(0)
+    ref, _ = attn_mod.explicit_window_attention(q, k, v, bb + shift_mask.double(), d**-0.5)
+    ref.backward(grad_out.double())
+    assert torch.allclose(g2.double(), x.grad, atol=1e-5) and torch.allclose(b2.double(), bb.grad, atol=1e-5)
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_bf16_fused_attention_backward_matches_float32(packed):
+    """bf16 inputs (the autocast path): the backward converts once and returns bf16 gradients in the input's
+    layout, within bf16 rounding of the float32 computation."""
+    torch.manual_seed(4)
+    w, h, n, d = 40, 3, 64, 8
+    qkv = torch.randn(w, n, 3, h, d)
+    bias = torch.randn(h, n, n) * 0.1
+    shift_mask = torch.zeros(n, n)
+    shift_mask[:32, 32:] = shift_mask[32:, :32] = -100.0
+    grad_out = torch.randn(w, h, n, d)
+    results = []
+    for dtype in (torch.float32, torch.bfloat16):
+        t = qkv.to(dtype).clone().requires_grad_()
+        b = bias.clone().requires_grad_()
+        if packed:
+            out = attn_mod.window_attention_qkv(t, b, d**-0.5, shift_mask=shift_mask)
+        else:
+            q, k, v = t.permute(2, 0, 3, 1, 4).unbind(0)
+            out = attn_mod.window_attention(q, k, v, b + shift_mask, d**-0.5)
+        out.backward(grad_out.to(dtype))
+        assert t.grad.dtype == dtype and t.grad.shape == qkv.shape and b.grad.dtype == torch.float32
+        results.append((t.grad.float(), b.grad))
+    (g32, b32), (g16, b16) = results
+    assert float((g16 - g32).abs().max()) <= 0.05 * float(g32.abs().max())
+    assert float((b16 - b32).abs().max()) <= 0.05 * float(b32.abs().max())

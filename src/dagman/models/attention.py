@@ -71,8 +71,15 @@ class _FlashWindowAttentionQKVCPU(torch.autograd.Function):
     neither stacks them nor copies the stack to a contiguous tensor for the Linear's backward."""
 
     @staticmethod
-    def forward(ctx, qkv, bias, scale):  # type: ignore[override]
-        out, lse, mask = _flash_forward(ctx, *qkv.permute(2, 0, 3, 1, 4).unbind(0), bias, scale)
+    def forward(ctx, qkv, bias, shift_mask, scale):  # type: ignore[override]
+        full = bias if shift_mask is None else bias + shift_mask.to(bias.dtype)
+        out, lse, mask = _flash_forward(ctx, *qkv.permute(2, 0, 3, 1, 4).unbind(0), full, scale)
+        ctx.bias_dtype, ctx.bias_needs_grad = bias.dtype, ctx.needs_input_grad[1]  # of bias, not of the sum
+        if shift_mask is not None:
+            # the backward recomputes P with -inf where the shifted-window mask is: P is exactly 0 there instead
+            # of exp(-100 - lse) ~ 1e-44, a float32 subnormal, and x86 arithmetic on subnormals is ~10x slower
+            # (a masked group's backward: 1.9 s -> 0.35 s, docs/RESULTS.md); the gradients are the same to 1e-40
+            mask = mask.masked_fill(shift_mask < 0, float("-inf"))
         ctx.save_for_backward(qkv, out, lse, mask)
         return out
 
@@ -83,7 +90,7 @@ class _FlashWindowAttentionQKVCPU(torch.autograd.Function):
         grads = dqkv.permute(2, 0, 3, 1, 4).unbind(0)
         *_, dbias = _chunked_attention_backward(*qkv.permute(2, 0, 3, 1, 4).unbind(0), out, lse, mask, grad_out,
                                                 ctx.scale, grads=grads)
-        return dqkv, _bias_grad(ctx, dbias), None
+        return dqkv, _bias_grad(ctx, dbias), None, None
 
 
 def _chunked_attention_backward(q, k, v, out, lse, mask, grad_out, scale, grads=None):
@@ -99,6 +106,14 @@ def _chunked_attention_backward(q, k, v, out, lse, mask, grad_out, scale, grads=
     tensors (any strides) to write into instead of new ones.
     """
     n_win, heads, length, dim = q.shape
+    in_dtype = q.dtype
+    low = in_dtype != torch.float32
+    if low:
+        # bf16/fp16: one contiguous copy and one conversion per tensor here; converting strided per-chunk
+        # slices instead was most of a bf16 backward (measured: 3.9 ms per (85, 3, 64, 8) slice)
+        q, k, v, grad_out = (t.contiguous().float() for t in (q, k, v, grad_out))
+        out = out.float()
+        targets, grads = grads, None
     if grads is None:
         grads = tuple(torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
     dq, dk, dv = grads
@@ -119,6 +134,13 @@ def _chunked_attention_backward(q, k, v, out, lse, mask, grad_out, scale, grads=
         dbias += ds.sum(0)
         dq[s:e] = torch.matmul(ds, ks)
         dk[s:e] = torch.matmul(ds.transpose(-1, -2), qs)
+    if low:
+        converted = [g.to(in_dtype) for g in (dq, dk, dv)]  # contiguous conversions
+        if targets is None:
+            return (*converted, dbias)
+        for target, g in zip(targets, converted):
+            target.copy_(g)  # same dtype: a plain strided copy
+        dq, dk, dv = targets
     return dq, dk, dv, dbias
 
 
@@ -129,13 +151,15 @@ def explicit_window_attention(q, k, v, bias, scale) -> tuple[torch.Tensor, torch
     return torch.matmul(probs, v), probs
 
 
-def window_attention_qkv(qkv, bias, scale: float) -> torch.Tensor:
-    """:func:`window_attention` from the packed ``qkv`` ``(W, L, 3, H, d)``; returns ``(W, H, L, d)``."""
+def window_attention_qkv(qkv, bias, scale: float, shift_mask=None) -> torch.Tensor:
+    """:func:`window_attention` from the packed ``qkv`` ``(W, L, 3, H, d)``; returns ``(W, H, L, d)``. The
+    additive bias is ``bias`` (``(H, L, L)``, e.g. the relative-position bias) plus ``shift_mask`` (``(L, L)``,
+    0 or a large negative value where tokens of different shifted regions meet; not differentiated)."""
     if (qkv.device.type == "cpu" and _cpu_flash_available() and qkv.dtype in (torch.float32, torch.bfloat16, torch.float16)
             and torch.is_grad_enabled() and (qkv.requires_grad or bias.requires_grad)):
-        return _FlashWindowAttentionQKVCPU.apply(qkv, bias, scale)
+        return _FlashWindowAttentionQKVCPU.apply(qkv, bias, shift_mask, scale)
     q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-    return window_attention(q, k, v, bias, scale)
+    return window_attention(q, k, v, bias if shift_mask is None else bias + shift_mask.to(bias.dtype), scale)
 
 
 def window_attention(q, k, v, bias, scale: float) -> torch.Tensor:

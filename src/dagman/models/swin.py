@@ -226,8 +226,8 @@ class WindowAttention(nn.Module):
         # full-size gradient per group)
         chunks = qkv.split([end - start for start, end, _ in plan.groups], 0) if len(plan.groups) > 1 else (qkv,)
         for (start, end, mask), chunk in zip(plan.groups, chunks):
-            group_bias = bias if mask is None else bias + mask.to(bias.dtype)
             if use_explicit:
+                group_bias = bias if mask is None else bias + mask.to(bias.dtype)
                 q, k, v = chunk.permute(2, 0, 3, 1, 4).unbind(0)  # (W, H, L, d)
                 logits = torch.matmul(q * self.scale, k.transpose(-1, -2)) + group_bias.to(q.dtype).unsqueeze(0)
                 probs = logits.softmax(-1)
@@ -235,7 +235,7 @@ class WindowAttention(nn.Module):
                     probs_all.append(probs.detach())
                 o = torch.matmul(self.attn_drop(probs), v)
             else:  # fused; from the packed chunk so that its gradient comes back in the qkv Linear's layout
-                o = window_attention_qkv(chunk, group_bias, self.scale)  # (W, H, L, d)
+                o = window_attention_qkv(chunk, bias, self.scale, shift_mask=mask)  # (W, H, L, d)
             outs.append(o.transpose(1, 2).reshape(-1, c))
         out = outs[0] if len(outs) == 1 else torch.cat(outs, 0)
         out = self.proj_drop(self.proj(out))
