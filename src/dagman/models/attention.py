@@ -75,6 +75,7 @@ class _FlashWindowAttentionQKVCPU(torch.autograd.Function):
         full = bias if shift_mask is None else bias + shift_mask.to(bias.dtype)
         out, lse, mask = _flash_forward(ctx, *qkv.permute(2, 0, 3, 1, 4).unbind(0), full, scale)
         ctx.bias_dtype, ctx.bias_needs_grad = bias.dtype, ctx.needs_input_grad[1]  # of bias, not of the sum
+        ctx.qkv_dtype = qkv.dtype
         if shift_mask is not None:
             # the backward recomputes P with -inf where the shifted-window mask is: P is exactly 0 there instead
             # of exp(-100 - lse) ~ 1e-44, a float32 subnormal, and x86 arithmetic on subnormals is ~10x slower
@@ -86,11 +87,16 @@ class _FlashWindowAttentionQKVCPU(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):  # type: ignore[override]
         qkv, out, lse, mask = ctx.saved_tensors
-        dqkv = torch.empty(qkv.shape, dtype=qkv.dtype, device=qkv.device)
+        low = qkv.dtype != torch.float32
+        if low:  # bf16/fp16: convert the packed tensors whole (contiguous, fast) and work in float32 views
+            qkv, out = qkv.float(), out.float()
+            rows = grad_out.transpose(1, 2)  # (W, L, H, d): contiguous when it comes from the proj Linear
+            grad_out = rows.float().transpose(1, 2) if rows.is_contiguous() else grad_out.float()
+        dqkv = torch.empty(qkv.shape, dtype=torch.float32, device=qkv.device)
         grads = dqkv.permute(2, 0, 3, 1, 4).unbind(0)
         *_, dbias = _chunked_attention_backward(*qkv.permute(2, 0, 3, 1, 4).unbind(0), out, lse, mask, grad_out,
                                                 ctx.scale, grads=grads)
-        return dqkv, _bias_grad(ctx, dbias), None, None
+        return (dqkv.to(ctx.qkv_dtype) if low else dqkv), _bias_grad(ctx, dbias), None, None
 
 
 def _chunked_attention_backward(q, k, v, out, lse, mask, grad_out, scale, grads=None):
