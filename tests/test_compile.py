@@ -1,6 +1,6 @@
-"""train.compile: auto/on/off, the eager fallback on a compile failure, the one-line step path, and the CPU's
-feature detection. (The compiled step itself needs minutes of C++ compilation on a 2-core CPU; its loss
-agreement is the soak test below.)"""
+"""train.compile: auto/on/off, the eager fallback on a compile failure, the one-line step path, the CPU's
+feature detection, and 30 default CPU steps against the plain eager reference. (The compiled step itself
+needs minutes of C++ compilation on a 2-core CPU; its loss agreement is the soak test below.)"""
 
 from __future__ import annotations
 
@@ -110,3 +110,21 @@ def test_compiled_and_eager_steps_give_the_same_losses():
     b = [train_step(compiled, v1, v2)["loss"] for _ in range(5)]
     assert compiled.extra["compile"] == "done"
     assert b == pytest.approx(a, rel=1e-4)
+
+
+def test_thirty_default_cpu_steps_match_the_plain_eager_reference(monkeypatch):
+    """The default CPU path (flash forward, our packed-qkv attention backward, the shifted-window mask apart
+    from the bias) against PyTorch's plain eager fp32 attention (SDPA's materialising path with autograd): the
+    losses of 30 steps agree within 1e-5 relative (measured 3e-7: the same arithmetic summed in another order)."""
+    from dagman.models import attention as attn_mod
+
+    fast = _state("train.total_steps=30")
+    assert "cpu, fp32, torch.compile off" in step_path(fast.cfg, torch.device("cpu"))
+    assert attn_mod._cpu_flash_available()
+    v1, v2 = _views(fast)
+    a = [train_step(fast, v1, v2)["loss"] for _ in range(30)]
+    monkeypatch.setattr(attn_mod, "_cpu_flash_available", lambda: False)
+    reference = _state("train.total_steps=30")
+    b = [train_step(reference, v1, v2)["loss"] for _ in range(30)]
+    assert a[0] != a[-1]  # the model moved: the comparison covers updated weights, not one repeated step
+    assert b == pytest.approx(a, rel=1e-5)
