@@ -62,7 +62,8 @@ def test_attention_for_dagman_writes_figures_and_fractions(workspace, capsys):
                    "--out", str(out), "--seed", "3"])
     captured = capsys.readouterr()
     assert rc == 0, captured.err
-    assert "dagman attention:" in captured.out
+    assert "dagman attention:" in captured.out and "S entropy " in captured.out
+    assert "vs mean-of-visible predictor" in captured.out
     rep = json.loads((out / "attention.json").read_text())
     cfg = load_config("tiny", "dagman")
     assert rep["unit_grid"] == [4, 4, 4] and rep["mask_units"] == 64 and rep["unit_voxels"] == [16, 16, 16]
@@ -84,7 +85,9 @@ def test_attention_for_dagman_writes_figures_and_fractions(workspace, capsys):
     masked = [t["masked_for_student"] for t in imp["top_tokens"]]
     assert sum(masked[:7]) == 3 and all(masked[7:])
     assert 0.0 < imp["mass_masked_for_student"] < 1.0
-    assert rep["reconstruction"]["available"] and math.isfinite(rep["reconstruction"]["l1_masked"])
+    rec = rep["reconstruction"]
+    assert rec["available"] and math.isfinite(rec["l1_masked"]) and rec["mean_predictor_l1"] > 0
+    assert rec["ratio_to_mean_predictor"] == pytest.approx(rec["l1_masked"] / rec["mean_predictor_l1"])
     assert rep["crop_size"] == 64 and len(rep["prepared_shape"]) == 3
 
     images = {name: _png(out / f"{name}.png") for name in FIGURES}
@@ -175,3 +178,14 @@ def test_diversity_missing_checkpoint_is_one_line(workspace, capsys, tmp_path):
     rc = cli_main(["diversity", "--checkpoint", str(tmp_path / "missing.pt"), "--data", str(workspace["cache"])])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and len(err.splitlines()) == 1 and "missing.pt" in err
+
+
+def test_mean_predictor_l1_hand_values():
+    from dagman.commands.attention import mean_predictor_l1
+
+    crop = np.array([[0.0, 2.0], [4.0, 10.0]])
+    masked = np.array([[False, False], [True, True]])
+    # visible mean (0 + 2) / 2 = 1; masked |4 - 1| and |10 - 1| -> mean 6
+    assert mean_predictor_l1(crop, masked) == pytest.approx(6.0)
+    assert mean_predictor_l1(crop, np.zeros((2, 2), bool)) is None
+    assert mean_predictor_l1(crop, np.ones((2, 2), bool)) is None

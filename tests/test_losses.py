@@ -1,4 +1,5 @@
-"""Distillation and reconstruction losses: hand-computed values, centring, masks, gradients, DDP centre."""
+"""Distillation and reconstruction losses: hand-computed values, centring, Sinkhorn-Knopp, masks, gradients,
+DDP centre and DDP Sinkhorn-Knopp."""
 
 from __future__ import annotations
 
@@ -10,7 +11,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from dagman.ssl.losses import DistillationLoss, MaskedReconstructionLoss
+from dagman.config import ConfigError, load_config
+from dagman.ssl.losses import DistillationLoss, MaskedReconstructionLoss, sinkhorn_knopp
+from dagman.ssl.method import SSLMethod
 
 
 def _manual_ce(student, teacher, center, st, tt):
@@ -153,17 +156,116 @@ def _center_worker(rank: int, world: int, init_file: str, queue) -> None:
         dist.destroy_process_group()
 
 
-def test_center_is_all_reduced_across_processes(tmp_path):
+def _two_processes(target, init_file: str, per_rank_args=((), ())) -> dict:
+    """Run ``target(rank, 2, init_file, *args, queue)`` in two spawned gloo processes; {rank: what it put}."""
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    procs = [ctx.Process(target=_center_worker, args=(r, 2, str(tmp_path / "init"), queue)) for r in range(2)]
+    procs = [ctx.Process(target=target, args=(r, 2, init_file, *per_rank_args[r], queue)) for r in range(2)]
     for p in procs:
         p.start()
     results = dict(queue.get(timeout=60) for _ in procs)
     for p in procs:
         p.join(timeout=60)
         assert p.exitcode == 0
+    return results
+
+
+def test_center_is_all_reduced_across_processes(tmp_path):
+    results = _two_processes(_center_worker, str(tmp_path / "init"))
     assert results[0] == results[1] == [[1.0, 0.0]]  # 0.5 * 0 + 0.5 * (2, 0)
+
+
+# ------------------------------------------------------------------------------------- Sinkhorn-Knopp
+
+
+def test_sinkhorn_knopp_one_round_hand_value():
+    # exp(logits) = [[1, 3], [1, 1]]; columns sum (2, 4) -> scaled to R/K = 1: [[.5, .75], [.5, .25]];
+    # rows then sum 1.25 and 0.75 -> [[.4, .6], [2/3, 1/3]]
+    logits = torch.tensor([[0.0, math.log(3.0)], [0.0, 0.0]])
+    q = sinkhorn_knopp(logits, temp=1.0, iterations=1)
+    assert q.flatten().tolist() == pytest.approx([0.4, 0.6, 2 / 3, 1 / 3], abs=1e-6)
+    # a temperature divides the logits first: temp 0.5 doubles them -> exp = [[1, 9], [1, 1]]
+    q = sinkhorn_knopp(logits / 2, temp=0.5, iterations=1)
+    assert q.flatten().tolist() == pytest.approx([0.4, 0.6, 2 / 3, 1 / 3], abs=1e-6)
+
+
+def test_sinkhorn_knopp_rows_are_distributions_and_columns_equal_shares():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(24, 8, generator=g)
+    q = sinkhorn_knopp(logits, temp=0.5, iterations=50)
+    assert torch.allclose(q.sum(1), torch.ones(24), atol=1e-6)  # exact after the last (row) step
+    assert torch.allclose(q.sum(0), torch.full((8,), 24 / 8), atol=1e-4)  # converged: equal shares
+    few = sinkhorn_knopp(logits, temp=0.5, iterations=3)
+    assert torch.allclose(few.sum(1), torch.ones(24), atol=1e-6)
+    assert (few.sum(0) - 3).abs().max() < (torch.softmax(logits / 0.5, -1).sum(0) - 3).abs().max()
+
+
+def test_sinkhorn_knopp_spreads_identical_rows_where_centring_cannot_in_one_step():
+    # a collapsed teacher (the same logits for every input): Sinkhorn-Knopp gives every row the uniform
+    # distribution (no prototype may take more than its share), a fresh centre gives the same peaked row
+    row = torch.tensor([2.0, 0.0, -1.0, 0.5])
+    logits = row.expand(6, 4).clone()
+    q = sinkhorn_knopp(logits, temp=0.1, iterations=3)
+    assert torch.allclose(q, torch.full((6, 4), 0.25), atol=1e-6)
+    centred = DistillationLoss(4).teacher_probs(logits, 0.1)
+    assert centred[0, 0] > 0.99 and torch.allclose(centred, centred[:1].expand(6, 4))
+
+
+def test_sinkhorn_knopp_rejects_bad_input():
+    with pytest.raises(ValueError, match=r"\(R, K\)"):
+        sinkhorn_knopp(torch.zeros(2, 3, 4), 0.1)
+    with pytest.raises(ValueError, match="iterations"):
+        sinkhorn_knopp(torch.zeros(2, 3), 0.1, iterations=0)
+    with pytest.raises(ValueError, match="normalisation"):
+        DistillationLoss(3, norm="softmax")
+
+
+def test_sinkhorn_loss_image_tokens_and_masked_patch_tokens():
+    g = torch.Generator().manual_seed(1)
+    k = 5
+    loss = DistillationLoss(k, norm="sinkhorn_knopp", sinkhorn_iterations=3)
+    s, t = torch.randn(4, k, generator=g), torch.randn(4, k, generator=g)
+    p_t = sinkhorn_knopp(t, 0.07, 3)
+    expected = -(p_t * torch.log_softmax(s / 0.1, -1)).sum(-1).mean()
+    assert float(loss(s, t, 0.1, 0.07)) == pytest.approx(float(expected), rel=1e-6)
+    # patch tokens: only the weighted (masked) tokens form the Sinkhorn-Knopp batch
+    sp, tp = torch.randn(2, 3, k, generator=g), torch.randn(2, 3, k, generator=g)
+    w = torch.tensor([[True, False, True], [False, False, True]])
+    probs = loss.teacher_probs(tp, 0.07, w)
+    assert torch.allclose(probs[w], sinkhorn_knopp(tp[w], 0.07, 3), atol=1e-7)
+    assert torch.allclose(probs[~w], torch.full((3, k), 1 / k))
+    ce = -(probs * torch.log_softmax(sp / 0.1, -1)).sum(-1)
+    per_sample = (ce * w).sum(1) / w.sum(1)
+    assert float(loss(sp, tp, 0.1, 0.07, w)) == pytest.approx(float(per_sample.mean()), rel=1e-6)
+
+
+def test_teacher_norm_config_key():
+    assert load_config("paper", "dagman").loss.teacher_norm == "centering"  # method.md's default
+    cfg = load_config("tiny", "dagman", overrides=["loss.teacher_norm=sinkhorn_knopp", "loss.sinkhorn_iterations=5"])
+    method = SSLMethod(cfg)
+    for fn in (method.aitd_loss, method.gitd_loss, method.ampd_loss):
+        assert fn.norm == "sinkhorn_knopp" and fn.sinkhorn_iterations == 5
+    with pytest.raises(ConfigError, match="teacher_norm"):
+        load_config("tiny", "dagman", overrides=["loss.teacher_norm=softmax"])
+    with pytest.raises(ConfigError, match="sinkhorn_iterations"):
+        load_config("tiny", "dagman", overrides=["loss.sinkhorn_iterations=0"])
+
+
+def _sinkhorn_worker(rank: int, world: int, init_file: str, rows: list, queue) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        queue.put((rank, sinkhorn_knopp(torch.tensor(rows), 0.2, 3).tolist()))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_sinkhorn_knopp_under_ddp_equals_one_process_on_the_whole_batch(tmp_path):
+    g = torch.Generator().manual_seed(2)
+    logits = torch.randn(5, 6, generator=g)
+    split = ((logits[:3].tolist(),), (logits[3:].tolist(),))  # unequal shares of the global batch
+    results = _two_processes(_sinkhorn_worker, str(tmp_path / "init"), split)
+    together = torch.tensor(results[0] + results[1])
+    assert torch.allclose(together, sinkhorn_knopp(logits, 0.2, 3), atol=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------- AMIP

@@ -227,3 +227,13 @@ def test_collapse_monitor_logs_teacher_spread_and_warns_once_when_it_vanishes(ca
     assert _warn_if_collapsed(500, {"teacher_cls_spread": 7e-6, "teacher_global_spread": 0.1})
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "step 500" in err and "teacher_cls_spread 7.0e-06" in err
+    # the kinds of collapse, from the entropies of the teacher's targets, each with what to try
+    uniform = {"teacher_aitd_entropy": 0.999, "teacher_aitd_mean_entropy": 0.999,
+               "teacher_ampd_entropy": 0.3, "teacher_ampd_mean_entropy": 0.8}
+    assert _warn_if_collapsed(500, uniform)
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "uniform collapse of aitd (aitd H 1.00 of ln K)" in err
+    assert "sinkhorn_knopp" in err and "ampd" not in err
+    assert _warn_if_collapsed(500, {"teacher_gitd_entropy": 0.01, "teacher_gitd_mean_entropy": 0.02})
+    assert "one-prototype collapse of gitd" in capsys.readouterr().err
+    assert not _warn_if_collapsed(500, {"teacher_gitd_entropy": 0.01, "teacher_gitd_mean_entropy": 0.6})

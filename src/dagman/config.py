@@ -251,6 +251,10 @@ class LossConfig:
         30.0, "patch temperature held at start this long, then the same ramp (epochs)"
     )
     center_momentum: float = _opt(0.9, "EMA momentum of the teacher output centres")
+    teacher_norm: Literal["centering", "sinkhorn_knopp"] = _opt(
+        "centering", "teacher-output normalisation: DINO centring (method.md) or Sinkhorn-Knopp (SwAV/DINOv2; "
+        "equal prototype shares over the global batch)")
+    sinkhorn_iterations: int = _opt(3, "Sinkhorn-Knopp normalisation rounds (loss.teacher_norm=sinkhorn_knopp)")
     global_token_stage: Literal[3, 4] = _opt(4, "GITD token = avg-pool of this stage's merged output")
 
 
@@ -952,6 +956,7 @@ def validate(cfg: Config) -> Config:
     _positive("loss.teacher_temp_warmup_epochs", L.teacher_temp_warmup_epochs, zero=True)
     _positive("loss.patch_teacher_temp_hold_epochs", L.patch_teacher_temp_hold_epochs, zero=True)
     _in_unit("loss.center_momentum", L.center_momentum)
+    _positive("loss.sinkhorn_iterations", L.sinkhorn_iterations)
 
     o = cfg.optim
     _positive("optim.lr", o.lr)

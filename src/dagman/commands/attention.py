@@ -33,7 +33,10 @@ masks.
 
 Writes into OUT: overview.png (every panel), ct.png, importance.png, student_mask.png, teacher_drop.png,
 reconstruction.png, and attention.json (mask fractions, S entropy, the share of S under the student
-mask, the most attended tokens with their positions).
+mask, the most attended tokens with their positions, and the masked reconstruction L1 beside the L1 of the
+mean-of-visible predictor: every masked voxel predicted as the mean of the crop's visible voxels, the
+baseline a reconstruction that learned anything beats). The printed line and the pictures' title carry S
+entropy and the two L1s.
 
 example:
   dagman attention --checkpoint runs/dagman --image scan.nii.gz --out figures/attention
@@ -67,6 +70,18 @@ def centre_crop(volume, size: int, pad_value: float = 0.0):
         dst.append(slice(lo - o, hi - o))
     out[tuple(dst)] = np.asarray(volume[tuple(src)], dtype=np.float32)
     return out, origin
+
+
+def mean_predictor_l1(crop, masked) -> float | None:
+    """The L1 a reconstruction must beat: every masked voxel of ``crop`` predicted as the mean of its visible
+    (unmasked) voxels; ``masked`` a bool array of the crop's shape. None when nothing is masked or nothing is
+    visible."""
+    import numpy as np
+
+    masked = np.asarray(masked, dtype=bool)
+    if not masked.any() or masked.all():
+        return None
+    return float(np.abs(crop[masked] - crop[~masked].mean()).mean())
 
 
 def _entropy(p) -> float:
@@ -139,10 +154,13 @@ def run(args: argparse.Namespace) -> int:
     heat = None
     if scores is not None:
         heat = F.interpolate(scores.view(1, 1, *grid), size=vox, mode="nearest")[0, 0].cpu().numpy()
-    recon = None
+    recon, l1_masked, l1_mean = None, None, None
     if s_out.reconstruction is not None:
         pred = s_out.reconstruction[0, 0].float().cpu().numpy()
         recon = np.where(s_vox, pred, crop)
+        if s_vox.any():
+            l1_masked = float(np.abs(pred - crop)[s_vox].mean())
+            l1_mean = mean_predictor_l1(crop, s_vox)
 
     # 4. figures
     method = cfg.method
@@ -158,6 +176,8 @@ def run(args: argparse.Namespace) -> int:
                             note=rec_note)
     centre = [s // 2 for s in vox]
     title = f"{method}/{cfg.size}, step {pre.step} - {Path(args.image).name}"
+    if l1_masked is not None:
+        title += f" - masked L1 {l1_masked:.4f}" + (f" vs mean predictor {l1_mean:.4f}" if l1_mean is not None else "")
     files = {
         "overview": slice_grid_figure([ct_layer, imp_layer, stu_layer, drop_layer, rec_layer], centre,
                                       out / "overview.png", title),
@@ -235,9 +255,10 @@ def run(args: argparse.Namespace) -> int:
     else:
         report["importance"]["reason"] = f"method {method} has no semantic-attention block (sa.enabled=false)"
     if recon is not None:
-        masked = s_vox.sum()
-        pred = s_out.reconstruction[0, 0].float().cpu().numpy()
-        report["reconstruction"]["l1_masked"] = float(np.abs(pred - crop)[s_vox].mean()) if masked else None
+        report["reconstruction"]["l1_masked"] = l1_masked
+        report["reconstruction"]["mean_predictor_l1"] = l1_mean
+        report["reconstruction"]["ratio_to_mean_predictor"] = (l1_masked / l1_mean if l1_masked is not None and l1_mean
+                                                               else None)
     else:
         report["reconstruction"]["reason"] = f"method {method} has no AMIP head (loss.amip=false)"
     out.mkdir(parents=True, exist_ok=True)
@@ -245,9 +266,16 @@ def run(args: argparse.Namespace) -> int:
     bar.update(1)
     bar.close()
     drop_txt = f"teacher drop {report['teacher_drop']['fraction']:.2f}" if drop is not None else "no teacher drop"
-    s_txt = (f"S entropy {report['importance']['entropy_nats']:.2f}/{report['importance']['entropy_max_nats']:.2f} nats"
+    s_txt = (f"S entropy {report['importance']['entropy_nats']:.4f}/{report['importance']['entropy_max_nats']:.4f} nats"
              if has_sa else "no S (no SA block)")
+    rec_txt = ""
+    if l1_masked is not None:
+        rec_txt = f", masked L1 {l1_masked:.4f}"
+        if l1_mean is not None:
+            rec_txt += f" vs mean-of-visible predictor {l1_mean:.4f}"
+        if l1_mean:
+            rec_txt += f" ({l1_masked / l1_mean:.2f}x)"
     print(f"dagman attention: {method} step {pre.step}, {n_units} mask units; student mask "
-          f"{report['student_mask']['fraction']:.2f} ({m.student}), {drop_txt}, {s_txt} -> {out}/overview.png "
-          f"+ 5 figures, attention.json")
+          f"{report['student_mask']['fraction']:.2f} ({m.student}), {drop_txt}, {s_txt}{rec_txt} -> "
+          f"{out}/overview.png + 5 figures, attention.json")
     return 0

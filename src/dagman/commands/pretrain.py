@@ -113,7 +113,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if not args.out:
         raise DagmanError("pretrain needs --out RUN (the run folder for checkpoints, metrics and the encoder)")
-    from dagman.train.loop import pretrain
+    from dagman.train.loop import SUMMARY_STEPS, pretrain
 
     explicit_batch = any(o.split("=", 1)[0].strip() == "data.batch_size" for o in args.overrides or [])
     summary = pretrain(cfg, args.out, resume=args.resume, progress=True, explicit_batch_size=explicit_batch)
@@ -125,4 +125,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"dagman pretrain: {summary['steps']} steps ({summary['steps_this_run']} this run, "
               f"{summary['seconds']:.1f} s, {summary['skipped_steps']} skipped{lost}); last loss "
               f"{final.get('loss', float('nan')):.4f} ({parts}); encoder -> {summary['encoder']}")
+        from dagman.ssl.monitor import learning_summary
+
+        line = learning_summary(summary.get("learning") or {})
+        if line:
+            print(f"dagman pretrain: learning monitor (mean of the last {min(SUMMARY_STEPS, summary['steps_this_run'])} "
+                  f"steps): {line}")
     return 0

@@ -1,6 +1,11 @@
 """Losses of the pretraining method: DINO/iBOT distillation cross-entropy with a centred, sharpened teacher
 (AITD, GITD, AMPD) and the masked-voxel L1 reconstruction (AMIP). method.md sec 5.
 
+The teacher distribution is normalised one of two ways (``loss.teacher_norm``): DINO centring (method.md's,
+the default) or Sinkhorn-Knopp (SwAV / DINOv2's ``sinkhorn_knopp`` centring: a few alternating row/column
+normalisations of ``exp(t / temp)`` so that every prototype gets an equal share of the batch and every sample
+a distribution; the sums run over the global batch, all-reduced under DDP).
+
 Both are small ``nn.Module`` s computing in float32 (inputs are cast), with no device calls: move the module
 with ``.to(device)`` (the centre is a buffer). Use one :class:`DistillationLoss` per centre: one for
 image-level tokens (AITD and GITD — or one each), one for patch tokens (AMPD); the centres are saved with
@@ -14,11 +19,45 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["DistillationLoss", "MaskedReconstructionLoss"]
+__all__ = ["DistillationLoss", "MaskedReconstructionLoss", "TEACHER_NORMS", "sinkhorn_knopp"]
+
+TEACHER_NORMS = ("centering", "sinkhorn_knopp")
 
 
 def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
+
+
+def _all_reduce(t: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
+    if _distributed():
+        dist.all_reduce(t, op=op)
+    return t
+
+
+@torch.no_grad()
+def sinkhorn_knopp(logits: torch.Tensor, temp: float, iterations: int = 3) -> torch.Tensor:
+    """Sinkhorn-Knopp teacher targets for ``(R, K)`` logits (R rows of this process; under DDP the rows of
+    all processes form the batch): ``Q = exp(logits / temp)`` normalised ``iterations`` times alternately so
+    that each prototype's column sums to ``R_global / K`` and then each row sums to 1. After the last
+    (row) step every row is a distribution and the columns sum to ``R_global / K`` approximately (exactly in
+    the limit of many iterations). float32, no gradient. Every process must call it with the same ``K``
+    and ``iterations`` (the sums are all-reduced); ``R`` may differ between processes, or be 0."""
+    if logits.dim() != 2:
+        raise ValueError(f"sinkhorn_knopp takes (R, K) logits, got {tuple(logits.shape)}")
+    if iterations < 1:
+        raise ValueError(f"iterations must be >= 1, got {iterations}")
+    z = logits.detach().float() / temp
+    k = z.shape[1]
+    # exp of the logits less their global maximum (a constant factor that the first normalisation cancels)
+    peak = z.max() if z.numel() else torch.tensor(float("-inf"), device=z.device)
+    peak = _all_reduce(peak.reshape(1).clone(), dist.ReduceOp.MAX)
+    q = torch.exp(z - peak)
+    rows = _all_reduce(torch.tensor([float(z.shape[0])], device=z.device))
+    for _ in range(iterations):
+        col = _all_reduce(q.sum(dim=0, keepdim=True))  # (1, K) over the global batch
+        q = q / col.clamp_min(torch.finfo(q.dtype).tiny) * (rows / k)
+        q = q / q.sum(dim=1, keepdim=True).clamp_min(torch.finfo(q.dtype).tiny)
+    return q
 
 
 class DistillationLoss(nn.Module):
@@ -27,8 +66,10 @@ class DistillationLoss(nn.Module):
     ``forward(student_logits, teacher_logits, student_temp, teacher_temp, weights=None)``:
 
     - logits ``(B, K)`` (image tokens) or ``(B, T, K)`` (patch tokens), same shape for both;
-    - ``P_t = softmax((t - center) / teacher_temp)`` (no gradient), ``log P_s = log_softmax(s / student_temp)``,
-      ``ce = -sum_k P_t log P_s`` per sample (per token);
+    - ``P_t`` (no gradient): with ``norm="centering"`` ``softmax((t - center) / teacher_temp)``; with
+      ``norm="sinkhorn_knopp"`` :func:`sinkhorn_knopp` of ``t`` over the rows of the batch (image tokens: the
+      samples; patch tokens: the tokens whose weight is > 0, all tokens without ``weights``);
+      ``log P_s = log_softmax(s / student_temp)``, ``ce = -sum_k P_t log P_s`` per sample (per token);
     - ``(B, K)``: the mean of ``ce`` over samples;
     - ``(B, T, K)`` without ``weights``: the mean over all tokens and samples;
     - ``(B, T, K)`` with ``weights`` ``(B, T)`` (float or bool, e.g. the AMPD student mask): per sample the
@@ -37,23 +78,39 @@ class DistillationLoss(nn.Module):
 
     Returns a 0-dim float32 tensor. The centre is not updated by ``forward``; call
     :meth:`update_center` with the teacher logits after computing the loss (DINO order: the loss uses the
-    centre from before this step)."""
+    centre from before this step). The centre is kept under Sinkhorn-Knopp too (unused there; it is a
+    monitor and lets a run switch normalisation on resume)."""
 
     center: torch.Tensor
 
-    def __init__(self, out_dim: int, center_momentum: float = 0.9) -> None:
+    def __init__(self, out_dim: int, center_momentum: float = 0.9, norm: str = "centering",
+                 sinkhorn_iterations: int = 3) -> None:
         super().__init__()
         if not 0.0 <= center_momentum <= 1.0:
             raise ValueError(f"center_momentum must be in [0, 1], got {center_momentum}")
+        if norm not in TEACHER_NORMS:
+            raise ValueError(f"teacher normalisation must be one of {', '.join(TEACHER_NORMS)}, got {norm!r}")
         self.out_dim = out_dim
         self.center_momentum = float(center_momentum)
+        self.norm = norm
+        self.sinkhorn_iterations = int(sinkhorn_iterations)
         self.register_buffer("center", torch.zeros(1, out_dim))
 
-    def teacher_probs(self, teacher_logits: torch.Tensor, teacher_temp: float) -> torch.Tensor:
-        """Centred, sharpened teacher distribution ``softmax((t - center) / teacher_temp)``, float32, detached;
-        same shape as ``teacher_logits``."""
+    def teacher_probs(self, teacher_logits: torch.Tensor, teacher_temp: float,
+                      weights: torch.Tensor | None = None) -> torch.Tensor:
+        """The teacher distribution ``P_t`` (see the class), float32, detached; same shape as
+        ``teacher_logits``. ``weights`` (``(B, T)``, patch tokens only) choose the rows Sinkhorn-Knopp
+        normalises over (weight > 0); the other rows get the uniform distribution (they carry no weight)."""
         t = teacher_logits.detach().float()
-        return F.softmax((t - self.center) / teacher_temp, dim=-1)
+        if self.norm == "centering":
+            return F.softmax((t - self.center) / teacher_temp, dim=-1)
+        flat = t.reshape(-1, self.out_dim)
+        if weights is None:
+            return sinkhorn_knopp(flat, teacher_temp, self.sinkhorn_iterations).reshape(t.shape)
+        keep = weights.reshape(-1) > 0
+        out = torch.full_like(flat, 1.0 / self.out_dim)
+        out[keep] = sinkhorn_knopp(flat[keep], teacher_temp, self.sinkhorn_iterations)
+        return out.reshape(t.shape)
 
     def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, student_temp: float,
                 teacher_temp: float, weights: torch.Tensor | None = None) -> torch.Tensor:
@@ -63,14 +120,20 @@ class DistillationLoss(nn.Module):
         if student_logits.dim() not in (2, 3) or student_logits.shape[-1] != self.out_dim:
             raise ValueError(f"logits must be (B, {self.out_dim}) or (B, T, {self.out_dim}), "
                              f"got {tuple(student_logits.shape)}")
-        p_t = self.teacher_probs(teacher_logits, teacher_temp)
+        if weights is not None and (student_logits.dim() != 3 or weights.shape != student_logits.shape[:2]):
+            raise ValueError(f"weights must be (B, T) = {tuple(student_logits.shape[:2])} for (B, T, K) logits, "
+                             f"got {tuple(weights.shape)}")
+        return self.cross_entropy(student_logits, self.teacher_probs(teacher_logits, teacher_temp, weights),
+                                  student_temp, weights)
+
+    def cross_entropy(self, student_logits: torch.Tensor, p_t: torch.Tensor, student_temp: float,
+                      weights: torch.Tensor | None = None) -> torch.Tensor:
+        """The loss of :meth:`forward` from teacher targets ``p_t`` already computed by :meth:`teacher_probs`
+        (the method computes them once for the loss and the learning monitor)."""
         log_p_s = F.log_softmax(student_logits.float() / student_temp, dim=-1)
         ce = -(p_t * log_p_s).sum(dim=-1)  # (B,) or (B, T)
         if weights is None:
             return ce.mean()
-        if ce.dim() != 2 or weights.shape != ce.shape:
-            raise ValueError(f"weights must be (B, T) = {tuple(ce.shape)} for (B, T, K) logits, "
-                             f"got {tuple(weights.shape)}")
         w = weights.to(ce.dtype)
         total = w.sum(dim=1)
         per_sample = (ce * w).sum(dim=1) / total.clamp_min(torch.finfo(ce.dtype).tiny)
@@ -91,7 +154,8 @@ class DistillationLoss(nn.Module):
         self.center.mul_(self.center_momentum).add_(batch_center.to(self.center.device), alpha=1 - self.center_momentum)
 
     def extra_repr(self) -> str:
-        return f"out_dim={self.out_dim}, center_momentum={self.center_momentum}"
+        extra = f", sinkhorn_iterations={self.sinkhorn_iterations}" if self.norm == "sinkhorn_knopp" else ""
+        return f"out_dim={self.out_dim}, center_momentum={self.center_momentum}, norm={self.norm}{extra}"
 
 
 class MaskedReconstructionLoss(nn.Module):

@@ -20,6 +20,7 @@ third merging, width ``8 * embed_dim``; ``128^3`` input -> ``8^3`` tokens). Mask
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -36,6 +37,7 @@ from dagman.models.semantic_attention import SemanticAttention
 from dagman.models.swin import DropPath, MaskTokenEncoder, SwinFeatures, build_backbone
 from dagman.ssl.losses import DistillationLoss, MaskedReconstructionLoss
 from dagman.ssl.masking import student_mask_from_config, teacher_drop_mask
+from dagman.ssl.monitor import entropy_ratio, teacher_monitor
 
 ATTENTION_MASKS = ("attention_hint", "attention_high", "attention_low")
 
@@ -207,10 +209,11 @@ class SSLMethod(nn.Module):
         super().__init__()
         self.cfg = cfg
         k = cfg.heads.num_prototypes
-        m = cfg.loss.center_momentum
-        self.aitd_loss = DistillationLoss(k, m) if cfg.loss.aitd else None
-        self.gitd_loss = DistillationLoss(k, m) if cfg.loss.gitd else None
-        self.ampd_loss = DistillationLoss(k, m) if cfg.loss.ampd else None
+        norm = {"center_momentum": cfg.loss.center_momentum, "norm": cfg.loss.teacher_norm,
+                "sinkhorn_iterations": cfg.loss.sinkhorn_iterations}
+        self.aitd_loss = DistillationLoss(k, **norm) if cfg.loss.aitd else None
+        self.gitd_loss = DistillationLoss(k, **norm) if cfg.loss.gitd else None
+        self.ampd_loss = DistillationLoss(k, **norm) if cfg.loss.ampd else None
         self.amip_loss = MaskedReconstructionLoss() if cfg.loss.amip else None
         self.uses_attention = cfg.mask.student in ATTENTION_MASKS
 
@@ -263,17 +266,26 @@ class SSLMethod(nn.Module):
         parts: dict[str, torch.Tensor] = {}
         tt, pt, st = values.teacher_temp, values.patch_teacher_temp, cfg.loss.student_temp
 
-        def cross_view(loss_fn, s_logits, t_logits, temp):
-            return (loss_fn(s_logits[:b], t_logits[b:], st, temp) + loss_fn(s_logits[b:], t_logits[:b], st, temp))
+        targets: dict[str, torch.Tensor] = {}  # each term's teacher targets, for the learning monitor
+
+        def cross_view(name, loss_fn, s_logits, t_logits, temp):
+            # the student's view u learns the teacher's view v and vice versa
+            p_v, p_u = loss_fn.teacher_probs(t_logits[b:], temp), loss_fn.teacher_probs(t_logits[:b], temp)
+            targets[name] = torch.cat([p_u, p_v])
+            return (loss_fn.cross_entropy(s_logits[:b], p_v, st) + loss_fn.cross_entropy(s_logits[b:], p_u, st))
 
         if self.aitd_loss is not None:
-            parts["aitd"] = cross_view(self.aitd_loss, s_out.cls_logits, t_out.cls_logits, tt)
+            parts["aitd"] = cross_view("aitd", self.aitd_loss, s_out.cls_logits, t_out.cls_logits, tt)
         if self.gitd_loss is not None:
-            parts["gitd"] = cross_view(self.gitd_loss, s_out.global_logits, t_out.global_logits, tt)
+            parts["gitd"] = cross_view("gitd", self.gitd_loss, s_out.global_logits, t_out.global_logits, tt)
         if self.ampd_loss is not None:
             w = s_mask.reshape(2 * b, -1)
-            parts["ampd"] = (self.ampd_loss(s_out.patch_logits[:b], t_out.patch_logits[:b], st, pt, w[:b])
-                             + self.ampd_loss(s_out.patch_logits[b:], t_out.patch_logits[b:], st, pt, w[b:]))
+            f = self.ampd_loss
+            p_u, p_v = (f.teacher_probs(t_out.patch_logits[:b], pt, w[:b]),
+                        f.teacher_probs(t_out.patch_logits[b:], pt, w[b:]))
+            parts["ampd"] = (f.cross_entropy(s_out.patch_logits[:b], p_u, st, w[:b])
+                             + f.cross_entropy(s_out.patch_logits[b:], p_v, st, w[b:]))
+            targets["ampd"] = torch.cat([p_u, p_v])[w]  # the masked tokens' targets
         if self.amip_loss is not None:
             parts["amip"] = self.amip_loss(s_out.reconstruction, x, s_mask)
         weights = {"amip": cfg.loss.amip_weight, "ampd": cfg.loss.ampd_weight, "aitd": cfg.loss.aitd_weight,
@@ -288,6 +300,16 @@ class SSLMethod(nn.Module):
         for name, logits in (("cls", t_out.cls_logits), ("global", t_out.global_logits)):
             if logits is not None and logits.shape[0] > 1:
                 stats[f"teacher_{name}_spread"] = logits.detach().float().std(0).mean()
+        # the learning monitor (dagman.ssl.monitor): each term against its uniform value 2 ln K, the entropy of
+        # the teacher's targets and of their batch mean, the centre's norm; the importance map's entropy
+        uniform = 2 * math.log(cfg.heads.num_prototypes)
+        for name, probs in targets.items():
+            stats[f"{name}_uniform_ratio"] = parts[name].detach() / uniform
+            stats.update(teacher_monitor(probs, name))
+            stats[f"center_{name}_norm"] = getattr(self, f"{name}_loss").center.norm()
+        importance = scores if scores is not None else t_out.importance
+        if importance is not None:
+            stats["importance_entropy"] = entropy_ratio(importance.detach()).mean()
         return StepResult(
             loss=total,
             parts={k: v.detach() for k, v in parts.items()},

@@ -9,6 +9,7 @@ resuming reproduces the uninterrupted run exactly (bitwise on CPU).
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import gc
 import os
@@ -286,25 +287,51 @@ def _train_step(state: TrainState, view1: torch.Tensor, view2: torch.Tensor, mis
 
 
 # the collapse monitor: after this many steps (and a tenth of the run), a teacher whose image-level logits spread
-# less than this across the batch's inputs is reported once (the distillation terms on them teach nothing)
+# less than this across the batch's inputs, or whose targets are uniform or all on one prototype
+# (dagman.ssl.monitor), is reported once (the distillation terms on them teach nothing)
 COLLAPSE_AFTER_STEPS = 100
 COLLAPSE_SPREAD = 1e-4
 
 
+# the end-of-run learning summary: the monitor's numbers averaged over this many last steps
+SUMMARY_STEPS = 20
+
+
+def _is_monitor_key(key: str) -> bool:
+    return (key.endswith(("_uniform_ratio", "_entropy", "_spread")) or key.startswith("center_")) and \
+        not key.startswith("diversity")
+
+
 def _warn_if_collapsed(step: int, metrics: dict, total_steps: int = 0) -> bool:
-    """Print one warning line when the teacher's [CLS] or global logits do not depend on the input
-    (``teacher_*_spread`` below ``COLLAPSE_SPREAD`` at a step >= ``COLLAPSE_AFTER_STEPS`` and >= a tenth of
-    ``total_steps``). Returns whether it warned."""
+    """Print one warning line when the teacher's targets carry no information about the input: its [CLS] or
+    global logits do not depend on the input (``teacher_*_spread`` below ``COLLAPSE_SPREAD``), or a term's
+    targets are uniform or all on one prototype (:func:`dagman.ssl.monitor.collapse_kind`). Only at a step
+    >= ``COLLAPSE_AFTER_STEPS`` and >= a tenth of ``total_steps``. The line says which kind of collapse and
+    what to try. Returns whether it warned."""
+    from dagman.ssl.monitor import TERMS, collapse_advice, collapse_kind
+
     if step < max(COLLAPSE_AFTER_STEPS, total_steps // 10):
         return False
-    collapsed = {k: metrics[k] for k in ("teacher_cls_spread", "teacher_global_spread")
-                 if metrics.get(k) is not None and metrics[k] < COLLAPSE_SPREAD}
-    if not collapsed:
+    flat = {k: metrics[k] for k in ("teacher_cls_spread", "teacher_global_spread")
+            if metrics.get(k) is not None and metrics[k] < COLLAPSE_SPREAD}
+    kinds: dict[str, list[str]] = {}
+    for term in TERMS:
+        kind = collapse_kind(metrics, term)
+        if kind is not None:
+            kinds.setdefault(kind, []).append(term)
+    if not flat and not kinds:
         return False
-    which = ", ".join(f"{k} {v:.1e}" for k, v in sorted(collapsed.items()))
-    print(f"dagman: warning: step {step}: the teacher's outputs are the same for every input ({which}): the "
-          "distillation terms on them have collapsed or not started (they sit at 2 ln K) and teach nothing; "
-          "larger batches, more data or a longer run usually change that (metrics.jsonl logs the spread)",
+    said = []
+    if flat:
+        which = ", ".join(f"{k} {v:.1e}" for k, v in sorted(flat.items()))
+        said.append(f"the teacher's outputs are the same for every input ({which})")
+    for kind, terms in kinds.items():
+        entropy = ", ".join(f"{t} H {metrics[f'teacher_{t}_entropy']:.2f}" for t in terms)
+        said.append(f"{kind} collapse of {'/'.join(terms)} ({entropy} of ln K): {collapse_advice(kind)}")
+    if not kinds:
+        said.append("the distillation terms on them teach nothing; try loss.teacher_norm=sinkhorn_knopp, a larger "
+                    "batch or more data")
+    print(f"dagman: warning: step {step}: " + "; ".join(said) + " (metrics.jsonl logs the learning monitor)",
           file=sys.stderr, flush=True)
     return True
 
@@ -481,6 +508,7 @@ def pretrain(cfg: Config, out: str | os.PathLike, *, resume: bool = False, progr
     first_step = state.step
     collapse_warned = False
     last_metrics: dict = {}
+    recent: collections.deque = collections.deque(maxlen=SUMMARY_STEPS)  # the learning monitor's last steps
 
     def last_checkpoint() -> Path | None:
         """Where rank 0 saved last (every rank knows the saving steps)."""
@@ -501,6 +529,7 @@ def pretrain(cfg: Config, out: str | os.PathLike, *, resume: bool = False, progr
                 # head diversity of the teacher on fixed eval crops (method notes, section 7)
                 metrics.update(flatten_diversity(diversity_for_run(state.teacher, crops.to(info.device))))
             last_metrics = metrics
+            recent.append({k: v for k, v in metrics.items() if _is_monitor_key(k)})
             if state.step % max(1, cfg.train.log_every_steps) == 0 or state.step == total:
                 logger.log(state.step, metrics)
             if bar is not None:
@@ -524,6 +553,8 @@ def pretrain(cfg: Config, out: str | os.PathLike, *, resume: bool = False, progr
     summary = {"steps": state.step, "steps_this_run": state.step - first_step, "seconds": seconds,
                "skipped_steps": state.skipped_steps,
                "missing_volume_samples": state.missing_samples, "final": last_metrics,
+               "learning": {k: sum(m[k] for m in recent) / len(recent) for k in (recent[-1] if recent else {})
+                            if all(k in m for m in recent)},
                "encoder": str(encoder) if encoder else None, "run": str(out)}
     if info.distributed:
         # The DDP wrapper and the loader hold the process group; a group still referenced when the interpreter

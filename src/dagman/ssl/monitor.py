@@ -1,0 +1,101 @@
+"""The learning monitor: numbers that say whether the distillation targets carry information, and if not,
+which way they collapsed.
+
+Per distillation term (``aitd``, ``gitd``, ``ampd``; ``K`` prototypes), from one step's teacher targets
+``P_t`` (the rows of the batch: both views' samples, or their masked patch tokens):
+
+- ``{term}_uniform_ratio``: the term's loss over its value for a uniform teacher and student, ``2 ln K``
+  (each term sums two view pairs). ~1 means the term teaches nothing.
+- ``teacher_{term}_entropy``: the mean over rows of ``H(P_t) / ln K``. ~1: uniform targets (*uniform
+  collapse*); low: sharp targets.
+- ``teacher_{term}_mean_entropy``: ``H(mean over rows of P_t) / ln K``. ~0 together with a low row entropy:
+  every input gets the same prototype (*one-prototype collapse*). A healthy teacher has a low row entropy
+  and a high mean entropy (bounded by ``ln(rows) / ln K`` for a batch of ``rows`` sharp targets).
+- ``center_{term}_norm``: the L2 norm of the term's centre.
+
+For the SA importance map ``S`` (``N`` mask units): ``importance_entropy``, the mean over samples of
+``H(S) / ln N`` (1: flat, the map does not look anywhere).
+
+:func:`collapse_kind` reads these and names the collapse; :func:`collapse_advice` says what to try.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+__all__ = ["entropy_ratio", "teacher_monitor", "collapse_kind", "collapse_advice", "COLLAPSE_KINDS",
+           "learning_summary"]
+
+# thresholds of the collapse kinds (fractions of ln K)
+UNIFORM_ENTROPY = 0.95
+ONE_PROTOTYPE_ENTROPY = 0.1
+COLLAPSE_KINDS = ("uniform", "one-prototype")
+TERMS = ("aitd", "gitd", "ampd")
+
+
+def entropy_ratio(probs: torch.Tensor) -> torch.Tensor:
+    """``H(p) / ln K`` of each distribution along the last axis (``K`` entries, each row sums to 1); 0-dim
+    tensors stay 0-dim per row, float32. ``K = 1`` gives 0."""
+    p = probs.float()
+    k = p.shape[-1]
+    h = -(p * torch.log(p.clamp_min(1e-30))).sum(-1)
+    return h / math.log(k) if k > 1 else torch.zeros_like(h)
+
+
+@torch.no_grad()
+def teacher_monitor(probs: torch.Tensor, prefix: str) -> dict[str, torch.Tensor]:
+    """``teacher_{prefix}_entropy`` and ``teacher_{prefix}_mean_entropy`` of ``(..., K)`` teacher targets
+    (every leading index is one row), as 0-dim tensors (no host sync)."""
+    rows = probs.detach().float().reshape(-1, probs.shape[-1])
+    if rows.shape[0] == 0:
+        return {}
+    return {f"teacher_{prefix}_entropy": entropy_ratio(rows).mean(),
+            f"teacher_{prefix}_mean_entropy": entropy_ratio(rows.mean(0))}
+
+
+def collapse_kind(metrics: dict, term: str) -> str | None:
+    """``"uniform"``, ``"one-prototype"`` or None (neither) for one term's monitor numbers in ``metrics``."""
+    h = metrics.get(f"teacher_{term}_entropy")
+    hm = metrics.get(f"teacher_{term}_mean_entropy")
+    if h is None or hm is None:
+        return None
+    if h >= UNIFORM_ENTROPY:
+        return "uniform"
+    if h <= ONE_PROTOTYPE_ENTROPY and hm <= ONE_PROTOTYPE_ENTROPY:
+        return "one-prototype"
+    return None
+
+
+_ADVICE = {
+    "uniform": "the teacher's targets are uniform, so the term sits at 2 ln K and teaches nothing; try "
+               "loss.teacher_norm=sinkhorn_knopp, a lower loss.teacher_temp_end, fewer heads.num_prototypes, or "
+               "a larger batch",
+    "one-prototype": "every input gets the same prototype; try loss.teacher_norm=sinkhorn_knopp, a lower "
+                     "loss.center_momentum (faster centring) or a higher teacher temperature",
+}
+
+
+def collapse_advice(kind: str) -> str:
+    """One sentence: what the collapse ``kind`` means and what to try."""
+    return _ADVICE[kind]
+
+
+def learning_summary(metrics: dict) -> str:
+    """One line from a step's metrics: per term the uniform ratio, the teacher entropies and the collapse kind,
+    and the importance-map entropy; '' when the metrics hold none of them."""
+    parts = []
+    for term in TERMS:
+        ratio = metrics.get(f"{term}_uniform_ratio")
+        if ratio is None:
+            continue
+        h, hm = metrics.get(f"teacher_{term}_entropy"), metrics.get(f"teacher_{term}_mean_entropy")
+        kind = collapse_kind(metrics, term)
+        text = f"{term} {ratio:.3f}x uniform"
+        if h is not None and hm is not None:
+            text += f", teacher H {h:.2f} / mean H {hm:.2f} of ln K"
+        parts.append(text + (f" ({kind} collapse)" if kind else ""))
+    if metrics.get("importance_entropy") is not None:
+        parts.append(f"S entropy {metrics['importance_entropy']:.3f} of ln N")
+    return "; ".join(parts)
