@@ -288,3 +288,21 @@ def test_reconstruction_head_shapes_and_linearity():
         results.append((y.detach(), tokens.grad.clone(), head2.conv.weight.grad.clone(), head2.conv.bias.grad.clone()))
     for a, b in zip(*results):
         assert torch.allclose(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_reconstruction_from_an_earlier_stage():
+    """heads.reconstruction_stage: the AMIP head reads that map (its width) and each token predicts
+    patch*2**stage voxels per axis, so the reconstruction still covers the crop."""
+    from dagman.config import ConfigError, load_config
+    from dagman.ssl.method import StudentNetwork
+
+    small = ["model.embed_dim=6", "model.depths=[1,1,1,1]", "model.num_heads=[1,1,1,1]", "sa.num_heads=1",
+             "data.crop_size=32", "heads.num_prototypes=16", "heads.hidden_dim=16", "heads.bottleneck_dim=8"]
+    student = StudentNetwork(load_config("tiny", "dagman", overrides=[*small, "heads.reconstruction_stage=2"]))
+    assert student.reconstruction.conv.in_channels == 6 * 4 and student.reconstruction.upsample == (8, 8, 8)
+    out = student(torch.rand(2, 1, 32, 32, 32))
+    assert out.reconstruction.shape == (2, 1, 32, 32, 32)
+    last = StudentNetwork(load_config("tiny", "dagman", overrides=small))
+    assert last.reconstruction.conv.in_channels == 6 * 16 and last.reconstruction.upsample == (32, 32, 32)
+    with pytest.raises(ConfigError, match="reconstruction_stage"):
+        load_config("tiny", "dagman", overrides=["heads.reconstruction_stage=5"])

@@ -226,6 +226,9 @@ class HeadsConfig:
     norm_last_layer: bool = _opt(True, "fix the weight-norm gain of the prototype layers to 1")
     separate_patch_last_layer: bool = _opt(True, "patch tokens (AMPD) use their own prototype layer")
     share_image_last_layer: bool = _opt(True, "AITD and GITD share one image-level prototype layer")
+    reconstruction_stage: int = _opt(
+        4, "backbone map the AMIP reconstruction head reads (1..4; 4 = the last stage, method.md): each of its tokens "
+        "predicts patch_size*2**stage voxels per axis")
 
 
 @dataclass(frozen=True)
@@ -957,6 +960,8 @@ def validate(cfg: Config) -> Config:
     _positive("loss.patch_teacher_temp_hold_epochs", L.patch_teacher_temp_hold_epochs, zero=True)
     _in_unit("loss.center_momentum", L.center_momentum)
     _positive("loss.sinkhorn_iterations", L.sinkhorn_iterations)
+    _require(1 <= cfg.heads.reconstruction_stage <= NUM_STAGES,
+             f"config key 'heads.reconstruction_stage' must be in 1..{NUM_STAGES}, got {cfg.heads.reconstruction_stage}")
 
     o = cfg.optim
     _positive("optim.lr", o.lr)

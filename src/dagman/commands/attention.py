@@ -142,9 +142,10 @@ def run(args: argparse.Namespace) -> int:
         s_mask = student_mask_from_config(cfg.mask, batch=1, grid=grid, generator=generator,
                                           scores=scores if uses_attention else None, device=device)
         # the student's forward without the projection heads (not pictured): backbone, then the AMIP head
-        s_out = student.net(x, mask=s_mask, heads=False, outputs=(4,))
+        stage = student.reconstruction_stage
+        s_out = student.net(x, mask=s_mask, heads=False, outputs=(stage,))
         if student.reconstruction is not None:
-            s_out.reconstruction = student.reconstruction(s_out.features.maps[-1])
+            s_out.reconstruction = student.reconstruction(s_out.features.maps[stage])
     bar.update(1)
 
     # 3. voxel maps on the crop

@@ -155,22 +155,25 @@ class SSLNetwork(nn.Module):
 
 class StudentNetwork(nn.Module):
     """The student: an :class:`SSLNetwork` (``net``, the part the teacher mirrors) plus the AMIP
-    reconstruction head (1x1x1 conv + 3D pixel shuffle from the last stage to voxels), which only the
-    student has. Wrap this module in DDP; EMA pairs ``student.net`` with the teacher."""
+    reconstruction head (1x1x1 conv + 3D pixel shuffle from the map of ``heads.reconstruction_stage``, the last
+    stage by default, to voxels), which only the student has. Wrap this module in DDP; EMA pairs ``student.net`` with the teacher."""
 
     def __init__(self, cfg) -> None:
         super().__init__()
         self.net = SSLNetwork(cfg)
         self.reconstruction = None
+        self.reconstruction_stage = cfg.heads.reconstruction_stage
         if cfg.loss.amip:
-            last_width = self.net.backbone.stage_widths[-1]
-            self.reconstruction = ReconstructionHead(last_width, cfg.model.in_chans,
-                                                     reconstruction_upsample(cfg.model.patch_size, 4))
+            width = self.net.backbone.stage_widths[self.reconstruction_stage]
+            self.reconstruction = ReconstructionHead(width, cfg.model.in_chans,
+                                                     reconstruction_upsample(cfg.model.patch_size,
+                                                                             self.reconstruction_stage))
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> NetworkOutput:
-        out = self.net(x, mask, outputs=(4,) if self.reconstruction is not None else ())
+        stage = self.reconstruction_stage
+        out = self.net(x, mask, outputs=(stage,) if self.reconstruction is not None else ())
         if self.reconstruction is not None:
-            out.reconstruction = self.reconstruction(out.features.maps[-1])
+            out.reconstruction = self.reconstruction(out.features.maps[stage])
         return out
 
 
