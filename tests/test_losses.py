@@ -241,14 +241,38 @@ def test_sinkhorn_loss_image_tokens_and_masked_patch_tokens():
 
 def test_teacher_norm_config_key():
     assert load_config("paper", "dagman").loss.teacher_norm == "centering"  # method.md's default
-    cfg = load_config("tiny", "dagman", overrides=["loss.teacher_norm=sinkhorn_knopp", "loss.sinkhorn_iterations=5"])
+    cfg = load_config("tiny", "dagman", overrides=["loss.teacher_norm=sinkhorn_knopp", "loss.sinkhorn_iterations=5",
+                                                   "loss.sinkhorn_queue=16"])
     method = SSLMethod(cfg)
     for fn in (method.aitd_loss, method.gitd_loss, method.ampd_loss):
         assert fn.norm == "sinkhorn_knopp" and fn.sinkhorn_iterations == 5
+    assert method.aitd_loss.queue_size == method.gitd_loss.queue_size == 16
+    assert method.ampd_loss.queue_size == 0  # patch tokens: many rows per batch already
     with pytest.raises(ConfigError, match="teacher_norm"):
         load_config("tiny", "dagman", overrides=["loss.teacher_norm=softmax"])
     with pytest.raises(ConfigError, match="sinkhorn_iterations"):
         load_config("tiny", "dagman", overrides=["loss.sinkhorn_iterations=0"])
+
+
+def test_sinkhorn_queue_keeps_the_newest_rows_and_joins_the_normalised_batch():
+    loss = DistillationLoss(2, norm="sinkhorn_knopp", sinkhorn_iterations=2, queue_size=3)
+    assert int(loss.queue_filled) == 0
+    batch = torch.tensor([[1.0, 0.0]])
+    # an empty queue: Sinkhorn-Knopp over the batch alone
+    assert torch.allclose(loss.teacher_probs(batch, 0.5), sinkhorn_knopp(batch, 0.5, 2))
+    loss.update_queue(torch.tensor([[0.0, 1.0], [0.5, 0.5]]))
+    loss.update_queue(torch.tensor([[2.0, 0.0], [0.0, 3.0]]))  # 4 rows pushed, 3 kept: the oldest drops
+    assert int(loss.queue_filled) == 3
+    kept = torch.tensor([[0.5, 0.5], [2.0, 0.0], [0.0, 3.0]])
+    assert torch.equal(loss.queue, kept)
+    # the batch's targets are its rows of Sinkhorn-Knopp over queue + batch
+    expected = sinkhorn_knopp(torch.cat([kept, batch]), 0.5, 2)[-1:]
+    assert torch.allclose(loss.teacher_probs(batch, 0.5), expected)
+    assert not torch.allclose(expected, sinkhorn_knopp(batch, 0.5, 2))
+    # saved with the state dict (exact resume); no queue, no buffers (older checkpoints still load strictly)
+    assert {"queue", "queue_filled"} <= set(loss.state_dict())
+    assert set(DistillationLoss(2, norm="sinkhorn_knopp").state_dict()) == {"center"}
+    assert set(DistillationLoss(2, queue_size=5).state_dict()) == {"center"}  # centring: no queue
 
 
 def _sinkhorn_worker(rank: int, world: int, init_file: str, rows: list, queue) -> None:
@@ -320,3 +344,35 @@ def test_masked_reconstruction_gradient_only_on_masked_voxels():
     assert torch.equal(pred.grad, expected)
     with pytest.raises(ValueError):
         MaskedReconstructionLoss()(pred, target, torch.zeros(1, 3, 2, 2, dtype=torch.bool))
+
+
+def test_a_sinkhorn_queue_run_resumes_bitwise(tmp_path):
+    """The queue is part of the saved state: 3 steps after a save/restore equal 3 steps straight on."""
+    from dagman.config import plan_steps
+    from dagman.train.checkpoint import load_checkpoint, save_run_checkpoint
+    from dagman.train.distributed import DistInfo
+    from dagman.train.loop import build_state, checkpoint_state, restore_state, train_step
+    from dagman.train.schedules import Schedules
+
+    cfg = load_config("tiny", "dagman", overrides=[
+        "model.embed_dim=6", "model.depths=[1,1,1,1]", "model.num_heads=[1,1,1,1]", "sa.num_heads=1",
+        "data.crop_size=32", "heads.num_prototypes=32", "heads.hidden_dim=16", "heads.bottleneck_dim=8",
+        "optim.warmup_epochs=0", "train.total_steps=10", "loss.teacher_norm=sinkhorn_knopp", "loss.sinkhorn_queue=6"])
+    cpu = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), distributed=False)
+
+    def fresh():
+        return build_state(cfg, cpu, Schedules.from_config(cfg, plan_steps(cfg, 8)))
+
+    v = torch.rand(2, cfg.data.batch_size, 1, 32, 32, 32, generator=torch.Generator().manual_seed(0))
+    a = fresh()
+    for _ in range(4):
+        train_step(a, v[0], v[1])
+    assert int(a.method.aitd_loss.queue_filled) == 6  # 4 steps x 4 rows, the newest 6 kept
+    path = save_run_checkpoint(tmp_path, checkpoint_state(a), a.step)
+    b = fresh()
+    restore_state(b, load_checkpoint(path), path)
+    la = [train_step(a, v[0], v[1])["loss"] for _ in range(3)]
+    lb = [train_step(b, v[0], v[1])["loss"] for _ in range(3)]
+    assert la == lb
+    for k, t in a.method.state_dict().items():
+        assert torch.equal(t, b.method.state_dict()[k]), k

@@ -258,6 +258,9 @@ class LossConfig:
         "centering", "teacher-output normalisation: DINO centring (method.md) or Sinkhorn-Knopp (SwAV/DINOv2; "
         "equal prototype shares over the global batch)")
     sinkhorn_iterations: int = _opt(3, "Sinkhorn-Knopp normalisation rounds (loss.teacher_norm=sinkhorn_knopp)")
+    sinkhorn_queue: int = _opt(
+        0, "image-level terms (AITD, GITD) under Sinkhorn-Knopp: past teacher logits per process that join the "
+        "batch being normalised (SwAV's queue for small batches; 0 = none)")
     global_token_stage: Literal[3, 4] = _opt(4, "GITD token = avg-pool of this stage's merged output")
 
 
@@ -960,6 +963,7 @@ def validate(cfg: Config) -> Config:
     _positive("loss.patch_teacher_temp_hold_epochs", L.patch_teacher_temp_hold_epochs, zero=True)
     _in_unit("loss.center_momentum", L.center_momentum)
     _positive("loss.sinkhorn_iterations", L.sinkhorn_iterations)
+    _positive("loss.sinkhorn_queue", L.sinkhorn_queue, zero=True)
     _require(1 <= cfg.heads.reconstruction_stage <= NUM_STAGES,
              f"config key 'heads.reconstruction_stage' must be in 1..{NUM_STAGES}, got {cfg.heads.reconstruction_stage}")
 

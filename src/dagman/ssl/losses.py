@@ -84,7 +84,7 @@ class DistillationLoss(nn.Module):
     center: torch.Tensor
 
     def __init__(self, out_dim: int, center_momentum: float = 0.9, norm: str = "centering",
-                 sinkhorn_iterations: int = 3) -> None:
+                 sinkhorn_iterations: int = 3, queue_size: int = 0) -> None:
         super().__init__()
         if not 0.0 <= center_momentum <= 1.0:
             raise ValueError(f"center_momentum must be in [0, 1], got {center_momentum}")
@@ -95,6 +95,27 @@ class DistillationLoss(nn.Module):
         self.norm = norm
         self.sinkhorn_iterations = int(sinkhorn_iterations)
         self.register_buffer("center", torch.zeros(1, out_dim))
+        self.queue_size = int(queue_size) if norm == "sinkhorn_knopp" else 0
+        if self.queue_size:  # SwAV's queue: past teacher logits that join the Sinkhorn-Knopp batch
+            self.register_buffer("queue", torch.zeros(self.queue_size, out_dim))
+            self.register_buffer("queue_filled", torch.zeros((), dtype=torch.long))
+
+    def _with_queue(self, rows: torch.Tensor) -> torch.Tensor:
+        if not self.queue_size:
+            return rows
+        return torch.cat([self.queue[self.queue_size - int(self.queue_filled):].to(rows.device), rows])
+
+    @torch.no_grad()
+    def update_queue(self, teacher_logits: torch.Tensor) -> None:
+        """Push this step's teacher logits (every row of ``(B, K)``; this process's rows only: under DDP each
+        process keeps its own queue, and the all-reduced Sinkhorn-Knopp sums see all of them) into the queue,
+        newest last, dropping the oldest. No-op without a queue."""
+        if not self.queue_size:
+            return
+        rows = teacher_logits.detach().float().reshape(-1, self.out_dim)[-self.queue_size:]
+        n = rows.shape[0]
+        self.queue.copy_(torch.cat([self.queue[n:], rows.to(self.queue.device)]))  # the valid rows are the last ones
+        self.queue_filled.fill_(min(self.queue_size, int(self.queue_filled) + n))
 
     def teacher_probs(self, teacher_logits: torch.Tensor, teacher_temp: float,
                       weights: torch.Tensor | None = None) -> torch.Tensor:
@@ -106,7 +127,8 @@ class DistillationLoss(nn.Module):
             return F.softmax((t - self.center) / teacher_temp, dim=-1)
         flat = t.reshape(-1, self.out_dim)
         if weights is None:
-            return sinkhorn_knopp(flat, teacher_temp, self.sinkhorn_iterations).reshape(t.shape)
+            q = sinkhorn_knopp(self._with_queue(flat), teacher_temp, self.sinkhorn_iterations)
+            return q[q.shape[0] - flat.shape[0]:].reshape(t.shape)
         keep = weights.reshape(-1) > 0
         out = torch.full_like(flat, 1.0 / self.out_dim)
         out[keep] = sinkhorn_knopp(flat[keep], teacher_temp, self.sinkhorn_iterations)

@@ -214,8 +214,9 @@ class SSLMethod(nn.Module):
         k = cfg.heads.num_prototypes
         norm = {"center_momentum": cfg.loss.center_momentum, "norm": cfg.loss.teacher_norm,
                 "sinkhorn_iterations": cfg.loss.sinkhorn_iterations}
-        self.aitd_loss = DistillationLoss(k, **norm) if cfg.loss.aitd else None
-        self.gitd_loss = DistillationLoss(k, **norm) if cfg.loss.gitd else None
+        image = {**norm, "queue_size": cfg.loss.sinkhorn_queue}
+        self.aitd_loss = DistillationLoss(k, **image) if cfg.loss.aitd else None
+        self.gitd_loss = DistillationLoss(k, **image) if cfg.loss.gitd else None
         self.ampd_loss = DistillationLoss(k, **norm) if cfg.loss.ampd else None
         self.amip_loss = MaskedReconstructionLoss() if cfg.loss.amip else None
         self.uses_attention = cfg.mask.student in ATTENTION_MASKS
@@ -323,8 +324,10 @@ class SSLMethod(nn.Module):
 
     @torch.no_grad()
     def update_centers(self, result: StepResult) -> None:
-        """EMA of the teacher-output centres with this step's teacher logits (all-reduced under DDP).
+        """EMA of the teacher-output centres with this step's teacher logits (all-reduced under DDP), and the
+        Sinkhorn-Knopp queues (loss.sinkhorn_queue) take them in.
         Called by the trainer once the step is known to be finite, after the losses used the old centres."""
         for name, loss_fn in (("aitd", self.aitd_loss), ("gitd", self.gitd_loss), ("ampd", self.ampd_loss)):
             if loss_fn is not None:
                 loss_fn.update_center(result.teacher_logits[name])
+                loss_fn.update_queue(result.teacher_logits[name])
