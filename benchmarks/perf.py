@@ -787,7 +787,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
                    help="also time torch.compile(ours) (auto = on CUDA only)")
     g = p.add_argument_group("(b) DAGMaN / SMIT step")
-    g.add_argument("--step-sizes", nargs="+", choices=["tiny", "small", "paper"], default=None,
+    g.add_argument("--step-sizes", nargs="+", choices=["tiny", "cpu", "small", "paper"], default=None,
                    help="presets (default tiny small; quick tiny)")
     g.add_argument("--step-rounds", type=int, default=None,
                    help="interleaved rounds per preset (default: tiny 10, others 4; CUDA 20; quick 4)")
@@ -810,7 +810,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--loader-shape", type=int, nargs=3, default=(200, 170, 180), metavar=("X", "Y", "Z"),
                    help="synthetic volume shape (default 200 170 180)")
     g = p.add_argument_group("(e) paper-size step memory")
-    g.add_argument("--memory-preset", choices=["tiny", "small", "paper"], default=None,
+    g.add_argument("--memory-preset", choices=["tiny", "cpu", "small", "paper"], default=None,
                    help="preset of the memory rows (default paper; quick tiny)")
     g.add_argument("--paper-batch", type=int, default=2, help="volumes per step (default 2)")
     g.add_argument("--paper-precisions", nargs="+", choices=["bf16", "fp32"], default=None,

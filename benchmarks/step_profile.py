@@ -189,7 +189,7 @@ def backbone_op_table(size: int = 96, top: int = 12) -> list[tuple[str, float]]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--size", default="tiny", choices=["tiny", "small", "paper"])
+    ap.add_argument("--size", default="tiny", choices=["tiny", "cpu", "small", "paper"])
     ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--steps", type=int, default=5, help="profiled steps (median)")

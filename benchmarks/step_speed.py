@@ -437,7 +437,7 @@ def print_paper_table(rows: list[dict], device: torch.device) -> None:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--part", choices=["ratio", "paper", "both"], default="both")
-    p.add_argument("--sizes", nargs="+", choices=["tiny", "small", "paper"], default=["tiny", "small"],
+    p.add_argument("--sizes", nargs="+", choices=["tiny", "cpu", "small", "paper"], default=["tiny", "small"],
                    help="presets of part A (default tiny small)")
     p.add_argument("--methods", nargs="+", default=["dagman", BASELINE],
                    help="method presets of part A, each timed against smit (default dagman smit); a variant is "

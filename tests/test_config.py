@@ -311,7 +311,7 @@ def test_bad_choice():
 
 
 def test_unknown_size_or_method_lists_valid_ones():
-    assert _error(size="huge") == "unknown size 'huge' (--size); valid: tiny, small, paper"
+    assert _error(size="huge") == "unknown size 'huge' (--size); valid: tiny, cpu, small, paper"
     message = _error(method="dino")
     assert all(m in message for m in METHODS)
 

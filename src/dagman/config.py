@@ -31,10 +31,15 @@ size     embed depths       heads        SA hd  crop (vox) batch/pr protos hidde
 paper    48    (2,2,8,2)    (4,4,8,16)   8      128        2        8192  2048/256 800      bf16
 small    24    (2,2,2,2)    (3,6,12,24)  8      96         4        4096  1024/256 100      bf16
 tiny     12    (1,1,2,1)    (2,2,4,8)    4      64         2        1024  256/64   10       fp32
+cpu      12    (1,1,2,1)    (2,2,4,8)    4      64         2        1024  256/64   10       fp32
 ======== ===== ============ ============ ====== ========== ======== ===== ======== ======== ==========
 
 ``paper`` is method.md verbatim (4 processes x batch 2 = the reference global batch 8, so lr 8e-4);
 ``small`` trains on one GPU in hours; ``tiny`` runs a step in about a second on 2 CPU cores (tests, demo).
+``cpu`` is tiny's network set up to learn on a 2-core CPU (issue 14, docs/RESULTS.md "Why the tiny runs
+collapse"): stage-2 mask units (8^3 voxels, 512 per crop) scored by an SA block on stage 2 (LayerScale 1) and
+reconstructed by the AMIP head from the stage-2 map; Sinkhorn-Knopp teacher targets with a 256-row queue for
+the image-level terms (temperature 0.005) and patch temperature 0.02.
 Warm-ups scale with the length: paper 80 lr-warm-up / 30 teacher-temperature epochs of 800; small 10 / 10
 of 100; tiny 1 / 2 of 10.
 
@@ -323,7 +328,7 @@ class Config:
     method: Literal["dagman", "dagman-no-nt", "dagman-no-sa", "smit", "ibot", "attmask"] = _opt(
         "dagman", "method preset this config started from"
     )
-    size: Literal["tiny", "small", "paper"] = _opt("paper", "size preset this config started from")
+    size: Literal["tiny", "cpu", "small", "paper"] = _opt("paper", "size preset this config started from")
     model: ModelConfig = _opt(ModelConfig(), "3D Swin backbone (MONAI SwinTransformer keyword arguments)")
     sa: SAConfig = _opt(SAConfig(), "semantic-attention block")
     data: DataConfig = _opt(DataConfig(), "volumes, crops, augmentation, loader")
@@ -335,7 +340,7 @@ class Config:
     train: TrainConfig = _opt(TrainConfig(), "length, precision, seed, logging")
 
 
-SIZES: tuple[str, ...] = ("tiny", "small", "paper")
+SIZES: tuple[str, ...] = ("tiny", "cpu", "small", "paper")
 METHODS: tuple[str, ...] = ("dagman", "dagman-no-nt", "dagman-no-sa", "smit", "ibot", "attmask")
 
 # ----------------------------------------------------------------------------------------------------------
@@ -358,6 +363,30 @@ SIZE_PRESETS: dict[str, dict[str, dict[str, Any]]] = {
             "checkpoint_every_steps": 500,
             "snapshot_every_epochs": 25,
             "diversity_every_epochs": 10,
+        },
+    },
+    # what learns on a 2-core CPU (issue 14; docs/RESULTS.md "Why the tiny runs collapse"): tiny's network with
+    # 8^3-voxel mask units (stage 2: 512 per 64^3 crop) that the SA block scores and the AMIP head reconstructs
+    # from the same map, the SA gammas at 1, and Sinkhorn-Knopp teacher targets with a queue for the batch of 2
+    "cpu": {
+        "model": {"embed_dim": 12, "depths": [1, 1, 2, 1], "num_heads": [2, 2, 4, 8]},
+        "sa": {"num_heads": 4, "stage": 2, "layerscale_init": 1.0},
+        "mask": {"unit_stage": 2},
+        "data": {"crop_size": 64, "batch_size": 2, "num_workers": 1},
+        "heads": {"num_prototypes": 1024, "hidden_dim": 256, "bottleneck_dim": 64, "reconstruction_stage": 2},
+        "loss": {"teacher_norm": "sinkhorn_knopp", "sinkhorn_queue": 256,
+                 "teacher_temp_start": 0.005, "teacher_temp_end": 0.005,
+                 "patch_teacher_temp_start": 0.02, "patch_teacher_temp_end": 0.02,
+                 "teacher_temp_warmup_epochs": 2, "patch_teacher_temp_hold_epochs": 2},
+        "optim": {"warmup_epochs": 1},
+        "train": {
+            "epochs": 10,
+            "precision": "fp32",
+            "log_every_steps": 10,
+            "checkpoint_every_steps": 500,
+            "snapshot_every_epochs": 0,
+            "diversity_every_epochs": 5,
+            "diversity_crops": 2,
         },
     },
     "tiny": {

@@ -11,6 +11,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from dagman.config import SIZES
+
 HELP = "binary classification with a pretrained encoder: linear probe or fine-tune, k-fold CV, AUC with CIs"
 
 DESCRIPTION = """\
@@ -52,7 +54,7 @@ def add_encoder_arguments(parser: argparse.ArgumentParser) -> None:
     """Encoder and image options shared by classify and outcome."""
     parser.add_argument("--checkpoint", required=True, metavar="C",
                         help="run folder, checkpoint .pt, encoder .safetensors, or 'none' (random init)")
-    parser.add_argument("--size", default="tiny", choices=("tiny", "small", "paper"),
+    parser.add_argument("--size", default="tiny", choices=SIZES,
                         help="architecture of a random-init encoder (and of an encoder file without config); "
                              "default tiny")
     parser.add_argument("--features", default="auto", choices=("auto", "sa", "mean"),

@@ -10,6 +10,8 @@ import argparse
 import json
 import math
 
+from dagman.config import SIZES
+
 HELP = "cluster encoder features of organ crops: UMAP, intra/inter-cluster distances, k-means NMI/ARI"
 
 DESCRIPTION = """\
@@ -70,7 +72,7 @@ def add_structure_crop_arguments(parser: argparse.ArgumentParser) -> None:
                         f"structure, in label-map voxels (default {DEFAULT_MIN_VOXELS})")
     parser.add_argument("--mode", choices=MODES, default="crop", help="crop: plain crops; masked: voxels outside "
                         "the structure set to 0 (default crop)")
-    parser.add_argument("--size", choices=("tiny", "small", "paper"), default="tiny", help="architecture of a "
+    parser.add_argument("--size", choices=SIZES, default="tiny", help="architecture of a "
                         "random-init encoder ('none') or of an encoder file without config (default tiny)")
     parser.add_argument("--batch-size", type=int, default=16, metavar="B", help="crops per forward pass (default 16)")
 

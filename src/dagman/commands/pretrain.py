@@ -17,7 +17,7 @@ Pretrain a 3D Swin transformer on a prepared CT cache with DAGMaN (attention-gui
 semantic-attention block) or one of the baselines, all from one code path.
 
 The configuration is resolved in this order, later wins:
-  1. defaults of the size preset   (--size: tiny | small | paper; paper = the paper's settings)
+  1. defaults of the size preset   (--size: tiny | cpu | small | paper; paper = the paper's settings)
   2. the method preset             (--method: dagman | dagman-no-nt | dagman-no-sa | smit | ibot | attmask)
   3. a YAML file                   (--config FILE; partial and nested, e.g. a saved RUN/config.yaml)
   4. the options --data, --steps, --seed
@@ -63,7 +63,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "(default: the config file's, else dagman)",
     )
     parser.add_argument(
-        "--size", metavar="S", help="size preset: tiny, small, paper (default: the config file's, else paper)"
+        "--size", metavar="S", help="size preset: tiny, cpu, small, paper (default: the config file's, else paper)"
     )
     parser.add_argument("--config", metavar="FILE", help="YAML file applied on top of the presets")
     parser.add_argument("--data", metavar="CACHE", help="prepared cache folder (from `dagman data prepare`)")

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from dagman.config import SIZES
+
 HELP = "tumour/organ segmentation: SwinUNETR on a pretrained encoder, Dice and HD95, predictions as NIfTI"
 
 DESCRIPTION = """\
@@ -46,7 +48,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", metavar="C", help="run folder, checkpoint .pt, encoder .safetensors, or "
                         "'none' (random init)")
     parser.add_argument("--out", required=True, metavar="DIR", help="output folder")
-    parser.add_argument("--size", default="tiny", choices=("tiny", "small", "paper"),
+    parser.add_argument("--size", default="tiny", choices=SIZES,
                         help="architecture of a random-init encoder or of an encoder file without a config "
                         "(default tiny)")
     parser.add_argument("--fraction", type=float, default=1.0, metavar="F",

@@ -1,0 +1,74 @@
+"""benchmarks/learning_check.py and benchmarks/collapse_diagnosis.py on a SYNTHETIC cache (a smoke run of the
+scripts and the arithmetic of their measures; the real runs are in docs/RESULTS.md)."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
+SMALLEST = ["model.embed_dim=6", "model.depths=[1,1,1,1]", "model.num_heads=[1,1,1,1]", "sa.num_heads=1",
+            "data.crop_size=32", "heads.num_prototypes=16", "heads.hidden_dim=16", "heads.bottleneck_dim=8",
+            "data.num_workers=0"]
+
+
+@pytest.fixture(scope="module")
+def scripts():
+    sys.path.insert(0, str(BENCH))
+    import collapse_diagnosis
+    import learning_check
+
+    yield learning_check, collapse_diagnosis
+    sys.path.remove(str(BENCH))
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    from dagman.data.views import make_synthetic_cache
+
+    return make_synthetic_cache(tmp_path_factory.mktemp("syn") / "cache", n_volumes=3, shape=(40, 40, 40))
+
+
+def test_heldout_measures_and_verdicts(scripts, cache):
+    learning_check, _ = scripts
+    from dagman.config import load_config, plan_steps
+    from dagman.train.distributed import DistInfo
+    from dagman.train.loop import build_state
+    from dagman.train.schedules import Schedules
+
+    cfg = load_config("cpu", "dagman", overrides=[*SMALLEST, "sa.stage=2", "mask.unit_stage=2"])
+    state = build_state(cfg, DistInfo(0, 1, 0, torch.device("cpu"), False), Schedules.from_config(cfg, plan_steps(cfg, 3)))
+    m = learning_check.heldout_measures(state, cache, crops=3, seed=0)
+    assert m["l1_ratio"] == pytest.approx(m["l1"] / m["mean_predictor_l1"])
+    for key in ("aitd_teacher_entropy", "gitd_teacher_entropy", "importance_entropy"):
+        assert 0.0 <= m[key] <= 1.0 + 1e-6
+    # the entropy of the mean target over 3 crops is over ln 3, so up to ln K / ln 3
+    assert 0.0 <= m["aitd_mean_entropy"] <= math.log(16) / math.log(3) + 1e-6
+    lines = learning_check.verdicts({"l1_ratio": 0.7, "aitd_teacher_entropy": 0.9, "aitd_mean_entropy": 0.6,
+                                     "importance_entropy": 0.95, "teacher_temp": 0.04})
+    assert len(lines) == 4  # teacher_temp is not a target
+    verdict = {line.split()[0]: line.split()[-1] for line in lines}
+    assert verdict == {"l1_ratio": "PASS", "aitd_teacher_entropy": "FAIL", "aitd_mean_entropy": "PASS",
+                       "importance_entropy": "FAIL"}
+
+
+def test_collapse_diagnosis_runs_and_logs_every_measure(scripts, cache, tmp_path, capsys):
+    _, collapse_diagnosis = scripts
+    work = tmp_path / "diag"
+    rc = collapse_diagnosis.main(["--cache", str(cache), "--work", str(work), "--size", "cpu", "--steps", "2",
+                                  "--every", "1", "--crops", "2", *SMALLEST])
+    assert rc == 0
+    rows = [json.loads(line) for line in (work / "diagnosis.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [0, 1, 2]
+    for s in range(5):
+        assert rows[-1][f"heldout.stage{s}_cross_sample"] > 0.0  # the crops differ
+    for s in range(4):  # (at 32^3 the last stage is a single token: no spread over positions)
+        assert rows[-1][f"train.stage{s}_cross_position"] > 0.0
+    assert rows[-1]["train.stage4_cross_position"] == 0.0
+    assert "teacher_aitd_entropy" in rows[-1] and "heldout.l1_ratio" in rows[-1]
+    assert "2 steps in" in capsys.readouterr().out
