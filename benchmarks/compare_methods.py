@@ -3,6 +3,7 @@
     python benchmarks/compare_methods.py                  # default budget (~3.7 h measured on 2 CPU cores)
     python benchmarks/compare_methods.py --quick          # minutes: checks the whole path, numbers meaningless
     python benchmarks/compare_methods.py --out DIR        # resumable: rerun the same command after a kill
+    python benchmarks/compare_methods.py --size cpu --steps 3000   # the cpu preset (issue 14)
 
 What it does (every unit of work writes its own JSON under OUT/results and is skipped on a rerun with the
 same budget, so an interrupted run resumes where it stopped; pretraining resumes from its checkpoint):
@@ -740,6 +741,9 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="compare-out", help="work and output folder (default ./compare-out); rerun to resume")
     p.add_argument("--quick", action="store_true", help="a few minutes: tiny budget, numbers meaningless")
     p.add_argument("--steps", type=int, help="pretraining steps per preset (default 1000; quick 8)")
+    p.add_argument("--size", choices=["tiny", "cpu", "small", "paper"], default=None,
+                   help="size preset of every encoder (default tiny; cpu = the recipe that learns on 2 cores, "
+                        "docs/RESULTS.md)")
     p.add_argument("--workers", type=int, default=2, help="processes for the data stages (default 2)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's)")
     p.add_argument("--report-only", action="store_true",
@@ -755,6 +759,8 @@ def main(argv=None) -> int:
     budget = Budget.quick() if args.quick else Budget()
     if args.steps:
         budget = dataclasses.replace(budget, steps=args.steps)
+    if args.size:
+        budget = dataclasses.replace(budget, size=args.size)
     out = Path(args.out).resolve()
     (out / "logs").mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
