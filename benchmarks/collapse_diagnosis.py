@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -33,16 +32,14 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from learning_check import heldout_measures, subset_cache  # noqa: E402
+from learning_check import heldout_measures, work_and_split  # noqa: E402
 
 from dagman.config import load_config, plan_steps  # noqa: E402
-from dagman.data.cache import read_manifest  # noqa: E402
 from dagman.data.views import TwoViewDataset, two_view_loader  # noqa: E402
+from dagman.ssl.monitor import entropy_ratio  # noqa: E402
 from dagman.train.distributed import DistInfo  # noqa: E402
-from dagman.train.loop import build_state, train_step  # noqa: E402
+from dagman.train.loop import build_state, is_monitor_key, train_step  # noqa: E402
 from dagman.train.schedules import Schedules  # noqa: E402
-
-MONITOR = ("uniform_ratio", "_entropy", "center_", "_spread")
 
 
 def fixed_crops(cache: Path, crop: int, n: int, seed: int) -> torch.Tensor:
@@ -69,9 +66,7 @@ def token_stats(teacher, x: torch.Tensor) -> dict:
     if out.patch_logits is not None:
         row["patch_logits_std_across_positions"] = float(out.patch_logits.float().std(1).mean())
     if out.importance is not None:
-        p = out.importance.float()
-        row["importance_entropy_clean"] = float((-(p * p.clamp_min(1e-30).log()).sum(-1) / torch.log(
-            torch.tensor(float(p.shape[-1])))).mean())
+        row["importance_entropy_clean"] = float(entropy_ratio(out.importance).mean())
     return row
 
 
@@ -88,22 +83,7 @@ def main(argv=None) -> int:
     p.add_argument("overrides", nargs="*", help="config key=value overrides, as for dagman pretrain")
     args = p.parse_args(argv)
     work = Path(args.work)
-    if work.exists():
-        shutil.rmtree(work)
-    work.mkdir(parents=True)
-    if args.cache:
-        cache = Path(args.cache)
-    else:
-        from dagman.data.examples import default_examples_dir, fetch_examples
-        from dagman.data.prepare import prepare
-
-        manifest = fetch_examples(default_examples_dir(), progress=False)
-        cache = work / "cache"
-        prepare([manifest], cache, min_size=32, workers=2, progress=False)
-    entries = read_manifest(cache)["volumes"]
-    held, train = entries[-1], entries[:-1]
-    train_cache = subset_cache(cache, [e["id"] for e in train], work / "train-cache")
-    held_cache = subset_cache(cache, [held["id"]], work / "heldout-cache")
+    train_cache, held_cache, _, _ = work_and_split(work, args.cache, None)
     cfg = load_config(args.size, args.method, overrides=[
         f"data.cache={train_cache}", f"train.total_steps={args.steps}", f"train.seed={args.seed}", *args.overrides])
     info = DistInfo(0, 1, 0, torch.device("cpu"), False)
@@ -120,7 +100,7 @@ def main(argv=None) -> int:
     log = (work / "diagnosis.jsonl").open("w")
 
     def measure(metrics: dict) -> None:
-        row = {"step": state.step, **{k: v for k, v in metrics.items() if any(m in k for m in MONITOR)}}
+        row = {"step": state.step, **{k: v for k, v in metrics.items() if is_monitor_key(k)}}
         for name, x in sets.items():
             row.update({f"{name}.{k}": v for k, v in token_stats(state.teacher, x).items()})
         row.update({f"heldout.{k}": v for k, v in heldout_measures(state, held_cache, args.crops, args.seed).items()})

@@ -31,9 +31,12 @@ from pathlib import Path
 
 import torch
 
+from dagman.commands.attention import mean_predictor_l1
 from dagman.config import load_config, plan_steps
 from dagman.data.cache import atomic_write_json, read_manifest
 from dagman.data.views import TwoViewDataset
+from dagman.models.swin import upsample_mask
+from dagman.ssl.monitor import entropy_ratio
 from dagman.train.checkpoint import load_checkpoint
 from dagman.train.distributed import DistInfo
 from dagman.train.loop import build_state, pretrain, restore_state
@@ -60,9 +63,27 @@ TARGETS = {"l1_ratio": ("<=", 0.75), "teacher_entropy": ("<=", 0.8), "mean_entro
            "importance_entropy": ("<=", 0.9)}
 
 
-def _ratio(p: torch.Tensor) -> torch.Tensor:
-    """Entropy of each row of ``p`` over ln(row length)."""
-    return -(p * p.clamp_min(1e-30).log()).sum(-1) / math.log(p.shape[-1])
+def work_and_split(work: Path, cache_arg: str | None, holdout: str | None) -> tuple[Path, Path, list[str], str]:
+    """A fresh ``work`` folder, the cache (``cache_arg``, or the example CTs fetched and prepared into
+    ``work/cache``) split into ``work/train-cache`` and ``work/heldout-cache`` (the volume whose id starts
+    with ``holdout``, else the last one). Returns (train cache, held-out cache, training ids, held-out id)."""
+    if work.exists():
+        shutil.rmtree(work)
+    work.mkdir(parents=True)
+    if cache_arg:
+        cache = Path(cache_arg)
+    else:
+        from dagman.data.examples import default_examples_dir, fetch_examples
+        from dagman.data.prepare import prepare
+
+        manifest = fetch_examples(default_examples_dir(), progress=False)
+        cache = work / "cache"
+        prepare([manifest], cache, min_size=32, workers=2, progress=False)
+    entries = read_manifest(cache)["volumes"]
+    held = [e for e in entries if holdout and e["id"].startswith(holdout)] or [entries[-1]]
+    train_ids = [e["id"] for e in entries if e not in held]
+    return (subset_cache(cache, train_ids, work / "train-cache"),
+            subset_cache(cache, [held[0]["id"]], work / "heldout-cache"), train_ids, held[0]["id"])
 
 
 @torch.no_grad()
@@ -81,28 +102,27 @@ def heldout_measures(state, cache: Path, crops: int, seed: int) -> dict:
                               torch.Generator().manual_seed(seed + i))
         if "amip" in result.parts:
             l1 += float(result.parts["amip"])
-            x = torch.cat([batch["view1"], batch["view2"]])
-            m = result.masks["student"]
-            for axis in range(3):
-                m = m.repeat_interleave(x.shape[2 + axis] // m.shape[1 + axis], dim=1 + axis)
-            m = m.unsqueeze(1)
-            visible_mean = (x * ~m).flatten(1).sum(1) / (~m).flatten(1).sum(1).clamp_min(1)
-            err = (x - visible_mean.view(-1, 1, 1, 1, 1)).abs()
-            trivial += float((err * m).sum() / m.sum().clamp_min(1))
+            # the AMIP loss averages over every masked voxel of both views: weigh each view's predictor the same way
+            x = torch.cat([batch["view1"], batch["view2"]])[:, 0].numpy()
+            m = upsample_mask(result.masks["student"], x.shape[1:]).numpy()
+            per_view = [(mean_predictor_l1(xv, mv), int(mv.sum())) for xv, mv in zip(x, m)]
+            per_view = [(v, n) for v, n in per_view if v is not None]
+            trivial += sum(v * n for v, n in per_view) / max(1, sum(n for _, n in per_view))
         for name in targets:
             logits, fn = result.teacher_logits.get(name), getattr(state.method, f"{name}_loss")
             if logits is not None and fn is not None:
                 targets[name].append(torch.softmax((logits[:1].float() - fn.center) / values.teacher_temp, -1))
         if result.masks.get("importance") is not None:
-            s_entropy.append(float(_ratio(result.masks["importance"][:1].float()).mean()))
+            s_entropy.append(float(entropy_ratio(result.masks["importance"][:1]).mean()))
     out: dict = {"teacher_temp": values.teacher_temp}
     if trivial:
         out.update(l1=l1 / crops, mean_predictor_l1=trivial / crops, l1_ratio=l1 / trivial)
     for name, rows in targets.items():
         if rows:
             p = torch.cat(rows)
-            out[f"{name}_teacher_entropy"] = float(_ratio(p).mean())
-            out[f"{name}_mean_entropy"] = float(-(p.mean(0) * p.mean(0).clamp_min(1e-30).log()).sum() / math.log(len(rows)))
+            out[f"{name}_teacher_entropy"] = float(entropy_ratio(p).mean())
+            # over ln(crops), not ln K: the most a set of that many sharp targets can spread
+            out[f"{name}_mean_entropy"] = float(entropy_ratio(p.mean(0))) * math.log(p.shape[-1]) / math.log(len(rows))
     if s_entropy:
         out["importance_entropy"] = sum(s_entropy) / len(s_entropy)
     return out
@@ -134,23 +154,7 @@ def main(argv=None) -> int:
     p.add_argument("overrides", nargs="*", help="config key=value overrides, as for dagman pretrain")
     args = p.parse_args(argv)
     work = Path(args.work)
-    if work.exists():
-        shutil.rmtree(work)
-    work.mkdir(parents=True)
-    if args.cache:
-        cache = Path(args.cache)
-    else:
-        from dagman.data.examples import default_examples_dir, fetch_examples
-        from dagman.data.prepare import prepare
-
-        manifest = fetch_examples(default_examples_dir(), progress=False)
-        cache = work / "cache"
-        prepare([manifest], cache, min_size=32, workers=2, progress=False)
-    entries = read_manifest(cache)["volumes"]
-    held = [e for e in entries if args.holdout and e["id"].startswith(args.holdout)] or [entries[-1]]
-    train_ids = [e["id"] for e in entries if e not in held]
-    train_cache = subset_cache(cache, train_ids, work / "train-cache")
-    held_cache = subset_cache(cache, [held[0]["id"]], work / "heldout-cache")
+    train_cache, held_cache, train_ids, held_id = work_and_split(work, args.cache, args.holdout)
 
     cfg = load_config(args.size, args.method, overrides=[f"data.cache={train_cache}", f"train.total_steps={args.steps}",
                                                          f"train.seed={args.seed}",
@@ -167,12 +171,12 @@ def main(argv=None) -> int:
     restore_state(state, load_checkpoint(path), path)
     after = heldout_measures(state, held_cache, args.crops, args.seed)
     result = {"method": args.method, "size": args.size, "steps": args.steps, "overrides": args.overrides,
-              "train_volumes": train_ids, "heldout_volume": held[0]["id"], "heldout_crops": args.crops,
+              "train_volumes": train_ids, "heldout_volume": held_id, "heldout_crops": args.crops,
               "step0": before, "final": after, "train_seconds": seconds,
               "learning_monitor_last_steps": summary.get("learning", {}),
               "final_train_losses": {k: v for k, v in summary["final"].items() if k.startswith("loss")}}
     (work / "result.json").write_text(json.dumps(result, indent=2))
-    print(f"held-out learning measures ({held[0]['id']}, {args.crops} crop pairs, fixed masks), "
+    print(f"held-out learning measures ({held_id}, {args.crops} crop pairs, fixed masks), "
           f"{args.method}/{args.size} {' '.join(args.overrides)}")
     for label, measures in (("step 0", before), (f"step {summary['steps']}", after)):
         print(label + ":")

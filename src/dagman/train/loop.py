@@ -25,6 +25,7 @@ from dagman.config import Config, plan_steps, samples_per_volume, save_config, t
 from dagman.errors import DagmanError
 from dagman.models.heads import last_layer_parameter_names, no_weight_decay_parameter_names
 from dagman.ssl.method import SSLMethod, SSLNetwork, StudentNetwork, make_teacher
+from dagman.ssl.monitor import TERMS, collapse_advice, collapse_kind
 from dagman.train import checkpoint as ckpt
 from dagman.train.distributed import (
     DistInfo,
@@ -297,7 +298,8 @@ COLLAPSE_SPREAD = 1e-4
 SUMMARY_STEPS = 20
 
 
-def _is_monitor_key(key: str) -> bool:
+def is_monitor_key(key: str) -> bool:
+    """Whether a metric of :func:`train_step` is one of the learning monitor's (dagman.ssl.monitor, the spreads)."""
     return (key.endswith(("_uniform_ratio", "_entropy", "_spread")) or key.startswith("center_")) and \
         not key.startswith("diversity")
 
@@ -308,8 +310,6 @@ def _warn_if_collapsed(step: int, metrics: dict, total_steps: int = 0) -> bool:
     targets are uniform or all on one prototype (:func:`dagman.ssl.monitor.collapse_kind`). Only at a step
     >= ``COLLAPSE_AFTER_STEPS`` and >= a tenth of ``total_steps``. The line says which kind of collapse and
     what to try. Returns whether it warned."""
-    from dagman.ssl.monitor import TERMS, collapse_advice, collapse_kind
-
     if step < max(COLLAPSE_AFTER_STEPS, total_steps // 10):
         return False
     flat = {k: metrics[k] for k in ("teacher_cls_spread", "teacher_global_spread")
@@ -529,7 +529,7 @@ def pretrain(cfg: Config, out: str | os.PathLike, *, resume: bool = False, progr
                 # head diversity of the teacher on fixed eval crops (method notes, section 7)
                 metrics.update(flatten_diversity(diversity_for_run(state.teacher, crops.to(info.device))))
             last_metrics = metrics
-            recent.append({k: v for k, v in metrics.items() if _is_monitor_key(k)})
+            recent.append({k: v for k, v in metrics.items() if is_monitor_key(k)})
             if state.step % max(1, cfg.train.log_every_steps) == 0 or state.step == total:
                 logger.log(state.step, metrics)
             if bar is not None:
