@@ -13,7 +13,11 @@ as in training), at step 0 (the initial weights) and after training:
   crops would equalise their prototypes by construction): the mean per-crop entropy / ln K (target <= 0.8:
   not a uniform collapse) and the entropy of the mean target over the crops / ln(crops) (target >= 0.5: not a
   one-prototype collapse);
-- the SA importance map S: the mean per-crop entropy / ln N (target <= 0.9: the map looks somewhere).
+- the SA importance map S: the mean per-crop entropy / ln N (target <= 0.9: the map looks somewhere), on the
+  view the method scores (the teacher's patch-dropped view by default), and, for information, on the clean view
+  (``importance_entropy_clean_view``: whether S looks at the anatomy or only at the tokens the teacher kept).
+
+`--measure-only` measures the checkpoint already in `WORK/run` with the config it was trained with (no training).
 
     python benchmarks/learning_check.py --steps 300
     python benchmarks/learning_check.py --size cpu --steps 4000 --crops 64 loss.teacher_norm=sinkhorn_knopp
@@ -32,7 +36,7 @@ from pathlib import Path
 import torch
 
 from dagman.commands.attention import mean_predictor_l1
-from dagman.config import load_config, plan_steps
+from dagman.config import from_dict, load_config, plan_steps
 from dagman.data.cache import atomic_write_json, read_manifest
 from dagman.data.views import TwoViewDataset
 from dagman.models.swin import upsample_mask
@@ -63,13 +67,14 @@ TARGETS = {"l1_ratio": ("<=", 0.75), "teacher_entropy": ("<=", 0.8), "mean_entro
            "importance_entropy": ("<=", 0.9)}
 
 
-def work_and_split(work: Path, cache_arg: str | None, holdout: str | None) -> tuple[Path, Path, list[str], str]:
-    """A fresh ``work`` folder, the cache (``cache_arg``, or the example CTs fetched and prepared into
+def work_and_split(work: Path, cache_arg: str | None, holdout: str | None,
+                   fresh: bool = True) -> tuple[Path, Path, list[str], str]:
+    """A fresh ``work`` folder (``fresh=False``: keep what is there, e.g. a trained run), the cache (``cache_arg``, or the example CTs fetched and prepared into
     ``work/cache``) split into ``work/train-cache`` and ``work/heldout-cache`` (the volume whose id starts
     with ``holdout``, else the last one). Returns (train cache, held-out cache, training ids, held-out id)."""
-    if work.exists():
+    if fresh and work.exists():
         shutil.rmtree(work)
-    work.mkdir(parents=True)
+    work.mkdir(parents=True, exist_ok=True)
     if cache_arg:
         cache = Path(cache_arg)
     else:
@@ -96,6 +101,7 @@ def heldout_measures(state, cache: Path, crops: int, seed: int) -> dict:
     l1 = trivial = 0.0
     targets: dict[str, list[torch.Tensor]] = {"aitd": [], "gitd": []}
     s_entropy: list[float] = []
+    s_clean: list[float] = []
     for i in range(crops):
         batch = ds.batch([(i, i % len(ds))])
         result = state.method(state.student, state.teacher, batch["view1"], batch["view2"], values,
@@ -114,6 +120,9 @@ def heldout_measures(state, cache: Path, crops: int, seed: int) -> dict:
                 targets[name].append(torch.softmax((logits[:1].float() - fn.center) / values.teacher_temp, -1))
         if result.masks.get("importance") is not None:
             s_entropy.append(float(entropy_ratio(result.masks["importance"][:1]).mean()))
+            with torch.no_grad():
+                clean = state.teacher(batch["view1"], mask=None, heads=False).importance
+            s_clean.append(float(entropy_ratio(clean.float()).mean()))
     out: dict = {"teacher_temp": values.teacher_temp}
     if trivial:
         out.update(l1=l1 / crops, mean_predictor_l1=trivial / crops, l1_ratio=l1 / trivial)
@@ -125,6 +134,7 @@ def heldout_measures(state, cache: Path, crops: int, seed: int) -> dict:
             out[f"{name}_mean_entropy"] = float(entropy_ratio(p.mean(0))) * math.log(p.shape[-1]) / math.log(len(rows))
     if s_entropy:
         out["importance_entropy"] = sum(s_entropy) / len(s_entropy)
+        out["importance_entropy_clean_view"] = sum(s_clean) / len(s_clean)
     return out
 
 
@@ -141,6 +151,11 @@ def verdicts(measures: dict) -> list[str]:
     return lines
 
 
+def _print_info(measures: dict) -> None:
+    if "importance_entropy_clean_view" in measures:
+        print(f"  {'S entropy, clean view':26s} {measures['importance_entropy_clean_view']:8.4f}   (information)")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cache", help="prepared cache (default: fetch the examples and prepare them)")
@@ -151,23 +166,36 @@ def main(argv=None) -> int:
     p.add_argument("--crops", type=int, default=16, help="held-out evaluation crop pairs")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--holdout", default=None, help="id prefix of the held-out volume (default: the last one)")
+    p.add_argument("--measure-only", action="store_true",
+                   help="measure the checkpoint in WORK/run with its own config; no training")
     p.add_argument("overrides", nargs="*", help="config key=value overrides, as for dagman pretrain")
     args = p.parse_args(argv)
     work = Path(args.work)
-    train_cache, held_cache, train_ids, held_id = work_and_split(work, args.cache, args.holdout)
+    train_cache, held_cache, train_ids, held_id = work_and_split(work, args.cache, args.holdout,
+                                                                 fresh=not args.measure_only)
 
     cfg = load_config(args.size, args.method, overrides=[f"data.cache={train_cache}", f"train.total_steps={args.steps}",
                                                          f"train.seed={args.seed}",
                                                          f"train.checkpoint_every_steps={args.steps}",
                                                          *args.overrides])
     info = DistInfo(0, 1, 0, torch.device("cpu"), False)
+    path = work / "run" / "checkpoints" / "last.pt"
+    if args.measure_only:
+        ckpt = load_checkpoint(path)
+        cfg = from_dict(ckpt["config"])
+        state = build_state(cfg, info, Schedules.from_config(cfg, plan_steps(cfg, len(train_ids))))
+        restore_state(state, ckpt, path)
+        print(f"held-out learning measures ({held_id}, {args.crops} crop pairs), {path} at step {state.step}:")
+        measures = heldout_measures(state, held_cache, args.crops, args.seed)
+        print("\n".join(verdicts(measures)))
+        _print_info(measures)
+        return 0
     schedules = Schedules.from_config(cfg, plan_steps(cfg, len(train_ids)))
     before = heldout_measures(build_state(cfg, info, schedules), held_cache, args.crops, args.seed)
     t0 = time.perf_counter()
     summary = pretrain(cfg, work / "run", progress=True)
     seconds = time.perf_counter() - t0
     state = build_state(cfg, info, schedules)
-    path = work / "run" / "checkpoints" / "last.pt"
     restore_state(state, load_checkpoint(path), path)
     after = heldout_measures(state, held_cache, args.crops, args.seed)
     result = {"method": args.method, "size": args.size, "steps": args.steps, "overrides": args.overrides,
@@ -182,6 +210,7 @@ def main(argv=None) -> int:
         print(label + ":")
         for line in verdicts(measures):
             print(line)
+        _print_info(measures)
     if "l1" in after:
         print(f"masked L1 {before['l1']:.4f} -> {after['l1']:.4f}; mean-of-visible predictor {after['mean_predictor_l1']:.4f}")
     print(f"trained on {len(train_ids)} real CT volumes, {seconds:.0f} s on {torch.get_num_threads()} threads")

@@ -72,3 +72,24 @@ def test_collapse_diagnosis_runs_and_logs_every_measure(scripts, cache, tmp_path
     assert rows[-1]["train.stage4_cross_position"] == 0.0
     assert "teacher_aitd_entropy" in rows[-1] and "heldout.l1_ratio" in rows[-1]
     assert "2 steps in" in capsys.readouterr().out
+
+
+def test_learning_check_trains_then_measure_only_repeats_the_final_numbers(scripts, cache, tmp_path, capsys):
+    """A 2-step run writes result.json; --measure-only on its checkpoint (with the config saved in it, not the
+    preset of today) prints the same final measures, the clean-view S entropy among them."""
+    learning_check, _ = scripts
+    work = tmp_path / "lc"
+    over = [*SMALLEST, "sa.stage=2", "mask.unit_stage=2", "sa.temperature=0.5"]
+    assert learning_check.main(["--cache", str(cache), "--work", str(work), "--size", "cpu", "--steps", "2",
+                                "--crops", "2", *over]) == 0
+    final = json.loads((work / "result.json").read_text())["final"]
+    assert 0.0 <= final["importance_entropy_clean_view"] <= 1.0 + 1e-6
+    capsys.readouterr()
+    assert learning_check.main(["--cache", str(cache), "--work", str(work), "--size", "cpu", "--crops", "2",
+                                "--measure-only"]) == 0
+    printed = capsys.readouterr().out
+    assert "at step 2" in printed
+    for key in ("l1_ratio", "aitd_teacher_entropy", "importance_entropy"):
+        line = next(x for x in printed.splitlines() if x.split() and x.split()[0] == key)
+        assert float(line.split()[1]) == pytest.approx(final[key], abs=1e-4)
+    assert f"{final['importance_entropy_clean_view']:8.4f}" in printed

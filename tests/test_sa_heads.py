@@ -104,6 +104,33 @@ def test_sa_importance_matches_explicit_computation_and_sdpa_path_agrees():
     assert torch.allclose(out.cls.double(), ref_cls, atol=1e-5)
 
 
+def test_sa_temperature_divides_the_attention_logits():
+    """temperature t: softmax(q.k / (sqrt(dh) t)) -- the same block as t = 1 with the query projection (weight
+    and bias) scaled by 1/t, in the explicit (importance) and the fused (earlier blocks) paths alike."""
+    torch.manual_seed(5)
+    dim, t = 12, 0.05
+    hot = SemanticAttention(dim, num_heads=3, num_blocks=2, layerscale_init=0.3, temperature=t)
+    ref = SemanticAttention(dim, num_heads=3, num_blocks=2, layerscale_init=0.3)
+    ref.load_state_dict(hot.state_dict())
+    with torch.no_grad():
+        for blk in ref.blocks:
+            blk.attn.q.weight.div_(t)
+            blk.attn.q.bias.add_(0.01).div_(t)
+        for blk in hot.blocks:
+            blk.attn.q.bias.add_(0.01)
+    x = _tokens(2, 6, dim, seed=6)
+    a, b = hot(x), ref(x)
+    torch.testing.assert_close(a.importance, b.importance, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(a.cls, b.cls, atol=1e-5, rtol=1e-5)
+    plain = SemanticAttention(dim, num_heads=3, num_blocks=2, layerscale_init=0.3)
+    plain.load_state_dict(hot.state_dict())
+    # a lower temperature sharpens the same map: lower entropy
+    ent = [float(-(o.importance * o.importance.log()).sum(1).mean()) for o in (hot(x), plain(x))]
+    assert ent[0] < ent[1]
+    with pytest.raises(ValueError, match="temperature"):
+        SemanticAttention(dim, num_heads=3, temperature=0.0)
+
+
 def test_class_attention_hand_example_one_head():
     """dim 2, one head, identity q/k/v/proj, unit LayerNorms. LN of a 2-vector [a, b] is (1, -1) if a > b
     else (-1, 1) (up to the LN eps). cls [1, 0] -> (1,-1); patches [2,0] -> (1,-1), [0,3] -> (-1,1),

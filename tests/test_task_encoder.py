@@ -29,8 +29,8 @@ def run(tmp_path_factory):
     make_synthetic_cache(cache, n_volumes=2, shape=(64, 64, 64))
     out = root / "run"
     rc = main(["pretrain", "--size", "tiny", "--method", "dagman", "--data", str(cache), "--out", str(out),
-               "--steps", "2", "data.num_workers=0", "data.batch_size=1"])
-    assert rc == 0
+               "--steps", "2", "data.num_workers=0", "data.batch_size=1", "sa.temperature=0.01"])
+    assert rc == 0  # (a non-default SA temperature: the downstream SA must be rebuilt with it)
     return out
 
 

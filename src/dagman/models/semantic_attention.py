@@ -41,13 +41,15 @@ class ClassAttention(nn.Module):
     attended [CLS] update ``(B, 1, C)`` (after the output projection) and, when asked, the attention
     probabilities ``(B, heads, 1+N)`` (else None)."""
 
-    def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = True) -> None:
+    def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = True, temperature: float = 1.0) -> None:
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"SA width {dim} is not divisible by {num_heads} heads")
+        if not temperature > 0:
+            raise ValueError(f"SA temperature must be > 0, got {temperature}")
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
-        self.scale = self.head_dim**-0.5
+        self.scale = self.head_dim**-0.5 / temperature
         self.q = nn.Linear(dim, dim, bias=qkv_bias)
         self.k = nn.Linear(dim, dim, bias=qkv_bias)
         self.v = nn.Linear(dim, dim, bias=qkv_bias)
@@ -76,10 +78,10 @@ class ClassAttentionBlock(nn.Module):
     ``(B, 1, C)`` and the attention probabilities ``(B, heads, 1+N)`` when asked (else None)."""
 
     def __init__(self, dim: int, num_heads: int = 8, mlp_ratio: float = 4.0, layerscale_init: float = 1e-4,
-                 qkv_bias: bool = True, drop_path: float = 0.0) -> None:
+                 qkv_bias: bool = True, drop_path: float = 0.0, temperature: float = 1.0) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim)
-        self.attn = ClassAttention(dim, num_heads, qkv_bias)
+        self.attn = ClassAttention(dim, num_heads, qkv_bias, temperature)
         self.gamma1 = nn.Parameter(torch.full((dim,), float(layerscale_init)))
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
@@ -107,7 +109,8 @@ class SemanticAttentionOutput(NamedTuple):
 class SemanticAttention(nn.Module):
     """The SA block (method.md sec 3): a learnable [CLS] token (trunc-normal, std 0.02) and ``num_blocks``
     :class:`ClassAttentionBlock` s of width ``dim``, each with stochastic depth ``drop_path`` on both residual
-    branches (per sample; 0 = off, the default).
+    branches (per sample; 0 = off, the default) and attention logits ``q . k / (sqrt(d_head) * temperature)``
+    (1 = CaiT's scale, the default).
 
     ``forward(tokens)``: ``tokens`` ``(B, N, C)`` layer-normed stage tokens (``SwinFeatures.tokens[stage]``)
     -> :class:`SemanticAttentionOutput` ``(cls (B, C), tokens (B, N, C), importance (B, N))``.
@@ -115,18 +118,27 @@ class SemanticAttention(nn.Module):
     ``F.scaled_dot_product_attention``."""
 
     def __init__(self, dim: int, num_heads: int = 8, num_blocks: int = 2, mlp_ratio: float = 4.0,
-                 layerscale_init: float = 1e-4, qkv_bias: bool = True, drop_path: float = 0.0) -> None:
+                 layerscale_init: float = 1e-4, qkv_bias: bool = True, drop_path: float = 0.0,
+                 temperature: float = 1.0) -> None:
         super().__init__()
         if num_blocks < 1:
             raise ValueError(f"num_blocks must be >= 1, got {num_blocks}")
         self.dim = dim
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.blocks = nn.ModuleList(
-            ClassAttentionBlock(dim, num_heads, mlp_ratio, layerscale_init, qkv_bias, drop_path)
+            ClassAttentionBlock(dim, num_heads, mlp_ratio, layerscale_init, qkv_bias, drop_path, temperature)
             for _ in range(num_blocks)
         )
         self.norm = nn.LayerNorm(dim)
         self.reset_parameters()
+
+    @classmethod
+    def from_config(cls, sa, dim: int) -> "SemanticAttention":
+        """The SA block an ``SAConfig`` (``cfg.sa``) describes, of width ``dim`` (the one constructor the trainer
+        and the downstream encoder share, so a pretrained block is rebuilt exactly as it was trained)."""
+        return cls(dim, num_heads=sa.num_heads, num_blocks=sa.num_blocks, mlp_ratio=sa.mlp_ratio,
+                   layerscale_init=sa.layerscale_init, qkv_bias=sa.qkv_bias, drop_path=sa.drop_path_rate,
+                   temperature=sa.temperature)
 
     def reset_parameters(self) -> None:
         """CaiT/timm init: trunc-normal(0.02) Linear weights and [CLS] token, zero biases, unit LayerNorms;

@@ -99,10 +99,7 @@ class SSLNetwork(nn.Module):
         self.sa = None
         if cfg.sa.enabled:
             self.sa_stage = cfg.sa.stage
-            self.sa = SemanticAttention(widths[cfg.sa.stage], num_heads=cfg.sa.num_heads,
-                                        num_blocks=cfg.sa.num_blocks, mlp_ratio=cfg.sa.mlp_ratio,
-                                        layerscale_init=cfg.sa.layerscale_init, qkv_bias=cfg.sa.qkv_bias,
-                                        drop_path=cfg.sa.drop_path_rate)
+            self.sa = SemanticAttention.from_config(cfg.sa, widths[cfg.sa.stage])
 
         def mlp(width):
             return ProjectionMLP(width, heads.hidden_dim, heads.bottleneck_dim, heads.num_layers)

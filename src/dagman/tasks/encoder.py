@@ -160,9 +160,7 @@ class TaskEncoder(nn.Module):
         self.sa_stage = cfg.sa.stage
         widths = self.backbone.stage_widths
         if use_sa:
-            self.sa = SemanticAttention(widths[cfg.sa.stage], num_heads=cfg.sa.num_heads,
-                                        num_blocks=cfg.sa.num_blocks, mlp_ratio=cfg.sa.mlp_ratio,
-                                        layerscale_init=cfg.sa.layerscale_init, qkv_bias=cfg.sa.qkv_bias)
+            self.sa = SemanticAttention.from_config(cfg.sa, widths[cfg.sa.stage])
             self.sa.load_state_dict(source.sa, strict=True)
             self.feature_dim = widths[cfg.sa.stage]
             self.feature_source = f"SA [CLS] token (stage {cfg.sa.stage})"
