@@ -34,6 +34,7 @@ COMMANDS: list[tuple[str | None, str, str]] = [
     (None, "segment", "dagman.commands.segment"),
     (None, "cluster", "dagman.commands.cluster"),
     (None, "recognize", "dagman.commands.recognize"),
+    (None, "features", "dagman.commands.features"),
 ]
 
 GROUP_HELP = {"data": "get, convert and prepare CT data (fetch-examples, prepare, nodules)"}

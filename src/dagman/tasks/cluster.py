@@ -43,6 +43,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from dagman.data.labels import resample_labels_nearest
 from dagman.errors import DagmanError, DataError
 
 MODES = ("crop", "masked")
@@ -334,29 +335,6 @@ def read_image_and_labels(image, labels):
 
 def _fmt_spacing(spacing) -> str:
     return "x".join(f"{s:g}" for s in np.round(spacing, 3))
-
-
-def resample_labels_nearest(labels: np.ndarray, affine: np.ndarray, new_affine: np.ndarray,
-                            new_shape: Sequence[int]) -> np.ndarray:
-    """Nearest-neighbour resampling of a label map ``(X, Y, Z)`` (voxel -> world ``affine``) onto the grid
-    ``(new_shape, new_affine)``; voxels outside the old grid get 0. Same dtype."""
-    to_old = np.linalg.inv(np.asarray(affine, float)) @ np.asarray(new_affine, float)
-    rot, shift = to_old[:3, :3], to_old[:3, 3]
-    if np.allclose(rot - np.diag(np.diag(rot)), 0.0, atol=1e-6):
-        idx, valid = [], []
-        for a, n_new in enumerate(new_shape):
-            i = np.rint(rot[a, a] * np.arange(n_new) + shift[a]).astype(np.int64)
-            ok = (i >= 0) & (i < labels.shape[a])
-            idx.append(np.clip(i, 0, labels.shape[a] - 1))
-            valid.append(ok)
-        out = labels[np.ix_(*idx)].copy()
-        inside = valid[0][:, None, None] & valid[1][None, :, None] & valid[2][None, None, :]
-        out[~inside] = 0
-        return out
-    from scipy.ndimage import affine_transform
-
-    return affine_transform(labels, rot, offset=shift, output_shape=tuple(new_shape), order=0, mode="constant",
-                            cval=0)
 
 
 def make_structure_crops(image, labels, *, spacing: float = 2.0, hu_window: tuple[float, float] = (-750.0, 1750.0),

@@ -49,6 +49,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from dagman.data.labels import read_label_map
 from dagman.errors import DagmanError, DataError
 
 __all__ = [
@@ -429,63 +430,6 @@ def check_label_values(values: np.ndarray, spec: LabelSpec, where) -> None:
         shown = ", ".join(str(v) for v in bad[:8]) + (", ..." if len(bad) > 8 else "")
         raise DataError(f"{where}: label value(s) {shown} not among the allowed labels "
                         f"{list(spec.allowed)} ({spec.source})")
-
-
-def read_label_map(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, object | None]:
-    """A label map as stored: ``(array (X, Y, Z) int32 in the file's voxel order, affine (4, 4) voxel -> RAS mm,
-    NIfTI header or None)``. NIfTI through nibabel, NRRD/MetaImage through SimpleITK (LPS -> RAS), like
-    :func:`~dagman.data.io.read_ct`. Non-integer values, 2D/4D or unreadable files raise a one-line
-    :class:`DataError`."""
-    from dagman.data.io import image_kind, lps_to_ras
-
-    path = Path(path)
-    kind = image_kind(path.name)
-    if not path.is_file():
-        raise DataError(f"{path}: no such label file")
-    try:
-        if kind == "nifti":
-            import nibabel as nib
-
-            img = nib.load(str(path))
-            array = np.asarray(img.dataobj)
-            affine = np.asarray(img.affine, dtype=np.float64)
-            header = img.header
-        elif kind in ("nrrd", "metaimage"):
-            import SimpleITK as sitk
-
-            image = sitk.ReadImage(str(path))
-            if image.GetNumberOfComponentsPerPixel() != 1:
-                raise DataError(f"{path}: vector image; a label map needs one value per voxel")
-            array = sitk.GetArrayFromImage(image)
-            array = array.transpose(tuple(range(array.ndim))[::-1])  # (z, y, x) -> (x, y, z)
-            dim = image.GetDimension()
-            direction = np.asarray(image.GetDirection(), dtype=np.float64).reshape(dim, dim)
-            lps = np.eye(4)
-            if dim >= 3:  # the spatial part of a 3D (or 3D + singleton) image
-                spacing = np.asarray(image.GetSpacing(), dtype=np.float64)[:3]
-                lps[:3, :3] = direction[:3, :3] @ np.diag(spacing)
-                lps[:3, 3] = image.GetOrigin()[:3]
-            affine = lps_to_ras(lps)
-            header = None
-        else:
-            raise DataError(f"{path}: unsupported label map format (use NIfTI, NRRD or MetaImage)")
-    except DataError:
-        raise
-    except Exception as err:  # noqa: BLE001 - any reader failure becomes one line naming the file
-        text = " ".join(str(err).split())[:120]
-        raise DataError(f"{path}: cannot read label map ({type(err).__name__}: {text})") from None
-    while array.ndim > 3 and array.shape[-1] == 1:
-        array = array[..., 0]
-    if array.ndim != 3:
-        raise DataError(f"{path}: label map must be 3D, got shape {_fmt_shape(array.shape)}")
-    if array.dtype.kind == "f":
-        rounded = np.rint(array)
-        if not np.array_equal(rounded, array):
-            raise DataError(f"{path}: label map has non-integer values (e.g. {float(array[rounded != array][0]):g})")
-        array = rounded
-    if array.dtype.kind not in "iuf" or (array.size and (array.min() < 0 or array.max() > 65535)):
-        raise DataError(f"{path}: label values must be integers in 0..65535")
-    return np.ascontiguousarray(array.astype(np.int32)), affine, header
 
 
 def resample_nearest(array: np.ndarray, from_affine: np.ndarray, to_affine: np.ndarray,
