@@ -273,9 +273,9 @@ def t_interval(values) -> list[float]:
 
 def mean_std(values) -> dict:
     """``{"mean", "std" (ddof 1), "values"}``: the summary dagman classify uses for its seeds."""
-    from dagman.tasks.classify import _mean_std
+    from dagman.tasks.cv import mean_std
 
-    return _mean_std(values)
+    return mean_std(values)
 
 
 # --------------------------------------------------------------------------------------------------------------

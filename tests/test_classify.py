@@ -146,7 +146,9 @@ def test_linear_probe_on_random_init_separates_bright_from_dark(blobs):
 def test_threshold_and_model_choice_come_from_the_validation_part(blobs, monkeypatch):
     c = blobs["cohort"]
     parts_seen, youden_calls = [], []
-    real_parts, real_youden = classify.fold_parts, classify.threshold_at_youden
+    from dagman.tasks import cv
+
+    real_parts, real_youden = cv.fold_parts, classify.threshold_at_youden
 
     def spy_parts(*a, **k):
         parts = real_parts(*a, **k)
@@ -157,7 +159,7 @@ def test_threshold_and_model_choice_come_from_the_validation_part(blobs, monkeyp
         youden_calls.append((np.asarray(y).copy(), np.asarray(score).copy()))
         return real_youden(y, score)
 
-    monkeypatch.setattr(classify, "fold_parts", spy_parts)
+    monkeypatch.setattr(cv, "fold_parts", spy_parts)
     monkeypatch.setattr(classify, "threshold_at_youden", spy_youden)
     r = run_classification(c, blobs["encoder"], Protocol(fraction=0.5, n_boot=50), progress=False)
     assert len(parts_seen) == len(youden_calls) == 3

@@ -35,7 +35,6 @@ Library entry points: :func:`read_label_table` + :func:`cohort_from_table` (CSV 
 
 from __future__ import annotations
 
-import copy
 import csv
 import io
 import math
@@ -48,11 +47,11 @@ from typing import Callable, Sequence
 
 import numpy as np
 import torch
-from torch import nn
 
-from dagman.errors import ConfigError, DataError
+from dagman.errors import DataError
+from dagman.tasks.cv import Cohort, CVHead, Protocol, fold_parts, fold_plan, mean_std, run_cv
+from dagman.tasks.finetune import ScoringNetwork, fine_tune, predict_network
 from dagman.tasks.metrics import bootstrap_ci, roc_auc, sensitivity_specificity, threshold_at_youden
-from dagman.tasks.splits import fewshot_subset, min_groups_per_class, stratified_group_folds, train_val_split
 
 __all__ = [
     "LabelTable",
@@ -77,9 +76,6 @@ __all__ = [
     "format_table",
     "summary_line",
 ]
-
-MODES = ("lp", "ft")
-
 
 # ----------------------------------------------------------------------------------------------------------
 # Label tables
@@ -199,34 +195,6 @@ def parse_binary_labels(values: Sequence[str], where: str, column: str = "label"
                             f"{name_of[neg]!r} / {name_of[pos]!r}")
     y = np.array([1 if k == pos else 0 for k in keys], dtype=np.int64)
     return y, (name_of[neg], name_of[pos])
-
-
-@dataclass
-class Cohort:
-    """The rows of one labelled task.
-
-    ``images``: ``N`` paths; ``groups``: ``(N,)`` patient ids (str; one per row when the table has no patient
-    column); ``labels``: ``(N,)`` int64 0/1 or None (survival tables); ``class_names``: (negative, positive);
-    ``fold``: ``(N,)`` int64 predefined folds or None; ``time`` ``(N,)`` float64 and ``event`` ``(N,)`` int64 for
-    survival; ``inputs``: ``(N, D, H, W)`` float32 network inputs once loaded; ``source``: the table's path."""
-
-    images: list[Path]
-    groups: np.ndarray
-    labels: np.ndarray | None = None
-    class_names: tuple[str, str] = ("0", "1")
-    fold: np.ndarray | None = None
-    time: np.ndarray | None = None
-    event: np.ndarray | None = None
-    inputs: np.ndarray | None = None
-    source: str = ""
-    has_patients: bool = False
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    @property
-    def n_patients(self) -> int:
-        return int(np.unique(self.groups).shape[0])
 
 
 def _resolve_images(table: LabelTable, column: str = "image") -> list[Path]:
@@ -396,100 +364,6 @@ def encode(encoder, inputs: np.ndarray, batch_size: int = 16, device=None, progr
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Protocol and splits
-# ----------------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Protocol:
-    """Settings of the evaluation protocol (see the module docstring). ``lr``, ``epochs``, ``batch_size``,
-    ``weight_decay`` apply to ``ft``; ``c_grid`` (inverse L2 strengths) to ``lp``."""
-
-    mode: str = "lp"
-    fraction: float = 1.0
-    folds: int = 3
-    seeds: int = 1
-    seed: int = 0
-    n_boot: int = 1000
-    val_fraction: float = 0.2
-    epochs: int = 20
-    lr: float = 1e-4
-    batch_size: int = 8
-    weight_decay: float = 0.05
-    c_grid: tuple[float, ...] = (1e-3, 1e-2, 1e-1, 1.0, 10.0)
-
-    def check(self) -> "Protocol":
-        """Raise a one-line ConfigError for a bad setting; returns self."""
-        if self.mode not in MODES:
-            raise ConfigError(f"--mode must be one of {', '.join(MODES)}, got {self.mode!r}")
-        if not (isinstance(self.fraction, (int, float)) and 0.0 < float(self.fraction) <= 1.0):
-            raise ConfigError(f"--fraction must be in (0, 1] (e.g. 0.25, 0.5, 1.0), got {self.fraction}")
-        if int(self.folds) != self.folds or self.folds < 2:
-            raise ConfigError(f"--folds must be an integer >= 2, got {self.folds}")
-        if self.seeds < 1:
-            raise ConfigError(f"--seeds must be >= 1, got {self.seeds}")
-        if self.n_boot < 1:
-            raise ConfigError(f"--n-boot must be >= 1, got {self.n_boot}")
-        if not 0.0 < self.val_fraction < 1.0:
-            raise ConfigError(f"--val-fraction must be in (0, 1), got {self.val_fraction}")
-        if self.mode == "ft":
-            if self.epochs < 1:
-                raise ConfigError(f"--epochs must be >= 1, got {self.epochs}")
-            if not self.lr > 0:
-                raise ConfigError(f"--lr must be > 0, got {self.lr}")
-            if self.batch_size < 1:
-                raise ConfigError(f"--batch-size must be >= 1, got {self.batch_size}")
-        if not self.c_grid or any(not c > 0 for c in self.c_grid):
-            raise ConfigError(f"the C grid must hold positive values, got {self.c_grid}")
-        return self
-
-    @property
-    def seed_values(self) -> list[int]:
-        return [int(self.seed) + i for i in range(int(self.seeds))]
-
-
-def fold_plan(cohort: Cohort, strata: np.ndarray, protocol: Protocol, seed: int,
-              what: str = "label") -> tuple[np.ndarray, str]:
-    """Fold index per row ``(N,)`` and how it was made: the table's fold column when it has one, else
-    stratified (by ``strata`` ``(N,)`` 0/1, e.g. the labels or the event indicator, named ``what`` in messages)
-    patient-grouped folds."""
-    if cohort.fold is not None:
-        k = int(cohort.fold.max()) + 1
-        if k < 2:
-            raise DataError(f"{cohort.source}: the fold column holds a single fold; need at least 2")
-        for f in range(k):
-            present = np.unique(strata[cohort.fold == f])
-            if present.shape[0] < np.unique(strata).shape[0]:
-                raise DataError(f"{cohort.source}: fold {f} of the fold column lacks a class of {what} (every "
-                                "fold needs both)")
-        return cohort.fold, f"the table's fold column ({k} folds)"
-    need = min_groups_per_class(protocol.folds)
-    unit = "patient" if cohort.has_patients else "sample"
-    for c in (0, 1):
-        n = int(np.unique(cohort.groups[strata == c]).shape[0])
-        if n < need:
-            name = cohort.class_names[c] if what == "label" else str(c)
-            raise DataError(f"{cohort.source}: too few samples per class for {protocol.folds}-fold CV: {what} "
-                            f"{name} has {n} {unit}(s); need at least {need} (every test fold one, every "
-                            "training part two: train + validation)")
-    folds = stratified_group_folds(strata, cohort.groups, protocol.folds, seed)
-    return folds, f"stratified {protocol.folds}-fold, grouped by {'patient' if cohort.has_patients else 'row'}"
-
-
-def fold_parts(folds: np.ndarray, strata: np.ndarray, groups: np.ndarray, fold: int, protocol: Protocol,
-               seed: int) -> dict[str, np.ndarray]:
-    """Row indices ``{"train", "val", "test"}`` of one fold: the test fold; the other folds reduced to
-    ``protocol.fraction`` of their patients, split by patient into train / validation. Deterministic under
-    ``(seed, fold)``."""
-    test = np.flatnonzero(folds == fold)
-    rest = np.flatnonzero(folds != fold)
-    sub_seed = int(seed) * 1009 + int(fold)
-    subset = fewshot_subset(rest, strata, groups, protocol.fraction, sub_seed, min_per_class=2)
-    train, val = train_val_split(subset, strata, groups, protocol.val_fraction, sub_seed + 500_009)
-    return {"train": train, "val": val, "test": test}
-
-
-# ----------------------------------------------------------------------------------------------------------
 # Models
 # ----------------------------------------------------------------------------------------------------------
 
@@ -538,110 +412,6 @@ def fit_linear_probe(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray
         if best_key is None or key > best_key:
             best, best_key = (model, float(c)), key
     return LinearProbe(mean=mean, scale=scale, model=best[0], C=best[1], val_auc=float(best_key[0]))
-
-
-class ScoringNetwork(nn.Module):
-    """Encoder + one linear layer: ``forward(x (B, 1, D, H, W)) -> (B,)`` logit (classification) or log-risk
-    (Cox). The encoder is used as given (copy it first to keep the original)."""
-
-    def __init__(self, encoder: nn.Module) -> None:
-        super().__init__()
-        self.encoder = encoder
-        self.head = nn.Linear(encoder.feature_dim, 1)
-        nn.init.normal_(self.head.weight, std=0.01)
-        nn.init.zeros_(self.head.bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.encoder(x)).squeeze(-1)
-
-
-def _device(device=None) -> torch.device:
-    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-
-
-def _random_flips(x, generator):
-    """Flip each sample of ``x (B, 1, D, H, W)`` along each spatial axis with probability 1/2."""
-    flips = torch.rand(x.shape[0], 3, generator=generator) < 0.5
-    out = []
-    for i in range(x.shape[0]):
-        dims = [2 + a for a in range(3) if flips[i, a]]
-        out.append(torch.flip(x[i:i + 1], dims) if dims else x[i:i + 1])
-    return torch.cat(out)
-
-
-def predict_network(net, inputs: np.ndarray, batch_size: int = 16, device=None) -> np.ndarray:
-    """Outputs ``(N,)`` float64 of a scoring network on inputs ``(N, D, H, W)`` (eval mode, no grad, bf16
-    autocast on CUDA)."""
-    device = _device(device)
-    net.eval()
-    outs = []
-    with torch.no_grad():
-        for i in range(0, inputs.shape[0], batch_size):
-            x = torch.from_numpy(np.ascontiguousarray(inputs[i:i + batch_size]))[:, None].float().to(device)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                o = net(x)
-            outs.append(o.float().cpu().numpy().astype(np.float64))
-    return np.concatenate(outs) if outs else np.zeros(0)
-
-
-def fine_tune(encoder, x_train: np.ndarray, x_val: np.ndarray, loss_fn: Callable, val_key: Callable,
-              protocol: Protocol, seed: int, device=None, progress: bool = True, desc: str = "fine-tune"):
-    """Train a copy of ``encoder`` + a linear head end-to-end; keep the epoch whose validation outputs score best.
-
-    Args:
-        encoder: a :class:`~dagman.tasks.encoder.TaskEncoder` (copied, never modified).
-        x_train: ``(M, D, H, W)`` float32 training inputs; x_val: ``(V, D, H, W)`` validation inputs.
-        loss_fn: ``loss_fn(outputs (B,) float tensor, rows (B,) int64 numpy indices into x_train) -> scalar
-            tensor`` (or None to skip the batch, e.g. a Cox batch without events).
-        val_key: ``val_key(val_outputs (V,) numpy) -> comparable`` (higher is better, e.g. ``(auc, -loss)``).
-        protocol: ``epochs``, ``lr``, ``weight_decay``, ``batch_size``.
-        seed: seeds the head, the batch order and the flips.
-    Returns:
-        ``(network in eval mode with the best epoch's weights, {"best_epoch": int (1-based), "val_key": ...,
-        "skipped_steps": batches whose loss or gradient was not finite (skipped, never applied)})``.
-    """
-    from tqdm import tqdm
-
-    device = _device(device)
-    torch.manual_seed(int(seed))
-    net = ScoringNetwork(copy.deepcopy(encoder).float()).to(device)
-    opt = torch.optim.AdamW(net.parameters(), lr=protocol.lr, weight_decay=protocol.weight_decay)
-    gen = torch.Generator().manual_seed(int(seed))
-    n = x_train.shape[0]
-    best_state, best_key, best_epoch, skipped = None, None, 0, 0
-    bar = tqdm(total=protocol.epochs, desc=desc, unit="epoch", disable=None if progress else True, leave=False)
-    for epoch in range(protocol.epochs):
-        net.train()
-        order = torch.randperm(n, generator=gen).numpy()
-        for i in range(0, n, protocol.batch_size):
-            rows = order[i:i + protocol.batch_size]
-            x = torch.from_numpy(np.ascontiguousarray(x_train[rows]))[:, None].float()
-            x = _random_flips(x, gen).to(device)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                out = net(x)
-            loss = loss_fn(out.float(), rows)
-            if loss is None:
-                continue
-            opt.zero_grad(set_to_none=True)
-            if not torch.isfinite(loss):  # skipped and counted, never applied
-                skipped += 1
-                continue
-            loss.backward()
-            norm = torch.nn.utils.clip_grad_norm_(net.parameters(), 3.0)
-            if not torch.isfinite(norm):  # finite loss, non-finite gradient: the weights must not see it
-                opt.zero_grad(set_to_none=True)
-                skipped += 1
-                continue
-            opt.step()
-        key = val_key(predict_network(net, x_val, protocol.batch_size * 2, device))
-        if best_key is None or key > best_key:
-            best_key, best_epoch = key, epoch + 1
-            best_state = {k: v.detach().clone() for k, v in net.state_dict().items()}
-        bar.update(1)
-    bar.close()
-    net.load_state_dict(best_state)
-    net.eval()
-    return net, {"best_epoch": best_epoch, "val_key": best_key, "skipped_steps": skipped}
 
 
 def _bce_loss(y_train: np.ndarray):
@@ -698,12 +468,6 @@ def roc_points(y: np.ndarray, score: np.ndarray) -> dict:
             "thresholds": [float(v) if np.isfinite(v) else None for v in thr]}
 
 
-def _mean_std(values: Sequence[float]) -> dict:
-    v = np.asarray(values, np.float64)
-    return {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if v.shape[0] > 1 else 0.0,
-            "values": [float(x) for x in v]}
-
-
 # ----------------------------------------------------------------------------------------------------------
 # The protocol
 # ----------------------------------------------------------------------------------------------------------
@@ -719,15 +483,68 @@ def _check_cohort(cohort: Cohort) -> None:
         raise DataError(f"{cohort.source}: AUC needs both classes: all {y.shape[0]} rows have label {name}")
 
 
-def _features_for(cohort: Cohort, encoder, features, device, progress, desc) -> np.ndarray:
-    if features is not None:
-        features = np.asarray(features, np.float32)
-        if features.shape[0] != len(cohort):
-            raise DataError(f"{cohort.source}: {features.shape[0]} feature rows for {len(cohort)} table rows")
-        return features
-    if encoder is None or cohort.inputs is None:
-        raise DataError(f"{cohort.source}: the linear probe needs features, or an encoder and loaded inputs")
-    return encode(encoder, cohort.inputs, device=device, progress=progress)
+def _sigmoid(out: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-out))
+
+
+class BinaryHead(CVHead):
+    """Binary classification in the shared protocol: a logistic-regression probe or a fine-tuned logit, the
+    threshold by Youden's J on the validation part, AUC per fold and pooled (with sensitivity / specificity)."""
+
+    what = "label"
+    metric = "auc"
+    fold_keys = ("fold_aucs", "fold_auc")
+
+    def __init__(self, cohort: Cohort) -> None:
+        self.cohort = cohort
+        self.y = cohort.labels
+        self.strata = cohort.labels
+
+    def counts(self, tr, va, te) -> dict:
+        y = self.y
+        return {"train_positives": int(y[tr].sum()), "val_positives": int(y[va].sum()),
+                "test_positives": int(y[te].sum())}
+
+    def fit_frozen(self, feats, tr, va, protocol):
+        probe = fit_linear_probe(feats[tr], self.y[tr], feats[va], self.y[va], protocol.c_grid)
+        return probe.scores, {"C": probe.C, "val_auc": probe.val_auc}
+
+    def objective(self, tr, va):
+        y_val = self.y[va]
+
+        def val_key(out):
+            p = _sigmoid(out)
+            return (roc_auc(y_val, p), -_log_loss(y_val, p))
+
+        return _bce_loss(self.y[tr]), val_key, _sigmoid, "val_auc"
+
+    def cut(self, predict, tr, va):
+        thr = threshold_at_youden(self.y[va], predict(va))
+        return thr, {"threshold": float(thr)}
+
+    def fold_metric(self, te, scores) -> float:
+        return roc_auc(self.y[te], scores)
+
+    def pooled(self, oof, cut, seed, protocol) -> dict:
+        return binary_metrics(self.y, oof, cut, protocol.n_boot, seed=seed)
+
+    def finish_pooled(self, cv, oof, cut) -> None:
+        cv["roc"] = roc_points(self.y, oof)
+
+    def record(self, i, seed, fold, score, cut) -> dict:
+        c = self.cohort
+        return {"row": i, "image": str(c.images[i]), "patient": str(c.groups[i]), "label": int(self.y[i]),
+                "seed": seed, "fold": fold, "score": score, "threshold": cut, "called": int(score >= cut)}
+
+    def test_metrics(self, test, score, cut, seed, protocol, models) -> dict:
+        tm = binary_metrics(test.labels, score, cut, protocol.n_boot, seed=seed)
+        tm.update({"threshold": cut, "models": models, "roc": roc_points(test.labels, score)})
+        return tm
+
+    def test_record(self, test, i, seed, score, cut) -> dict:
+        return {"row": i, "image": str(test.images[i]), "patient": str(test.groups[i]),
+                "label": int(test.labels[i]), "seed": seed, "score": score, "threshold": cut,
+                "called": int(score >= cut)}
 
 
 def run_classification(cohort: Cohort, encoder=None, protocol: Protocol | None = None, *, test: Cohort | None = None,
@@ -759,97 +576,15 @@ def run_classification(cohort: Cohort, encoder=None, protocol: Protocol | None =
     y = cohort.labels
     if test is not None:
         _check_cohort(test)
-    timing = {"features_s": 0.0, "fit_s": 0.0}
+    run = run_cv(cohort, BinaryHead(cohort), protocol, encoder, test=test, features=features,
+                 test_features=test_features, device=device, progress=progress)
+    per_seed, feats, fold_source, timing = run.per_seed, run.features, run.fold_source, run.timing
+    predictions, test_predictions = run.predictions, run.test_predictions
 
-    feats = test_feats = None
-    if protocol.mode == "lp":
-        t0 = time.perf_counter()
-        feats = _features_for(cohort, encoder, features, device, progress, "features")
-        if test is not None:
-            test_feats = _features_for(test, encoder, test_features, device, progress, "test features")
-        timing["features_s"] = time.perf_counter() - t0
-    else:
-        if encoder is None:
-            raise DataError("fine-tuning (--mode ft) needs an encoder")
-        for c in (cohort, test):
-            if c is not None and c.inputs is None:
-                raise DataError(f"{c.source}: fine-tuning needs the images loaded (cohort.inputs)")
-
-    t_fit = time.perf_counter()
-    per_seed, predictions, test_predictions = [], [], []
-    fold_source = ""
-    for s in protocol.seed_values:
-        folds, fold_source = fold_plan(cohort, y, protocol, s)
-        k = int(folds.max()) + 1
-        oof_score = np.full(len(cohort), np.nan)
-        oof_thr = np.full(len(cohort), np.nan)
-        fold_info, test_scores, test_thresholds = [], [], []
-        for f in range(k):
-            parts = fold_parts(folds, y, cohort.groups, f, protocol, s)
-            tr, va, te = parts["train"], parts["val"], parts["test"]
-            info = {"fold": f, "n_train": int(tr.shape[0]), "n_val": int(va.shape[0]), "n_test": int(te.shape[0]),
-                    "train_positives": int(y[tr].sum()), "val_positives": int(y[va].sum()),
-                    "test_positives": int(y[te].sum())}
-            if protocol.mode == "lp":
-                probe = fit_linear_probe(feats[tr], y[tr], feats[va], y[va], protocol.c_grid)
-                val_scores = probe.scores(feats[va])
-                te_scores = probe.scores(feats[te])
-                tt_scores = probe.scores(test_feats) if test is not None else None
-                info.update({"C": probe.C, "val_auc": probe.val_auc})
-            else:
-                y_val = y[va]
-
-                def val_key(out, y_val=y_val):
-                    p = 1.0 / (1.0 + np.exp(-out))
-                    return (roc_auc(y_val, p), -_log_loss(y_val, p))
-
-                net, fit = fine_tune(encoder, cohort.inputs[tr], cohort.inputs[va], _bce_loss(y[tr]), val_key,
-                                     protocol, seed=s * 1009 + f, device=device, progress=progress,
-                                     desc=f"seed {s} fold {f}")
-                sig = lambda o: 1.0 / (1.0 + np.exp(-o))  # noqa: E731
-                val_scores = sig(predict_network(net, cohort.inputs[va], protocol.batch_size * 2, device))
-                te_scores = sig(predict_network(net, cohort.inputs[te], protocol.batch_size * 2, device))
-                tt_scores = (sig(predict_network(net, test.inputs, protocol.batch_size * 2, device))
-                             if test is not None else None)
-                info.update({"best_epoch": fit["best_epoch"], "val_auc": float(fit["val_key"][0]),
-                             "skipped_steps": fit["skipped_steps"]})
-                del net
-            thr = threshold_at_youden(y[va], val_scores)
-            info["threshold"] = float(thr)
-            info["auc"] = roc_auc(y[te], te_scores)
-            oof_score[te] = te_scores
-            oof_thr[te] = thr
-            if tt_scores is not None:
-                test_scores.append(tt_scores)
-                test_thresholds.append(thr)
-            fold_info.append(info)
-        cv = binary_metrics(y, oof_score, oof_thr, protocol.n_boot, seed=s)
-        fold_aucs = [fi["auc"] for fi in fold_info]
-        cv.update({"fold_aucs": fold_aucs, "fold_auc_mean": float(np.mean(fold_aucs)),
-                   "fold_auc_std": float(np.std(fold_aucs, ddof=1)) if len(fold_aucs) > 1 else 0.0,
-                   "folds": fold_info, "roc": roc_points(y, oof_score)})
-        seed_result = {"seed": s, "cv": cv, "test": None}
-        for i in range(len(cohort)):
-            predictions.append({"row": i, "image": str(cohort.images[i]), "patient": str(cohort.groups[i]),
-                                "label": int(y[i]), "seed": s, "fold": int(folds[i]), "score": float(oof_score[i]),
-                                "threshold": float(oof_thr[i]), "called": int(oof_score[i] >= oof_thr[i])})
-        if test is not None:
-            t_score = np.mean(test_scores, axis=0)
-            t_thr = float(np.mean(test_thresholds))
-            tm = binary_metrics(test.labels, t_score, t_thr, protocol.n_boot, seed=s)
-            tm.update({"threshold": t_thr, "models": len(test_scores), "roc": roc_points(test.labels, t_score)})
-            seed_result["test"] = tm
-            for i in range(len(test)):
-                test_predictions.append({"row": i, "image": str(test.images[i]), "patient": str(test.groups[i]),
-                                         "label": int(test.labels[i]), "seed": s, "score": float(t_score[i]),
-                                         "threshold": t_thr, "called": int(t_score[i] >= t_thr)})
-        per_seed.append(seed_result)
-    timing["fit_s"] = time.perf_counter() - t_fit
-
-    across = {"cv": {m: _mean_std([r["cv"][m] for r in per_seed]) for m in
+    across = {"cv": {m: mean_std([r["cv"][m] for r in per_seed]) for m in
                      ("auc", "sensitivity", "specificity", "fold_auc_mean")}}
     if test is not None:
-        across["test"] = {m: _mean_std([r["test"][m] for r in per_seed]) for m in ("auc", "sensitivity", "specificity")}
+        across["test"] = {m: mean_std([r["test"][m] for r in per_seed]) for m in ("auc", "sensitivity", "specificity")}
     first = per_seed[0]
     source = getattr(encoder, "source", None)
     result = {

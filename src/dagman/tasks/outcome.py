@@ -34,8 +34,8 @@ import numpy as np
 import torch
 
 from dagman.errors import ConfigError, DataError
-from dagman.tasks.classify import (Cohort, LabelTable, Protocol, _features_for, _mean_std,
-                                   fine_tune, fold_parts, fold_plan, predict_network, write_outputs)
+from dagman.tasks.classify import LabelTable, write_outputs
+from dagman.tasks.cv import Cohort, CVHead, Protocol, mean_std, run_cv
 from dagman.tasks.metrics import bootstrap_ci, concordance_index
 
 __all__ = [
@@ -303,6 +303,67 @@ def _cox_ft_loss(t_train: np.ndarray, e_train: np.ndarray):
     return loss
 
 
+class SurvivalHead(CVHead):
+    """Time-to-event prediction in the shared protocol: a linear Cox head on frozen features or a fine-tuned
+    log-risk, the cut-off = the median risk of the fold's training part (train + validation), Harrell's C-index
+    per fold and pooled, Kaplan-Meier risk groups."""
+
+    metric = "c_index"
+    fold_keys = ("fold_c_indices", "fold_c_index")
+
+    def __init__(self, cohort: Cohort, strata: np.ndarray, what: str) -> None:
+        self.cohort, self.strata, self.what = cohort, strata, what
+        self.t, self.e = cohort.time, cohort.event
+
+    def counts(self, tr, va, te) -> dict:
+        e = self.e
+        return {"train_events": int(e[tr].sum()), "val_events": int(e[va].sum()), "test_events": int(e[te].sum())}
+
+    def fit_frozen(self, feats, tr, va, protocol):
+        t, e = self.t, self.e
+        head = fit_cox_head(feats[tr], t[tr], e[tr], feats[va], t[va], e[va], protocol.l2_grid)
+        return head.risk, {"l2": head.l2, "val_c_index": head.val_c_index}
+
+    def objective(self, tr, va):
+        tv, ev = self.t[va], self.e[va]
+
+        def val_key(out):
+            ll = float(cox_partial_log_likelihood(torch.from_numpy(out), tv, ev)) / max(ev.sum(), 1)
+            return (_c_index_or_half(tv, ev, out), ll)
+
+        return _cox_ft_loss(self.t[tr], self.e[tr]), val_key, lambda out: out, "val_c_index"
+
+    def cut(self, predict, tr, va):
+        cut = float(np.median(predict(np.r_[tr, va])))
+        return cut, {"median_train_risk": cut}
+
+    def fold_metric(self, te, scores) -> float:
+        return _c_index_or_half(self.t[te], self.e[te], scores)
+
+    def pooled(self, oof, cut, seed, protocol) -> dict:
+        return survival_metrics(self.t, self.e, oof, protocol.n_boot, seed=seed)
+
+    def finish_pooled(self, cv, oof, cut) -> None:
+        cv["risk_groups"] = _risk_groups(self.t, self.e, oof > cut)
+
+    def record(self, i, seed, fold, score, cut) -> dict:
+        c = self.cohort
+        return {"row": i, "image": str(c.images[i]), "patient": str(c.groups[i]), "time": float(self.t[i]),
+                "event": int(self.e[i]), "seed": seed, "fold": fold, "risk": score, "median_train_risk": cut,
+                "risk_group": "high" if score > cut else "low"}
+
+    def test_metrics(self, test, score, cut, seed, protocol, models) -> dict:
+        tm = survival_metrics(test.time, test.event, score, protocol.n_boot, seed=seed)
+        tm.update({"models": models, "median_train_risk": cut,
+                   "risk_groups": _risk_groups(test.time, test.event, score > cut)})
+        return tm
+
+    def test_record(self, test, i, seed, score, cut) -> dict:
+        return {"row": i, "image": str(test.images[i]), "patient": str(test.groups[i]),
+                "time": float(test.time[i]), "event": int(test.event[i]), "seed": seed, "risk": score,
+                "median_train_risk": cut, "risk_group": "high" if score > cut else "low"}
+
+
 def run_survival(cohort: Cohort, encoder=None, protocol: SurvivalProtocol | None = None, *,
                  test: Cohort | None = None, features: np.ndarray | None = None,
                  test_features: np.ndarray | None = None, device=None, progress: bool = True,
@@ -323,98 +384,16 @@ def run_survival(cohort: Cohort, encoder=None, protocol: SurvivalProtocol | None
         strata, what = (t_all > np.median(t_all)).astype(np.int64), "time above the median"
     else:
         strata, what = e_all.astype(np.int64), "event"
-    timing = {"features_s": 0.0, "fit_s": 0.0}
-    feats = test_feats = None
-    if protocol.mode == "lp":
-        t0 = _time.perf_counter()
-        feats = _features_for(cohort, encoder, features, device, progress, "features")
-        if test is not None:
-            test_feats = _features_for(test, encoder, test_features, device, progress, "test features")
-        timing["features_s"] = _time.perf_counter() - t0
-    elif encoder is None:
-        raise DataError("fine-tuning (--mode ft) needs an encoder")
-
-    t_fit = _time.perf_counter()
-    per_seed, predictions, test_predictions = [], [], []
-    fold_source = ""
-    for s in protocol.seed_values:
-        folds, fold_source = fold_plan(cohort, strata, protocol, s, what=what)
-        k = int(folds.max()) + 1
-        oof_risk = np.full(len(cohort), np.nan)
-        oof_cut = np.full(len(cohort), np.nan)
-        fold_info, test_risks, test_cuts = [], [], []
-        for f in range(k):
-            parts = fold_parts(folds, strata, cohort.groups, f, protocol, s)
-            tr, va, te = parts["train"], parts["val"], parts["test"]
-            info = {"fold": f, "n_train": int(tr.shape[0]), "n_val": int(va.shape[0]), "n_test": int(te.shape[0]),
-                    "train_events": int(e_all[tr].sum()), "val_events": int(e_all[va].sum()),
-                    "test_events": int(e_all[te].sum())}
-            fit_rows = np.r_[tr, va]
-            if protocol.mode == "lp":
-                head = fit_cox_head(feats[tr], t_all[tr], e_all[tr], feats[va], t_all[va], e_all[va],
-                                    protocol.l2_grid)
-                risk_fit = head.risk(feats[fit_rows])
-                risk_te = head.risk(feats[te])
-                risk_tt = head.risk(test_feats) if test is not None else None
-                info.update({"l2": head.l2, "val_c_index": head.val_c_index})
-            else:
-                tv, ev = t_all[va], e_all[va]
-
-                def val_key(out, tv=tv, ev=ev):
-                    ll = float(cox_partial_log_likelihood(torch.from_numpy(out), tv, ev)) / max(ev.sum(), 1)
-                    return (_c_index_or_half(tv, ev, out), ll)
-
-                net, fit = fine_tune(encoder, cohort.inputs[tr], cohort.inputs[va],
-                                     _cox_ft_loss(t_all[tr], e_all[tr]), val_key, protocol, seed=s * 1009 + f,
-                                     device=device, progress=progress, desc=f"seed {s} fold {f}")
-                bs = protocol.batch_size * 2
-                risk_fit = predict_network(net, cohort.inputs[fit_rows], bs, device)
-                risk_te = predict_network(net, cohort.inputs[te], bs, device)
-                risk_tt = predict_network(net, test.inputs, bs, device) if test is not None else None
-                info.update({"best_epoch": fit["best_epoch"], "val_c_index": float(fit["val_key"][0]),
-                             "skipped_steps": fit["skipped_steps"]})
-                del net
-            cut = float(np.median(risk_fit))
-            info["median_train_risk"] = cut
-            info["c_index"] = _c_index_or_half(t_all[te], e_all[te], risk_te)
-            oof_risk[te] = risk_te
-            oof_cut[te] = cut
-            if risk_tt is not None:
-                test_risks.append(risk_tt)
-                test_cuts.append(cut)
-            fold_info.append(info)
-        cv = survival_metrics(t_all, e_all, oof_risk, protocol.n_boot, seed=s)
-        fc = [fi["c_index"] for fi in fold_info]
-        high = oof_risk > oof_cut
-        cv.update({"fold_c_indices": fc, "fold_c_index_mean": float(np.mean(fc)),
-                   "fold_c_index_std": float(np.std(fc, ddof=1)) if len(fc) > 1 else 0.0, "folds": fold_info,
-                   "risk_groups": _risk_groups(t_all, e_all, high)})
-        seed_result = {"seed": s, "cv": cv, "test": None}
-        for i in range(len(cohort)):
-            predictions.append({"row": i, "image": str(cohort.images[i]), "patient": str(cohort.groups[i]),
-                                "time": float(t_all[i]), "event": int(e_all[i]), "seed": s, "fold": int(folds[i]),
-                                "risk": float(oof_risk[i]), "median_train_risk": float(oof_cut[i]),
-                                "risk_group": "high" if high[i] else "low"})
-        if test is not None:
-            r = np.mean(test_risks, axis=0)
-            cut = float(np.mean(test_cuts))
-            tm = survival_metrics(test.time, test.event, r, protocol.n_boot, seed=s)
-            tm.update({"models": len(test_risks), "median_train_risk": cut,
-                       "risk_groups": _risk_groups(test.time, test.event, r > cut)})
-            seed_result["test"] = tm
-            for i in range(len(test)):
-                test_predictions.append({"row": i, "image": str(test.images[i]), "patient": str(test.groups[i]),
-                                         "time": float(test.time[i]), "event": int(test.event[i]), "seed": s,
-                                         "risk": float(r[i]), "median_train_risk": cut,
-                                         "risk_group": "high" if r[i] > cut else "low"})
-        per_seed.append(seed_result)
-    timing["fit_s"] = _time.perf_counter() - t_fit
+    run = run_cv(cohort, SurvivalHead(cohort, strata, what), protocol, encoder, test=test, features=features,
+                 test_features=test_features, device=device, progress=progress)
+    per_seed, feats, fold_source, timing = run.per_seed, run.features, run.fold_source, run.timing
+    predictions, test_predictions = run.predictions, run.test_predictions
 
     first = per_seed[0]
-    across = {"cv": {"c_index": _mean_std([r["cv"]["c_index"] for r in per_seed]),
-                     "fold_c_index_mean": _mean_std([r["cv"]["fold_c_index_mean"] for r in per_seed])}}
+    across = {"cv": {"c_index": mean_std([r["cv"]["c_index"] for r in per_seed]),
+                     "fold_c_index_mean": mean_std([r["cv"]["fold_c_index_mean"] for r in per_seed])}}
     if test is not None:
-        across["test"] = {"c_index": _mean_std([r["test"]["c_index"] for r in per_seed])}
+        across["test"] = {"c_index": mean_std([r["test"]["c_index"] for r in per_seed])}
     source = getattr(encoder, "source", None)
     result = {
         "task": "outcome",
