@@ -367,7 +367,6 @@ def test_label_spec_and_split_rules():
     assert seg.split_cases(10, 0.2, 0.5, seed=0) == (train, held)  # seeded
     assert seg.split_cases(1, 0.2, 1.0, seed=0) == ([0], [])  # one case: nothing to hold out
     assert seg.split_cases(5, 0.2, 0.01, seed=3)[0].__len__() == 1  # at least one training case
-    assert [seg.lr_at(s, 100, 1.0) for s in (0, 4)] == [0.2, 1.0] and seg.lr_at(99, 100, 1.0) < 0.01
 
 
 # ---------------------------------------------------------------------------------------------- errors

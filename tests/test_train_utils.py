@@ -24,7 +24,6 @@ from dagman.train.optim import (
     last_layer_parameters,
     param_groups,
     set_lr_wd,
-    split_weight_decay,
 )
 
 # ----------------------------------------------------------------------------------------------------------
@@ -48,25 +47,26 @@ class Net(nn.Module):
         self.frozen = nn.Parameter(torch.ones(3, 3), requires_grad=False)
 
 
-def test_weight_decay_split_follows_the_documented_rule():
-    decay, no_decay = split_weight_decay(Net().named_parameters())
-    assert [n for n, _ in decay] == ["embed.weight", "attn.qkv.weight", "head.mlp.weight", "head.last_layer.weight"]
-    assert [n for n, _ in no_decay] == [
-        "mask_token", "cls_token", "embed.bias", "norm.weight", "norm.bias",
-        "attn.relative_position_bias_table", "attn.qkv.bias", "head.mlp.bias",
-    ]
-    # DDP prefixes do not change the decision; custom names extend nothing by default
-    decay2, _ = split_weight_decay((f"module.{n}", p) for n, p in Net().named_parameters())
-    assert [n for n, _ in decay2] == [f"module.{n}" for n, _ in decay]
-    decay3, _ = split_weight_decay(Net().named_parameters(), no_weight_decay_names=("qkv.weight",))
-    assert "attn.qkv.weight" not in [n for n, _ in decay3] and "attn.relative_position_bias_table" in [n for n, _ in decay3]
+def _names(module, params):
+    ids = {id(p) for p in params}
+    return [n for n, p in module.named_parameters() if id(p) in ids]
+
+
+def test_weight_decay_groups_follow_the_documented_rule():
+    net = Net()
+    decay, no_decay = param_groups(net)
+    assert decay["apply_weight_decay"] and not no_decay["apply_weight_decay"] and no_decay["weight_decay"] == 0.0
+    assert _names(net, decay["params"]) == ["embed.weight", "attn.relative_position_bias_table", "attn.qkv.weight",
+                                            "head.mlp.weight", "head.last_layer.weight"]
+    assert _names(net, no_decay["params"]) == ["mask_token", "cls_token", "embed.bias", "norm.weight", "norm.bias",
+                                               "attn.qkv.bias", "head.mlp.bias"]  # frozen: in neither
 
 
 def test_set_lr_wd_decays_only_the_regularised_group():
     torch.manual_seed(0)
     net = Net()
-    opt = build_optimizer(net.named_parameters(), load_config(size="tiny").optim)
-    assert [g["group_name"] for g in opt.param_groups] == ["decay", "no_decay"]
+    opt = build_optimizer(net, load_config(size="tiny").optim)
+    assert [g["apply_weight_decay"] for g in opt.param_groups] == [True, False]
     assert opt.param_groups[0]["betas"] == (0.9, 0.999) and opt.param_groups[0]["eps"] == 1e-8
     set_lr_wd(opt, lr=0.1, weight_decay=0.5)
     assert [(g["lr"], g["weight_decay"]) for g in opt.param_groups] == [(0.1, 0.5), (0.1, 0.0)]
@@ -78,14 +78,53 @@ def test_set_lr_wd_decays_only_the_regularised_group():
     after = dict(net.named_parameters())
     factor = torch.tensor(1 - 0.1 * 0.5, dtype=torch.float32)
     assert torch.equal(after["head.mlp.weight"], before["head.mlp.weight"] * factor)
-    for name in ("mask_token", "cls_token", "norm.weight", "attn.relative_position_bias_table", "embed.bias"):
+    for name in ("mask_token", "cls_token", "norm.weight", "embed.bias"):
         assert torch.equal(after[name], before[name]), name
+
+
+def test_pretraining_and_fine_tuning_run_the_same_weight_decay_rule():
+    """The trainer (build_state), the prediction tasks' fine-tuning and segment's training loop all build their
+    AdamW groups with param_groups: the same parameters decayed, the same ones not."""
+    from dagman.config import plan_steps
+    from dagman.tasks.finetune import ScoringNetwork, Tuner
+    from dagman.tasks.encoder import build_task_encoder
+    from dagman.train.distributed import DistInfo
+    from dagman.train.loop import build_state
+    from dagman.train.schedules import Schedules
+
+    cfg = load_config("tiny", "dagman")
+    state = build_state(cfg, DistInfo(0, 1, 0, torch.device("cpu"), False), Schedules.from_config(cfg, plan_steps(cfg, 2)))
+    ref = param_groups(state.student)
+    assert [[id(p) for p in g["params"]] for g in state.optimizer.param_groups] == [[id(p) for p in g["params"]]
+                                                                                   for g in ref]
+    net = ScoringNetwork(build_task_encoder("none", size="tiny"))
+    tuner = Tuner(net, lr=1e-3, weight_decay=0.05, total_steps=40, clip=1.0)
+    names = [_names(net, g["params"]) for g in tuner.optimizer.param_groups]
+    assert names == [_names(net, g["params"]) for g in param_groups(net)]
+    assert "encoder.backbone.layers1.0.blocks.0.attn.qkv.weight" in names[0]
+    assert "encoder.backbone.layers1.0.blocks.0.norm1.weight" in names[1] and "head.bias" in names[1]
+
+
+def test_tuner_schedule_and_skips():
+    """Warm-up 5% (at most 100 steps) then cosine to 0 at the last step; a non-finite loss is skipped, counted
+    and still advances the schedule."""
+    from dagman.tasks.finetune import Tuner, warmup_steps
+
+    assert [warmup_steps(n) for n in (10, 100, 4000)] == [0, 5, 100]
+    lin = nn.Linear(2, 1)
+    tuner = Tuner(lin, lr=1.0, weight_decay=0.0, total_steps=100, clip=1.0)
+    assert tuner.lrs[0] == 0.0 and tuner.lrs[5] == 1.0 and tuner.lrs[-1] == 0.0 and tuner.lrs[3] == pytest.approx(0.6)
+    before = lin.weight.detach().clone()
+    assert tuner.step(torch.tensor(float("nan"), requires_grad=True)) is False
+    assert tuner.skipped == 1 and tuner.index == 1 and torch.equal(lin.weight, before)
+    assert tuner.step(lin(torch.ones(1, 2)).sum()) is True
+    assert tuner.optimizer.param_groups[0]["lr"] == pytest.approx(0.2) and not torch.equal(lin.weight, before)
 
 
 def test_cancelled_last_layer_gets_no_update_at_all():
     torch.manual_seed(0)
     net = Net()
-    opt = torch.optim.AdamW(param_groups(net.named_parameters()), lr=0.1)
+    opt = torch.optim.AdamW(param_groups(net), lr=0.1)
     last = last_layer_parameters(net)
     assert last == [net.head.last_layer.weight]
     before = net.head.last_layer.weight.detach().clone()

@@ -23,7 +23,8 @@ Modes:
 * ``lp`` (linear probe): features of the frozen encoder computed once per image (kept in memory across folds and
   seeds), standardised on the training rows, scikit-learn ``LogisticRegression`` (L2, lbfgs, balanced class
   weights) with ``C`` from :attr:`Protocol.c_grid` chosen by validation AUC (ties: lower validation log-loss).
-* ``ft`` (fine-tune): the whole encoder plus a linear head, AdamW, random flips of each axis, binary
+* ``ft`` (fine-tune): the whole encoder plus a linear head through the shared :class:`~dagman.tasks.finetune.Tuner`
+  (AdamW with the pretraining weight-decay rule, warm-up + cosine learning rate), random flips of each axis, binary
   cross-entropy (positive class weighted by the negative/positive ratio), the epoch with the best validation AUC
   kept; CUDA when available (bf16 autocast there), else CPU.
 
@@ -609,8 +610,8 @@ def run_classification(cohort: Cohort, encoder=None, protocol: Protocol | None =
             "stratified by label", "threshold": "Youden's J on each fold's validation part",
             "model": ("logistic regression on standardised frozen features (scikit-learn, L2, balanced), C from "
                       f"{list(protocol.c_grid)} by validation AUC") if protocol.mode == "lp" else
-                     (f"encoder + linear head fine-tuned end-to-end (AdamW lr {protocol.lr}, weight decay "
-                      f"{protocol.weight_decay}, batch {protocol.batch_size}, {protocol.epochs} epochs, random "
+                     (f"encoder + linear head fine-tuned end-to-end (AdamW lr {protocol.lr} with warm-up + cosine, "
+                      f"weight decay {protocol.weight_decay} (not on norms, biases, tokens), clip {protocol.grad_clip}, batch {protocol.batch_size}, {protocol.epochs} epochs, random "
                       "flips), best epoch by validation AUC"),
             "pooling": "out-of-fold scores pooled over folds; test set: fold models' scores averaged, threshold = "
                        "mean of the fold thresholds",

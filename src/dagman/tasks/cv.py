@@ -56,7 +56,7 @@ class Cohort:
 @dataclass
 class Protocol:
     """Settings of the evaluation protocol (see the module docstring). ``lr``, ``epochs``, ``batch_size``,
-    ``weight_decay`` apply to ``ft``; ``c_grid`` (inverse L2 strengths) to ``lp``."""
+    ``weight_decay``, ``grad_clip`` apply to ``ft`` (:class:`dagman.tasks.finetune.Tuner`); ``c_grid`` (inverse L2 strengths) to ``lp``."""
 
     mode: str = "lp"
     fraction: float = 1.0
@@ -69,6 +69,7 @@ class Protocol:
     lr: float = 1e-4
     batch_size: int = 8
     weight_decay: float = 0.05
+    grad_clip: float = 3.0
     c_grid: tuple[float, ...] = (1e-3, 1e-2, 1e-1, 1.0, 10.0)
 
     def check(self) -> "Protocol":
@@ -92,6 +93,8 @@ class Protocol:
                 raise ConfigError(f"--lr must be > 0, got {self.lr}")
             if self.batch_size < 1:
                 raise ConfigError(f"--batch-size must be >= 1, got {self.batch_size}")
+            if not self.grad_clip > 0:
+                raise ConfigError(f"the gradient clip must be > 0, got {self.grad_clip}")
         if not self.c_grid or any(not c > 0 for c in self.c_grid):
             raise ConfigError(f"the C grid must hold positive values, got {self.c_grid}")
         return self

@@ -1,5 +1,9 @@
-"""Fine-tuning an encoder with a one-output linear head (classification logit or Cox log-risk): the training loop
-the downstream protocols share (:func:`fine_tune`), and batched prediction (:func:`predict_network`)."""
+"""Fine-tuning: the one optimisation step every downstream training loop runs (:class:`Tuner`: AdamW with the
+pretraining weight-decay rule of :func:`dagman.train.optim.param_groups`, linear warm-up + cosine learning rate from
+:func:`dagman.train.schedules.cosine_schedule`, gradient-norm clipping, non-finite steps skipped and counted), the
+encoder + one-output linear head loop of the prediction tasks (:func:`fine_tune`: classification logit or Cox
+log-risk, best epoch on validation) and batched prediction (:func:`predict_network`). ``dagman segment``'s
+:func:`~dagman.tasks.segment.train_model` drives the same :class:`Tuner`."""
 
 from __future__ import annotations
 
@@ -10,7 +14,54 @@ import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["ScoringNetwork", "device_for", "fine_tune", "predict_network", "random_flips"]
+__all__ = ["ScoringNetwork", "Tuner", "device_for", "fine_tune", "predict_network", "random_flips", "warmup_steps"]
+
+WARMUP_FRACTION = 0.05  # share of the steps with a linear learning-rate warm-up (at most MAX_WARMUP_STEPS)
+MAX_WARMUP_STEPS = 100
+
+
+def warmup_steps(total: int) -> int:
+    """Warm-up length of a ``total``-step fine-tuning run: ``min(MAX_WARMUP_STEPS, WARMUP_FRACTION * total)``."""
+    return min(MAX_WARMUP_STEPS, int(WARMUP_FRACTION * total))
+
+
+class Tuner:
+    """One AdamW optimisation step at a time for ``total_steps`` steps: parameter groups and weight decay as in
+    pretraining (:func:`dagman.train.optim.param_groups`), learning rate ``lr`` with :func:`warmup_steps` of
+    linear warm-up then a cosine to 0 at the last step (:func:`dagman.train.schedules.cosine_schedule`),
+    gradient-norm clipping at ``clip``. :meth:`step` skips (and counts in ``skipped``) a step whose loss or
+    gradient norm is not finite; the schedule advances either way."""
+
+    def __init__(self, model: nn.Module, lr: float, weight_decay: float, total_steps: int, clip: float) -> None:
+        from dagman.train.optim import build_optimizer, set_lr_wd
+        from dagman.train.schedules import cosine_schedule
+
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = build_optimizer(model)
+        self.lrs = cosine_schedule(float(lr), 0.0, max(1, int(total_steps)), warmup_steps(int(total_steps)))
+        self.weight_decay = float(weight_decay)
+        self.clip = float(clip)
+        self.index = 0
+        self.skipped = 0
+        self._set = set_lr_wd
+
+    def step(self, loss: torch.Tensor) -> bool:
+        """Backward ``loss`` and apply one update at this step's learning rate; False when skipped."""
+        i = min(self.index, len(self.lrs) - 1)
+        self.index += 1
+        self._set(self.optimizer, float(self.lrs[i]), self.weight_decay)
+        self.optimizer.zero_grad(set_to_none=True)
+        if not torch.isfinite(loss):  # skipped and counted, never applied
+            self.skipped += 1
+            return False
+        loss.backward()
+        norm = torch.nn.utils.clip_grad_norm_(self.params, self.clip)
+        if not torch.isfinite(norm):  # finite loss, non-finite gradient: the weights must not see it
+            self.optimizer.zero_grad(set_to_none=True)
+            self.skipped += 1
+            return False
+        self.optimizer.step()
+        return True
 
 
 class ScoringNetwork(nn.Module):
@@ -68,7 +119,8 @@ def fine_tune(encoder, x_train: np.ndarray, x_val: np.ndarray, loss_fn: Callable
         loss_fn: ``loss_fn(outputs (B,) float tensor, rows (B,) int64 numpy indices into x_train) -> scalar
             tensor`` (or None to skip the batch, e.g. a Cox batch without events).
         val_key: ``val_key(val_outputs (V,) numpy) -> comparable`` (higher is better, e.g. ``(auc, -loss)``).
-        protocol: ``epochs``, ``lr``, ``weight_decay``, ``batch_size``.
+        protocol: ``epochs``, ``lr``, ``weight_decay``, ``batch_size``, ``grad_clip`` (the :class:`Tuner`'s
+            settings: warm-up + cosine over all ``epochs`` batches, the pretraining weight-decay rule).
         seed: seeds the head, the batch order and the flips.
     Returns:
         ``(network in eval mode with the best epoch's weights, {"best_epoch": int (1-based), "val_key": ...,
@@ -79,10 +131,11 @@ def fine_tune(encoder, x_train: np.ndarray, x_val: np.ndarray, loss_fn: Callable
     device = device_for(device)
     torch.manual_seed(int(seed))
     net = ScoringNetwork(copy.deepcopy(encoder).float()).to(device)
-    opt = torch.optim.AdamW(net.parameters(), lr=protocol.lr, weight_decay=protocol.weight_decay)
     gen = torch.Generator().manual_seed(int(seed))
     n = x_train.shape[0]
-    best_state, best_key, best_epoch, skipped = None, None, 0, 0
+    per_epoch = -(-n // protocol.batch_size)
+    tuner = Tuner(net, protocol.lr, protocol.weight_decay, protocol.epochs * per_epoch, protocol.grad_clip)
+    best_state, best_key, best_epoch = None, None, 0
     bar = tqdm(total=protocol.epochs, desc=desc, unit="epoch", disable=None if progress else True, leave=False)
     for epoch in range(protocol.epochs):
         net.train()
@@ -94,25 +147,17 @@ def fine_tune(encoder, x_train: np.ndarray, x_val: np.ndarray, loss_fn: Callable
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
                 out = net(x)
             loss = loss_fn(out.float(), rows)
-            if loss is None:
+            if loss is None:  # e.g. a Cox batch without events: no step, the schedule still advances
+                tuner.index += 1
                 continue
-            opt.zero_grad(set_to_none=True)
-            if not torch.isfinite(loss):  # skipped and counted, never applied
-                skipped += 1
-                continue
-            loss.backward()
-            norm = torch.nn.utils.clip_grad_norm_(net.parameters(), 3.0)
-            if not torch.isfinite(norm):  # finite loss, non-finite gradient: the weights must not see it
-                opt.zero_grad(set_to_none=True)
-                skipped += 1
-                continue
-            opt.step()
+            tuner.step(loss)
         key = val_key(predict_network(net, x_val, protocol.batch_size * 2, device))
         if best_key is None or key > best_key:
             best_key, best_epoch = key, epoch + 1
             best_state = {k: v.detach().clone() for k, v in net.state_dict().items()}
         bar.update(1)
     bar.close()
+    skipped = tuner.skipped
     net.load_state_dict(best_state)
     net.eval()
     return net, {"best_epoch": best_epoch, "val_key": best_key, "skipped_steps": skipped}

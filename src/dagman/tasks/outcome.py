@@ -419,7 +419,8 @@ def run_survival(cohort: Cohort, encoder=None, protocol: SurvivalProtocol | None
             "model": ("linear Cox head on standardised frozen features (Breslow partial likelihood, L-BFGS), L2 "
                       f"from {list(protocol.l2_grid)} by validation C-index") if protocol.mode == "lp" else
                      (f"encoder + linear Cox head fine-tuned end-to-end on the batch partial likelihood (AdamW lr "
-                      f"{protocol.lr}, weight decay {protocol.weight_decay}, batch {protocol.batch_size}, "
+                      f"{protocol.lr} with warm-up + cosine, weight decay {protocol.weight_decay} (not on norms, "
+                      f"biases, tokens), clip {protocol.grad_clip}, batch {protocol.batch_size}, "
                       f"{protocol.epochs} epochs, random flips), best epoch by validation C-index"),
             "risk_groups": "high = risk above the median risk of the fold's training part (train + validation)",
             "pooling": "out-of-fold risks pooled over folds; test set: fold models' risks averaged",

@@ -51,6 +51,7 @@ from torch import nn
 
 from dagman.data.labels import read_label_map
 from dagman.errors import DagmanError, DataError
+from dagman.tasks.finetune import Tuner
 
 __all__ = [
     "SegCase",
@@ -80,7 +81,6 @@ __all__ = [
     "make_loss",
     "use_bf16",
     "train_model",
-    "lr_at",
     "predict_volume",
     "case_metrics",
     "summarise",
@@ -101,8 +101,6 @@ FINE_TUNE_DROP_PATH = 0.0  # stochastic depth while fine-tuning (MONAI SwinUNETR
 POS_FRACTION = 0.5  # share of training crops centred on a foreground voxel
 MAX_FG_INDICES = 20000  # foreground voxel indices kept per class and case for crop centres (seeded subsample)
 OVERLAP = 0.5  # sliding-window overlap at inference
-WARMUP_FRACTION = 0.05  # share of the steps with a linear learning-rate warm-up (at most MAX_WARMUP_STEPS)
-MAX_WARMUP_STEPS = 100
 GRAD_CLIP = 1.0
 DEFAULT_EPOCHS = 100
 LABEL_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
@@ -682,16 +680,6 @@ def _channels_last(x: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def lr_at(step: int, total: int, base: float) -> float:
-    """Learning rate at 0-based ``step`` of ``total``: linear warm-up over ``min(MAX_WARMUP_STEPS,
-    WARMUP_FRACTION * total)`` steps, then cosine decay to 0 at ``total``."""
-    warm = min(MAX_WARMUP_STEPS, int(WARMUP_FRACTION * total))
-    if step < warm:
-        return base * (step + 1) / warm
-    t = (step - warm) / max(1, total - warm)
-    return base * 0.5 * (1.0 + math.cos(math.pi * min(1.0, t)))
-
-
 @dataclass
 class TrainLog:
     """``losses``: Dice-CE loss per step (NaN for a skipped non-finite step); ``skipped``: such steps;
@@ -734,19 +722,16 @@ def train_model(model: nn.Module, sampler: PatchSampler, steps: int, batch_size:
                 weight_decay: float = 1e-5, device: str | torch.device = "cpu", seed: int = 0,
                 progress: bool = True, loss: str = "dicece", bf16: bool | None = None) -> TrainLog:
     """Fine-tune ``model`` for ``steps`` AdamW steps on crops from ``sampler`` (cases drawn epoch by epoch in
-    random order, ``batch_size`` crops per step) with the :func:`make_loss` loss, the :func:`lr_at` schedule,
-    gradient-norm clipping at ``GRAD_CLIP``, bf16 autocast when ``bf16`` (None: on CUDA only); a non-finite
+    random order, ``batch_size`` crops per step) with the :func:`make_loss` loss, through the shared
+    :class:`~dagman.tasks.finetune.Tuner` (warm-up + cosine learning rate, the pretraining weight-decay rule,
+    gradient-norm clipping at ``GRAD_CLIP``), bf16 autocast when ``bf16`` (None: on CUDA only); a non-finite
     loss skips its step. Crop randomness comes from ``seed``. Leaves the model in eval mode."""
     from tqdm import tqdm
 
     device = torch.device(device)
     bf16 = use_bf16("auto", device) if bf16 is None else bool(bf16)
     model.to(device).to(memory_format=torch.channels_last_3d).train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.ndim > 1]
-    no_decay = [p for p in params if p.ndim <= 1]
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=lr)
+    tuner = Tuner(model, lr, weight_decay, steps, GRAD_CLIP)
     loss_fn = make_loss(loss)
     rng = np.random.default_rng(seed)
     order = case_order(len(sampler), steps * batch_size, rng)
@@ -754,30 +739,19 @@ def train_model(model: nn.Module, sampler: PatchSampler, steps: int, batch_size:
     t0 = time.time()
     bar = tqdm(range(steps), desc="fine-tune", unit="step", disable=None if progress else True, leave=False)
     for step in bar:
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, steps, lr)
         x, y = sampler.batch(order[step * batch_size:(step + 1) * batch_size], rng)
         x, y = _channels_last(x.to(device, non_blocking=True)), y.to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             logits = model(x)
         value_t = loss_fn(logits.float(), y)
-        opt.zero_grad(set_to_none=True)
-        if not torch.isfinite(value_t):
-            log.skipped += 1
+        if not tuner.step(value_t):
             log.losses.append(float("nan"))
             continue
-        value_t.backward()
-        norm = torch.nn.utils.clip_grad_norm_(params, GRAD_CLIP)
-        if not torch.isfinite(norm):  # finite loss, non-finite gradient: skipped, never applied
-            opt.zero_grad(set_to_none=True)
-            log.skipped += 1
-            log.losses.append(float("nan"))
-            continue
-        opt.step()
         value = float(value_t.detach())
         log.losses.append(value)
         bar.set_postfix(loss=f"{value:.4f}")
     bar.close()
+    log.skipped = tuner.skipped
     log.seconds = time.time() - t0
     model.eval()
     return log

@@ -1,11 +1,13 @@
-"""AdamW parameter groups, per-step learning rate / weight decay, last-layer freezing, gradient clipping.
+"""AdamW parameter groups, per-step learning rate / weight decay, last-layer freezing, gradient clipping: the one
+optimiser rule of pretraining and of every fine-tuning loop (:mod:`dagman.tasks.finetune`).
 
-Weight decay (DECIDED): none on biases, on every parameter with at most one dimension (LayerNorm weights,
-LayerScale gains, ...), on the learnable tokens (``mask_token``, ``cls_token``) and on Swin's
-``relative_position_bias_table``. DINO / iBOT exclude biases and 1-D parameters only; the table is 2-D
-``((2w-1)^3, heads)`` but is an additive attention *bias* indexed by relative offset, and the official Swin
-recipe excludes it from weight decay as well, which we follow. Frozen parameters (``requires_grad=False``,
-e.g. a weight-norm gain fixed to 1) are left out of the optimiser.
+Weight decay (the rule that runs everywhere): none on parameters with at most one dimension (biases, LayerNorm
+weights, LayerScale gains), on every parameter of a norm layer, on learnable tokens (local names ending in
+``token``: ``mask_token``, ``cls_token``) and on what a module lists in its ``no_weight_decay()`` (e.g. the
+prototype layer's weight-norm gain) -- :func:`dagman.models.heads.no_weight_decay_parameter_names`. Everything
+else is decayed, Swin's 2-D ``relative_position_bias_table`` included (as in DINO / iBOT, whose rule is biases
+and 1-D parameters; method.md: none on norms, biases, mask token). Frozen parameters (``requires_grad=False``)
+are left out of the optimiser.
 
 The schedules set the values each step: :func:`set_lr_wd` writes the lr into every group and the weight
 decay into the regularised group only.
@@ -13,7 +15,7 @@ decay into the regularised group only.
 
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+from typing import Iterable
 
 import torch
 from torch import nn
@@ -21,8 +23,6 @@ from torch import nn
 from dagman.config import OptimConfig
 
 __all__ = [
-    "NO_WEIGHT_DECAY_NAMES",
-    "split_weight_decay",
     "param_groups",
     "build_optimizer",
     "set_lr_wd",
@@ -31,73 +31,32 @@ __all__ = [
     "clip_gradients",
 ]
 
-#: Name components (the last dotted part, or any dotted suffix) that never get weight decay.
-NO_WEIGHT_DECAY_NAMES: tuple[str, ...] = ("mask_token", "cls_token", "relative_position_bias_table")
 
+def param_groups(module: nn.Module) -> list[dict]:
+    """AdamW parameter groups of ``module``'s trainable parameters under the rule above:
+    ``{"params", "apply_weight_decay": True}`` and ``{"params", "apply_weight_decay": False, "weight_decay": 0.0}``
+    (empty groups omitted)."""
+    from dagman.models.heads import no_weight_decay_parameter_names
 
-def _excluded(name: str, param: torch.Tensor, no_weight_decay_names: Sequence[str]) -> bool:
-    if param.ndim <= 1 or name.endswith(".bias") or name == "bias":
-        return True
-    return any(name == key or name.endswith("." + key) for key in no_weight_decay_names)
-
-
-def split_weight_decay(
-    named_params: Iterable[tuple[str, torch.Tensor]],
-    no_weight_decay_names: Sequence[str] = NO_WEIGHT_DECAY_NAMES,
-) -> tuple[list[tuple[str, torch.Tensor]], list[tuple[str, torch.Tensor]]]:
-    """``(regularised, not_regularised)`` lists of ``(name, param)``; parameters with
-    ``requires_grad=False`` are dropped. A name is excluded from decay when it ends with ``.bias``, the
-    parameter has ``ndim <= 1``, or the name equals / ends with ``"." + k`` for ``k`` in
-    ``no_weight_decay_names`` (e.g. ``"mask_token"``, ``"backbone.cls_token"``)."""
-    decay: list[tuple[str, torch.Tensor]] = []
-    no_decay: list[tuple[str, torch.Tensor]] = []
-    seen: set[int] = set()
-    for name, p in named_params:
-        if not p.requires_grad or id(p) in seen:
-            continue
-        seen.add(id(p))
-        (no_decay if _excluded(name, p, no_weight_decay_names) else decay).append((name, p))
-    return decay, no_decay
-
-
-def param_groups(
-    named_params: Iterable[tuple[str, torch.Tensor]],
-    no_weight_decay_names: Sequence[str] = NO_WEIGHT_DECAY_NAMES,
-) -> list[dict]:
-    """AdamW parameter groups: ``{"params", "group_name": "decay", "apply_weight_decay": True}`` and
-    ``{"params", "group_name": "no_decay", "apply_weight_decay": False, "weight_decay": 0.0}`` (empty
-    groups omitted). See :func:`split_weight_decay` for the rule."""
-    decay, no_decay = split_weight_decay(named_params, no_weight_decay_names)
-    groups = []
-    if decay:
-        groups.append({"params": [p for _, p in decay], "group_name": "decay", "apply_weight_decay": True})
-    if no_decay:
-        groups.append(
-            {
-                "params": [p for _, p in no_decay],
-                "group_name": "no_decay",
-                "apply_weight_decay": False,
-                "weight_decay": 0.0,
-            }
-        )
+    no_wd = set(no_weight_decay_parameter_names(module))
+    decay = [p for n, p in module.named_parameters() if p.requires_grad and n not in no_wd]
+    no_decay = [p for n, p in module.named_parameters() if p.requires_grad and n in no_wd]
+    groups = [g for g in ({"params": decay, "apply_weight_decay": True},
+                          {"params": no_decay, "apply_weight_decay": False, "weight_decay": 0.0}) if g["params"]]
     if not groups:
         raise ValueError("no trainable parameters to optimise")
     return groups
 
 
-def build_optimizer(
-    named_params: Iterable[tuple[str, torch.Tensor]],
-    cfg: OptimConfig,
-    no_weight_decay_names: Sequence[str] = NO_WEIGHT_DECAY_NAMES,
-) -> torch.optim.AdamW:
-    """AdamW over :func:`param_groups` with ``cfg.betas`` / ``cfg.eps``; lr and weight decay start at 0
-    and are set every step with :func:`set_lr_wd`."""
-    if cfg.optimizer != "adamw":
-        raise ValueError(f"unsupported optimiser {cfg.optimizer!r}")
-    return torch.optim.AdamW(
-        param_groups(named_params, no_weight_decay_names), lr=0.0, weight_decay=0.0, betas=tuple(cfg.betas),
-        eps=cfg.eps,
-    )
+def build_optimizer(module: nn.Module, cfg: OptimConfig | None = None, *, fused: bool = False) -> torch.optim.AdamW:
+    """AdamW over :func:`param_groups` (``cfg.betas`` / ``cfg.eps``, else AdamW's defaults); lr and weight decay
+    start at 0 and are set every step with :func:`set_lr_wd`. ``fused``: one kernel over all parameters."""
+    kwargs = {}
+    if cfg is not None:
+        if cfg.optimizer != "adamw":
+            raise ValueError(f"unsupported optimiser {cfg.optimizer!r}")
+        kwargs = {"betas": tuple(cfg.betas), "eps": cfg.eps}
+    return torch.optim.AdamW(param_groups(module), lr=0.0, weight_decay=0.0, fused=fused, **kwargs)
 
 
 def set_lr_wd(optimizer: torch.optim.Optimizer, lr: float, weight_decay: float) -> None:
