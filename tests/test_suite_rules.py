@@ -27,3 +27,18 @@ def test_no_unit_test_reads_a_wall_clock():
                     and node.value.id == "time"):
                 found.append(f"{path.name}:{node.lineno}: time.{node.attr}")
     assert not found, "timed assertions belong in benchmarks/:\n" + "\n".join(found)
+
+
+def test_library_layers_never_import_the_command_line_layer():
+    """tasks/, data/, train/, ssl/, models/, report/ and the Python API are the library; commands/ is built on top
+    of them, never the other way round (an import of dagman.commands from below is an error)."""
+    root = Path(__file__).resolve().parent.parent / "src" / "dagman"
+    files = [p for d in ("tasks", "data", "train", "ssl", "models", "report") for p in (root / d).rglob("*.py")]
+    files += [root / "api.py", root / "demo.py"]
+    offenders = []
+    for path in files:
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                     [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            offenders += [f"{path.relative_to(root)}: {n}" for n in names if n.startswith("dagman.commands")]
+    assert not offenders, offenders

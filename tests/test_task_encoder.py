@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from dagman.cli import main
-from dagman.commands.diversity import build_networks, load_pretrained
+from dagman.train.runs import build_networks, load_pretrained
 from dagman.data.views import make_synthetic_cache
 from dagman.errors import DagmanError
 from dagman.tasks.encoder import (

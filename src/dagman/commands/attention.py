@@ -97,7 +97,8 @@ def run(args: argparse.Namespace) -> int:
     import torch.nn.functional as F
     from tqdm import tqdm
 
-    from dagman.commands.diversity import build_networks, check_crop_size, default_device, load_pretrained
+    from dagman.commands.diversity import check_crop_size, default_device
+    from dagman.train.runs import build_networks, load_pretrained
     from dagman.data.cache import atomic_write_json
     from dagman.data.io import read_ct
     from dagman.data.prepare import make_settings, prepare_volume

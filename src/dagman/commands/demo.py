@@ -12,7 +12,7 @@ Run dagman end to end on its default data and write one HTML report:
      without registry access, procedural chest-CT phantoms instead (clearly labelled SYNTHETIC);
   2. build a small SEMI-SYNTHETIC nodule set: real LIDC-IDRI nodule shapes and malignancy ratings
      inserted into the real chest CTs (`dagman data nodules --limit N`);
-  3. pretrain `dagman` and `smit` at size `tiny` for a few hundred steps (`dagman pretrain`);
+  3. pretrain `dagman` and `smit` at size `cpu` for a few hundred steps (`dagman pretrain`);
   4. few-shot linear-probe nodule malignancy for random init, smit and dagman (`dagman classify`);
   5. organ clustering on the TotalSegmentator abdomen CT (`dagman cluster`);
   6. attention/mask pictures and head diversity (`dagman attention`, `dagman diversity`);

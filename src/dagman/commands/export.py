@@ -60,7 +60,7 @@ def export_backbone(checkpoint: str | Path, out: str | Path, *, network: str = "
     "step", "method", "size", "tensors", "parameters", "checkpoint"}``. One-line DagmanError on any problem."""
     from monai.networks.nets.swin_unetr import SwinTransformer
 
-    from dagman.commands.diversity import load_pretrained
+    from dagman.train.runs import load_pretrained
     from dagman.errors import DagmanError
     from dagman.train.checkpoint import BACKBONE_PREFIXES, encoder_metadata, save_encoder_safetensors, sub_state
 

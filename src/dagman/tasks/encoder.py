@@ -77,7 +77,7 @@ def open_encoder(checkpoint: str | Path | None, size: str = "tiny") -> EncoderSo
     if path.suffix == ".safetensors":
         return _open_encoder_file(path, size)
     if path.is_dir() or path.suffix in (".pt", ".pth", ".ckpt"):
-        from dagman.commands.diversity import load_pretrained
+        from dagman.train.runs import load_pretrained
 
         try:
             pre = load_pretrained(path)
