@@ -839,23 +839,12 @@ def align_label_to_grid(
 ) -> np.ndarray:
     """Resample a label map onto the grid ``(shape, affine)`` of its image.
 
-    When the two grids differ only by a whole-voxel shift (or not at all, up to 1e-2 voxel) the ids are
-    copied exactly; otherwise nearest-neighbour resampling. Raises :class:`DataError` when the label map loses
+    Nearest neighbour (:func:`dagman.data.labels.resample_labels_nearest`; a whole-voxel shift copies the ids
+    exactly), 0 beyond the label map. Raises :class:`DataError` when the label map loses
     all its labelled voxels on the image's grid (they do not overlap)."""
-    from scipy.ndimage import affine_transform
+    from dagman.data.labels import resample_labels_nearest
 
-    shape = tuple(int(s) for s in shape)
-    to_label = np.linalg.inv(label_affine) @ affine  # image voxel -> label voxel
-    rot, shift = to_label[:3, :3], to_label[:3, 3]
-    if np.allclose(rot, np.eye(3), atol=1e-3) and np.allclose(shift, np.round(shift), atol=1e-2):
-        offset = np.round(shift).astype(int)
-        out = np.zeros(shape, dtype=label.dtype)
-        src = tuple(slice(max(o, 0), min(o + s, ls)) for o, s, ls in zip(offset, shape, label.shape))
-        dst = tuple(slice(sl.start - o, sl.stop - o) for sl, o in zip(src, offset))
-        if all(sl.stop > sl.start for sl in src):
-            out[dst] = label[src]
-    else:
-        out = affine_transform(label, rot, offset=shift, output_shape=shape, order=0, mode="constant", cval=0)
+    out = resample_labels_nearest(label, label_affine, affine, shape, outside="zero")
     if np.any(label) and not np.any(out):
         raise DataError(f"{what}: label map does not overlap its image")
     return out

@@ -80,23 +80,31 @@ def read_label_map(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, obj
 
 
 def resample_labels_nearest(labels: np.ndarray, affine: np.ndarray, new_affine: np.ndarray,
-                            new_shape: Sequence[int]) -> np.ndarray:
+                            new_shape: Sequence[int], outside: str = "zero") -> np.ndarray:
     """Nearest-neighbour resampling of a label map ``(X, Y, Z)`` (voxel -> world ``affine``) onto the grid
-    ``(new_shape, new_affine)``; voxels outside the old grid get 0. Same dtype."""
-    to_old = np.linalg.inv(np.asarray(affine, float)) @ np.asarray(new_affine, float)
+    ``(new_shape, new_affine)`` of the same world frame; no value is invented, the dtype is kept. A new voxel
+    takes the old voxel its centre falls in, halves rounded up (scipy's order-0 sampling). ``outside``: what a
+    new voxel beyond the old grid gets -- ``"zero"`` (background) or ``"edge"`` (the nearest edge voxel).
+    Axis-aligned grids (scaling, flips, shifts) are indexed directly; others go through
+    ``scipy.ndimage.affine_transform`` (modes ``grid-constant`` / ``nearest``: the same voxels, checked against
+    each other in tests/test_labels.py)."""
+    if outside not in ("zero", "edge"):
+        raise ValueError(f"outside must be 'zero' or 'edge', got {outside!r}")
+    new_shape = tuple(int(n) for n in new_shape)
+    to_old = np.linalg.inv(np.asarray(affine, np.float64)) @ np.asarray(new_affine, np.float64)
     rot, shift = to_old[:3, :3], to_old[:3, 3]
     if np.allclose(rot - np.diag(np.diag(rot)), 0.0, atol=1e-6):
         idx, valid = [], []
         for a, n_new in enumerate(new_shape):
-            i = np.rint(rot[a, a] * np.arange(n_new) + shift[a]).astype(np.int64)
-            ok = (i >= 0) & (i < labels.shape[a])
+            i = np.floor(rot[a, a] * np.arange(n_new) + shift[a] + 0.5).astype(np.int64)
+            valid.append((i >= 0) & (i < labels.shape[a]))
             idx.append(np.clip(i, 0, labels.shape[a] - 1))
-            valid.append(ok)
         out = labels[np.ix_(*idx)].copy()
-        inside = valid[0][:, None, None] & valid[1][None, :, None] & valid[2][None, None, :]
-        out[~inside] = 0
+        if outside == "zero":
+            inside = valid[0][:, None, None] & valid[1][None, :, None] & valid[2][None, None, :]
+            out[~inside] = 0
         return out
     from scipy.ndimage import affine_transform
 
-    return affine_transform(labels, rot, offset=shift, output_shape=tuple(new_shape), order=0, mode="constant",
-                            cval=0)
+    return affine_transform(labels, rot, offset=shift, output_shape=new_shape, order=0,
+                            mode="grid-constant" if outside == "zero" else "nearest", cval=0, prefilter=False)

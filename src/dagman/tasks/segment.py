@@ -49,7 +49,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from dagman.data.labels import read_label_map
+from dagman.data.labels import read_label_map, resample_labels_nearest
 from dagman.errors import DagmanError, DataError
 from dagman.tasks.finetune import Tuner
 
@@ -72,7 +72,6 @@ __all__ = [
     "image_header_shape",
     "check_labelled_case",
     "prepare_case",
-    "resample_nearest",
     "roi_multiple",
     "check_roi",
     "build_model",
@@ -430,18 +429,6 @@ def check_label_values(values: np.ndarray, spec: LabelSpec, where) -> None:
                         f"{list(spec.allowed)} ({spec.source})")
 
 
-def resample_nearest(array: np.ndarray, from_affine: np.ndarray, to_affine: np.ndarray,
-                     to_shape: Sequence[int]) -> np.ndarray:
-    """Nearest-neighbour resampling of a label/class array ``(X, Y, Z)`` with voxel -> world ``from_affine`` onto
-    the grid ``to_shape`` / ``to_affine`` (same world frame). Points outside take the nearest edge voxel. Keeps
-    the dtype; no value is invented."""
-    from scipy.ndimage import affine_transform
-
-    matrix = np.linalg.inv(np.asarray(from_affine, np.float64)) @ np.asarray(to_affine, np.float64)
-    return affine_transform(array, matrix, output_shape=tuple(int(n) for n in to_shape), order=0, mode="nearest",
-                            prefilter=False)
-
-
 def _shape_mismatch(name: str, origin: str, image: Path, image_shape, label: Path, label_shape) -> DataError:
     case = f"case {name}" + (f" ({origin})" if origin else "")
     return DataError(f"{case}: image shape {_fmt_shape(image_shape)} ({image.name}) differs from label shape "
@@ -526,7 +513,7 @@ def prepare_case(image: str | os.PathLike, label: str | os.PathLike | None, spac
             raise DataError(f"{case}: label orientation {''.join(aff2axcodes(lab_affine))} ({label.name}) differs "
                             f"from image orientation {vol.meta.get('source_orientation')} ({image.name})")
         canonical = np.ascontiguousarray(apply_orientation(values, vol.to_canonical)).astype(np.int32)
-        labels = resample_nearest(canonical, vol.affine, iso_affine, geometry.iso_shape)
+        labels = resample_labels_nearest(canonical, vol.affine, iso_affine, geometry.iso_shape, outside="edge")
     return PreparedCase(name=name, image=x, labels=labels, geometry=geometry,
                         label_path=Path(label) if label is not None else None, origin=origin)
 
@@ -832,8 +819,8 @@ def to_source_labels(classes_iso: np.ndarray, geometry: SourceGeometry, spec: La
 
     if tuple(classes_iso.shape) != tuple(geometry.iso_shape):
         raise ValueError(f"prediction shape {classes_iso.shape} is not the isotropic grid {geometry.iso_shape}")
-    canonical = resample_nearest(np.ascontiguousarray(classes_iso), geometry.iso_affine, geometry.canonical_affine,
-                                 geometry.canonical_shape)
+    canonical = resample_labels_nearest(np.ascontiguousarray(classes_iso), geometry.iso_affine,
+                                        geometry.canonical_affine, geometry.canonical_shape, outside="edge")
     identity = np.array([[0, 1], [1, 1], [2, 1]], dtype=float)
     back = ornt_transform(identity, geometry.to_canonical)
     source = np.ascontiguousarray(apply_orientation(canonical, back))
