@@ -560,12 +560,13 @@ _WORKER_BACKGROUNDS: dict[str, tuple[np.ndarray, np.ndarray]] = {}
 
 def _init_semi_worker(table: dict[str, tuple[str, list]]) -> None:
     """Worker start: open the backgrounds saved as ``.npy`` (memory-mapped)."""
-    import signal
-
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
     _WORKER_BACKGROUNDS.clear()
     for name, (path, affine) in table.items():
         _WORKER_BACKGROUNDS[name] = (np.load(path, mmap_mode="r"), np.asarray(affine, dtype=np.float64))
+
+
+def _semi_crash(task: "SemiTask") -> dict:
+    return {"lidc_nodule_id": task.nodule.id, "skipped": _worker_died("nodule")}
 
 
 def render_semisynthetic(task: SemiTask, background: tuple[np.ndarray, np.ndarray] | None = None) -> dict:
@@ -839,44 +840,39 @@ def _compact(array: np.ndarray) -> np.ndarray:
     return np.asarray(array, dtype=np.float32)
 
 
-def _run(fn, tasks: list, workers: int, initializer, initargs, progress: bool, desc: str, unit: str = "nodule") -> list:
-    """``[fn(t) for t in tasks]`` in order, in this process (``workers == 1``) or in a spawn pool; tqdm bar on
-    stderr."""
+def _call_at(fn, pair: tuple):
+    return fn(pair[1])
+
+
+def _run(fn, tasks: list, workers: int, initializer, initargs, progress: bool, desc: str, crash,
+         unit: str = "nodule") -> list:
+    """``[fn(t) for t in tasks]`` in order, in this process (``workers == 1``) or in the package's process pool
+    (:func:`dagman.workers.run_tasks`: a task whose worker process dies gets ``crash(task)``, the others
+    complete); tqdm bar on stderr."""
+    import functools
+
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=len(tasks), desc=desc, unit=unit, disable=None if progress else True, file=sys.stderr)
-    results = []
-    try:
-        if workers <= 1 or len(tasks) <= 1:
-            for t in tasks:
-                results.append(fn(t))
-                bar.update(1)
-        else:
-            import multiprocessing
-            from concurrent.futures import ProcessPoolExecutor
+    from dagman.workers import run_tasks
 
-            saved = {v: os.environ.get(v) for v in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")}
-            os.environ.update({v: "1" for v in saved})
-            pool = ProcessPoolExecutor(
-                workers, mp_context=multiprocessing.get_context("spawn"), initializer=initializer, initargs=initargs
-            )
-            try:
-                for r in pool.map(fn, tasks, chunksize=max(1, min(8, len(tasks) // (4 * workers)))):
-                    results.append(r)
-                    bar.update(1)
-            except BaseException:
-                pool.shutdown(wait=True, cancel_futures=True)  # Ctrl-C: let running chunks finish, drop the rest
-                raise
-            finally:
-                pool.shutdown(wait=True)
-                for v, val in saved.items():
-                    if val is None:
-                        os.environ.pop(v, None)
-                    else:
-                        os.environ[v] = val
+    bar = tqdm(total=len(tasks), desc=desc, unit=unit, disable=None if progress else True, file=sys.stderr)
+    results: list = [None] * len(tasks)
+
+    def on_done(pair: tuple, result) -> None:
+        results[pair[0]] = result
+        bar.update(1)
+
+    try:
+        run_tasks(functools.partial(_call_at, fn), list(enumerate(tasks)), workers, on_done,
+                  crash=lambda pair: crash(pair[1]), initializer=initializer, initargs=initargs,
+                  give_up="worker processes keep dying before finishing any nodule; try --workers 1")
     finally:
         bar.close()
     return results
+
+
+def _worker_died(what: str) -> str:
+    return f"the worker process died while rendering this {what} (crash, or killed for lack of memory)"
 
 
 # ---------------------------------------------------------------------------------------------- builders
@@ -1092,20 +1088,12 @@ def build_semisynthetic(
                     path = work / f"background_{k:03d}.npy"  # not the name: it may come from a foreign manifest
                     np.save(path, _compact(bg.array))
                     table[bg.name] = (str(path), bg.affine.tolist())
-            results = _run(
-                render_semisynthetic, tasks, workers, _init_semi_worker, (table,), progress, "semi-synthetic nodules"
-            )
+            results = _run(render_semisynthetic, tasks, workers, _init_semi_worker, (table,), progress,
+                           "semi-synthetic nodules", crash=_semi_crash)
         else:
             lookup = {bg.name: (bg.array, bg.affine) for bg in backgrounds}
-            results = _run(
-                lambda t: render_semisynthetic(t, lookup[t.background]),
-                tasks,
-                1,
-                None,
-                (),
-                progress,
-                "semi-synthetic nodules",
-            )
+            results = _run(lambda t: render_semisynthetic(t, lookup[t.background]), tasks, 1, None, (), progress,
+                           "semi-synthetic nodules", crash=_semi_crash)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     entries = [r for r in results if "skipped" not in r]
@@ -1296,10 +1284,8 @@ def render_real(task: RealTask) -> list[dict]:
     return results
 
 
-def _init_real_worker() -> None:
-    import signal
-
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+def _real_crash(task: "RealTask") -> list:
+    return [{"lidc_nodule_id": f"series of scan {task.scan_id}", "skipped": _worker_died("series")}]
 
 
 def build_lidc(
@@ -1376,7 +1362,8 @@ def build_lidc(
     ]
     results = [
         e
-        for batch in _run(render_real, tasks, workers, _init_real_worker, (), progress, "LIDC series", unit="series")
+        for batch in _run(render_real, tasks, workers, None, (), progress, "LIDC series", crash=_real_crash,
+                          unit="series")
         for e in batch
     ]
     entries = sorted((r for r in results if "skipped" not in r), key=lambda e: e["id"])

@@ -14,7 +14,6 @@ The cache layout and manifest fields are documented in :mod:`dagman.data.cache`.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import math
@@ -22,7 +21,6 @@ import os
 import re
 import sys
 import time
-from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -726,160 +724,21 @@ def _check_out_folder(out: Path) -> None:
 # Execution: in-process, or a pool of worker processes
 
 
-THREAD_ENV_VARS = (
-    "OMP_NUM_THREADS",
-    "OPENBLAS_NUM_THREADS",
-    "MKL_NUM_THREADS",
-    "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS",
-)
-
-
-@contextlib.contextmanager
-def _thread_env_for_children(threads: int):
-    """Set the thread-count variables while worker processes are spawned (a spawned child reads them before
-    its libraries load); the parent's own, already loaded libraries are unaffected. Restored afterwards."""
-    saved = {var: os.environ.get(var) for var in THREAD_ENV_VARS}
-    os.environ.update({var: str(threads) for var in THREAD_ENV_VARS})
-    try:
-        yield
-    finally:
-        for var, value in saved.items():
-            if value is None:
-                os.environ.pop(var, None)
-            else:
-                os.environ[var] = value
-
-
-def _init_worker(threads: int) -> None:
-    """Worker start: leave Ctrl-C to the parent (it stops handing out work and lets running volumes finish,
-    so no file is left half-written) and cap SimpleITK's (and torch's, if loaded) thread pools at ``threads``."""
-    import signal
-
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
-        import SimpleITK as sitk
-
-        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
-    except Exception:  # pragma: no cover - SimpleITK is a dependency; keep workers alive regardless
-        pass
-    if "torch" in sys.modules:
-        sys.modules["torch"].set_num_threads(threads)
-    _exit_with_parent()
-
-
-def _exit_with_parent(poll_s: float = 0.5) -> None:
-    """End this worker when its parent dies: a SIGKILLed `data prepare` would otherwise leave its pool
-    workers blocked on the task queue forever (orphans holding the terminal's pipes). A daemon thread polls
-    the parent pid; a volume being written is abandoned as a temporary file the next run removes."""
-    import threading
-
-    parent = os.getppid()
-
-    def watch() -> None:
-        while True:
-            time.sleep(poll_s)
-            if os.getppid() != parent:
-                os._exit(1)
-
-    threading.Thread(target=watch, name="dagman-parent-watch", daemon=True).start()
-
-
 def _call_task(task: tuple) -> dict:
     _, src, vol_id, out, settings = task
     return _prepare_task(src, vol_id, out, settings)
 
 
 def _run_tasks(tasks: list[tuple], workers: int, on_done, fn=_call_task) -> None:
-    """Run ``fn(task)`` for every task (``task[0]`` is its row index) and call ``on_done(task[0], result)`` as
-    each finishes. ``workers == 1``: in this process. Otherwise a spawn-context process pool with at most
-    ``2 * workers`` tasks in flight. If a worker process dies (crash, out-of-memory kill), the tasks that were in
-    flight are re-run one at a time in a fresh pool, which pins the culprit: it is reported as skipped."""
-    if workers <= 1 or len(tasks) <= 1:
-        for task in tasks:
-            on_done(task[0], fn(task))
-        return
-    import multiprocessing
+    """Prepare ``tasks`` (``task[0]`` is its row index) with :func:`dagman.workers.run_tasks`, calling
+    ``on_done(row, result)`` as each finishes; a volume whose worker process died is reported as skipped
+    (:func:`_crash_result`); a :class:`~dagman.fileio.WriteError` (the cache's storage) stops everything."""
+    from dagman.workers import run_tasks
 
-    threads = max(1, (os.cpu_count() or 1) // workers)
-    queue = deque(tasks)
-    suspects: deque = deque()  # tasks in flight when a worker died: retried alone
-    context = multiprocessing.get_context("spawn")
-    with _thread_env_for_children(threads):
-        _run_in_pools(queue, suspects, workers, threads, context, on_done, fn)
-
-
-def _run_in_pools(queue: deque, suspects: deque, workers: int, threads: int, context, on_done, fn) -> None:
-    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-    from concurrent.futures.process import BrokenProcessPool
-
-    finished = [0]
-    user_on_done = on_done
-
-    def on_done(i: int, result: dict) -> None:
-        finished[0] += 1
-        user_on_done(i, result)
-
-    barren_pools = 0  # consecutive pools that broke before finishing any task
-    while queue or suspects:
-        if barren_pools >= 3:
-            raise DataError("worker processes keep dying before finishing any volume; try --workers 1")
-        finished_before = finished[0]
-        pool = ProcessPoolExecutor(
-            max_workers=workers, mp_context=context, initializer=_init_worker, initargs=(threads,)
-        )
-        inflight: dict = {}
-        broken = False
-
-        def submit(task: tuple, alone: bool) -> bool:
-            try:
-                inflight[pool.submit(fn, task)] = (task, alone)
-                return True
-            except BrokenProcessPool:  # a worker died since the last check: put the task back
-                (suspects if alone else queue).appendleft(task)
-                return False
-
-        try:
-            while (queue or suspects or inflight) and not broken:
-                if suspects:
-                    if not inflight:
-                        broken = not submit(suspects.popleft(), True)
-                elif not any(alone for _, alone in inflight.values()):
-                    while queue and len(inflight) < 2 * workers and not broken:
-                        broken = not submit(queue.popleft(), False)
-                if not inflight:
-                    continue
-                done, _ = wait(inflight, return_when=FIRST_COMPLETED)
-                for fut in done:
-                    task, alone = inflight.pop(fut)
-                    try:
-                        result = fut.result()
-                    except BrokenProcessPool:
-                        broken = True
-                        if alone:
-                            on_done(task[0], _crash_result())
-                        else:
-                            suspects.append(task)
-                        continue
-                    except WriteError:
-                        raise
-                    except Exception as err:  # e.g. a result that could not be sent back
-                        result = _crash_result(
-                            f"unexpected error in the worker ({type(err).__name__}: {err})"[:200]
-                        )
-                    on_done(task[0], result)
-            if broken:  # the other tasks in flight died with the pool: retry them one at a time
-                suspects.extend(task for task, _ in inflight.values())
-                inflight.clear()
-        except BaseException:
-            # Ctrl-C or an error in on_done: hand out nothing new; running volumes finish and are recorded.
-            pool.shutdown(wait=True, cancel_futures=True)
-            for fut, (task, _) in list(inflight.items()):
-                if fut.done() and not fut.cancelled() and fut.exception() is None:
-                    on_done(task[0], fut.result())
-            raise
-        finally:
-            pool.shutdown(wait=True, cancel_futures=True)
-        barren_pools = barren_pools + 1 if finished[0] == finished_before else 0
+    run_tasks(fn, tasks, workers, lambda task, result: on_done(task[0], result),
+              crash=lambda task: _crash_result(), stop_on=(WriteError,),
+              unexpected=lambda task, message: _crash_result(message),
+              give_up="worker processes keep dying before finishing any volume; try --workers 1")
 
 
 def _crash_result(
