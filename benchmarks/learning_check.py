@@ -35,12 +35,11 @@ from pathlib import Path
 
 import torch
 
-from dagman.commands.attention import mean_predictor_l1
 from dagman.config import from_dict, load_config, plan_steps
 from dagman.data.cache import atomic_write_json, read_manifest
 from dagman.data.views import TwoViewDataset
 from dagman.models.swin import upsample_mask
-from dagman.ssl.monitor import entropy_ratio
+from dagman.ssl.monitor import entropy_ratio, mean_predictor_l1
 from dagman.train.checkpoint import load_checkpoint
 from dagman.train.distributed import DistInfo
 from dagman.train.loop import build_state, pretrain, restore_state

@@ -181,7 +181,7 @@ def test_diversity_missing_checkpoint_is_one_line(workspace, capsys, tmp_path):
 
 
 def test_mean_predictor_l1_hand_values():
-    from dagman.commands.attention import mean_predictor_l1
+    from dagman.ssl.monitor import mean_predictor_l1
 
     crop = np.array([[0.0, 2.0], [4.0, 10.0]])
     masked = np.array([[False, False], [True, True]])
@@ -189,3 +189,40 @@ def test_mean_predictor_l1_hand_values():
     assert mean_predictor_l1(crop, masked) == pytest.approx(6.0)
     assert mean_predictor_l1(crop, np.zeros((2, 2), bool)) is None
     assert mean_predictor_l1(crop, np.ones((2, 2), bool)) is None
+
+
+def test_attention_pictures_are_the_training_step_itself(workspace):
+    """`dagman attention` calls SSLMethod.forward (not a copy of its data flow): the same crop through the method
+    directly, with the same seed, gives the student mask, S and the reconstruction L1 that attention.json holds."""
+    from types import SimpleNamespace
+
+    from dagman.commands.attention import centre_crop
+    from dagman.data.io import read_ct
+    from dagman.data.prepare import make_settings, prepare_volume
+    from dagman.models.swin import upsample_mask
+    from dagman.ssl.method import SSLMethod
+    from dagman.train.runs import build_networks, load_pretrained
+
+    out = workspace["root"] / "att_same"
+    assert cli_main(["attention", "--checkpoint", str(workspace["runs"]["dagman"]), "--image",
+                     str(workspace["image"]), "--out", str(out), "--seed", "3"]) == 0
+    report = json.loads((out / "attention.json").read_text())
+    pre = load_pretrained(workspace["runs"]["dagman"])
+    cfg = pre.cfg
+    prepared, _, _ = prepare_volume(read_ct(workspace["image"]), make_settings(cfg.data.spacing_mm,
+                                                                              tuple(cfg.data.hu_window), 0))
+    crop, _ = centre_crop(prepared, cfg.data.crop_size)
+    nets = build_networks(pre, ("teacher", "student"))
+    method = SSLMethod(cfg)
+    method.load_state_dict(pre.state["method"], strict=False)
+    x = torch.from_numpy(crop)[None, None]
+    values = SimpleNamespace(teacher_temp=cfg.loss.teacher_temp_end, patch_teacher_temp=cfg.loss.patch_teacher_temp_end)
+    with torch.no_grad():
+        step = method(nets["student"], nets["teacher"], x, x, values, torch.Generator().manual_seed(3))
+    s_mask = step.masks["student"][:1]
+    assert report["student_mask"]["masked_units"] == int(s_mask.sum())
+    s = step.masks["importance"][0].double()
+    assert report["importance"]["entropy_nats"] == pytest.approx(float(-(s * s.log()).sum()), rel=1e-9)
+    m = upsample_mask(s_mask, crop.shape)[0].numpy()
+    pred = step.reconstruction[0, 0].numpy()
+    assert report["reconstruction"]["l1_masked"] == pytest.approx(float(np.abs(pred - crop)[m].mean()), rel=1e-6)

@@ -2,8 +2,8 @@
 
 The CT is prepared exactly as ``dagman data prepare`` prepares the cache (resample to the run's
 ``data.spacing_mm``, body crop, HU window -> [0, 1]), centre-cropped to the run's crop size (padded with 0
-where smaller), and put through one training step's data flow (method notes, sections 3-4; the order of
-``SSLMethod.forward``), seeded, with the networks in eval mode::
+where smaller), and put through one call of ``SSLMethod.forward`` itself (the crop as both views; seeded, the
+networks in eval mode, the run's centres and queues), so the pictures are what training computes::
 
     teacher drop mask (random, r_t) -> teacher(dropped view) -> SA importance map S
         -> student mask (the run's generator: attention hint / high / low, random, blockwise)
@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import math
 from pathlib import Path
+from types import SimpleNamespace
 
 HELP = "SA attention map, student mask, teacher drop mask and reconstruction as PNG overlays on a CT"
 
@@ -72,18 +73,6 @@ def centre_crop(volume, size: int, pad_value: float = 0.0):
     return out, origin
 
 
-def mean_predictor_l1(crop, masked) -> float | None:
-    """The L1 a reconstruction must beat: every masked voxel of ``crop`` predicted as the mean of its visible
-    (unmasked) voxels; ``masked`` a bool array of the crop's shape. None when nothing is masked or nothing is
-    visible."""
-    import numpy as np
-
-    masked = np.asarray(masked, dtype=bool)
-    if not masked.any() or masked.all():
-        return None
-    return float(np.abs(crop[masked] - crop[~masked].mean()).mean())
-
-
 def _entropy(p) -> float:
     import torch
 
@@ -104,8 +93,9 @@ def run(args: argparse.Namespace) -> int:
     from dagman.data.prepare import make_settings, prepare_volume
     from dagman.models.swin import upsample_mask
     from dagman.report.plots import VolumeLayer, slice_grid_figure
-    from dagman.ssl.masking import attention_mask_counts, random_mask_count, student_mask_from_config, teacher_drop_mask
-    from dagman.ssl.method import ATTENTION_MASKS, SSLMethod
+    from dagman.ssl.masking import attention_mask_counts, random_mask_count
+    from dagman.ssl.method import SSLMethod
+    from dagman.ssl.monitor import mean_predictor_l1
 
     bar = tqdm(total=5, desc="attention", unit="part", disable=None)
     pre = load_pretrained(args.checkpoint)
@@ -120,34 +110,31 @@ def run(args: argparse.Namespace) -> int:
     crop, origin = centre_crop(prepared, size)
     bar.update(1)
 
-    # 2. networks and the step's data flow (SSLMethod.forward order, one sample, seeded)
+    # 2. networks and one step of SSLMethod.forward itself (the crop as both views, seeded, eval mode, with the
+    # run's loss state): the pictures are the masks and the reconstruction training computes
     device = default_device()
     nets = build_networks(pre, ("teacher", "student"), device)
     teacher, student = nets["teacher"], nets["student"]
+    method = SSLMethod(cfg).to(device)
+    if isinstance(pre.state.get("method"), dict):
+        method.load_state_dict(pre.state["method"], strict=False)
     x = torch.from_numpy(crop)[None, None].to(device)
-    grid = SSLMethod(cfg).unit_grid(tuple(x.shape[2:]))
+    grid = method.unit_grid(tuple(x.shape[2:]))
     n_units = math.prod(grid)
     generator = torch.Generator().manual_seed(int(args.seed))
     has_sa = teacher.sa is not None
-    uses_attention = cfg.mask.student in ATTENTION_MASKS
-    drop = None
-    if cfg.mask.teacher_drop_ratio > 0:
-        drop = teacher_drop_mask(1, grid, cfg.mask.teacher_drop_ratio, generator).to(device)
+    values = SimpleNamespace(teacher_temp=cfg.loss.teacher_temp_end, patch_teacher_temp=cfg.loss.patch_teacher_temp_end)
     with torch.no_grad():
-        t_out = teacher(x, mask=drop, heads=False)
-        scores = t_out.importance
-        if has_sa and cfg.mask.attention_view == "clean" and drop is not None:
-            scores = teacher(x, mask=None, heads=False).importance
-        scores = scores.float() if scores is not None else None
-        bar.update(1)
-        s_mask = student_mask_from_config(cfg.mask, batch=1, grid=grid, generator=generator,
-                                          scores=scores if uses_attention else None, device=device)
-        # the student's forward without the projection heads (not pictured): backbone, then the AMIP head
-        stage = student.reconstruction_stage
-        s_out = student.net(x, mask=s_mask, heads=False, outputs=(stage,))
-        if student.reconstruction is not None:
-            s_out.reconstruction = student.reconstruction(s_out.features.maps[stage])
-    bar.update(1)
+        step = method(student, teacher, x, x, values, generator)
+    s_mask = step.masks["student"][:1]
+    drop = step.masks["teacher_drop"][:1] if step.masks["teacher_drop"] is not None else None
+    scores = step.masks["importance"]
+    if scores is None and has_sa:  # a random-mask method with an SA block: S of the teacher's (dropped) view
+        with torch.no_grad():
+            scores = teacher(x, mask=drop, heads=False).importance
+    scores = scores[:1].float() if scores is not None else None
+    reconstruction = step.reconstruction[:1] if step.reconstruction is not None else None
+    bar.update(2)
 
     # 3. voxel maps on the crop
     vox = tuple(x.shape[2:])
@@ -157,8 +144,8 @@ def run(args: argparse.Namespace) -> int:
     if scores is not None:
         heat = F.interpolate(scores.view(1, 1, *grid), size=vox, mode="nearest")[0, 0].cpu().numpy()
     recon, l1_masked, l1_mean = None, None, None
-    if s_out.reconstruction is not None:
-        pred = s_out.reconstruction[0, 0].float().cpu().numpy()
+    if reconstruction is not None:
+        pred = reconstruction[0, 0].float().cpu().numpy()
         recon = np.where(s_vox, pred, crop)
         if s_vox.any():
             l1_masked = float(np.abs(pred - crop)[s_vox].mean())

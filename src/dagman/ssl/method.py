@@ -192,13 +192,15 @@ class StepResult:
     (``amip``, ``ampd``, ``aitd``, ``gitd``), detached 0-dim tensors (on the loss's device: reading them
     is left to the trainer, which does it in one host sync). ``stats``: masked fractions etc. (0-dim tensors).
     ``masks``: the student mask, teacher drop mask and importance map (for pictures).
-    ``teacher_logits``: for :meth:`SSLMethod.update_centers`."""
+    ``teacher_logits``: for :meth:`SSLMethod.update_centers`. ``reconstruction``: the student's AMIP output
+    ``(2B, 1, S, S, S)``, detached (None without AMIP; for pictures)."""
 
     loss: torch.Tensor
     parts: dict[str, torch.Tensor]
     stats: dict[str, torch.Tensor] = field(default_factory=dict)
     masks: dict[str, torch.Tensor | None] = field(default_factory=dict)
     teacher_logits: dict[str, torch.Tensor | None] = field(default_factory=dict)
+    reconstruction: torch.Tensor | None = None
 
 
 class SSLMethod(nn.Module):
@@ -317,6 +319,7 @@ class SSLMethod(nn.Module):
             stats=stats,
             masks={"student": s_mask, "teacher_drop": drop, "importance": scores},
             teacher_logits={"aitd": t_out.cls_logits, "gitd": t_out.global_logits, "ampd": t_out.patch_logits},
+            reconstruction=s_out.reconstruction.detach() if s_out.reconstruction is not None else None,
         )
 
     @torch.no_grad()

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 __all__ = ["entropy_ratio", "teacher_monitor", "collapse_kind", "collapse_advice", "COLLAPSE_KINDS",
@@ -99,3 +100,13 @@ def learning_summary(metrics: dict) -> str:
     if metrics.get("importance_entropy") is not None:
         parts.append(f"S entropy {metrics['importance_entropy']:.3f} of ln N")
     return "; ".join(parts)
+
+
+def mean_predictor_l1(crop, masked) -> float | None:
+    """The L1 a reconstruction must beat: every masked voxel of ``crop`` predicted as the mean of its visible
+    (unmasked) voxels; ``masked`` a bool array of the crop's shape. None when nothing is masked or nothing is
+    visible."""
+    masked = np.asarray(masked, dtype=bool)
+    if not masked.any() or masked.all():
+        return None
+    return float(np.abs(crop[masked] - crop[~masked].mean()).mean())
