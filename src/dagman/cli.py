@@ -70,6 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from dagman.log import show_messages
+
+    show_messages()  # the library's notices and warnings on stderr
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     # KEY=VALUE overrides may stand anywhere among the options of a command that takes them

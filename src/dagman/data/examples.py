@@ -53,6 +53,7 @@ import numpy as np
 
 from dagman.data.cache import atomic_write_json
 from dagman.errors import DataError
+from dagman.log import logger
 
 MANIFEST = "manifest.json"
 FORMAT = "dagman-examples"
@@ -1012,4 +1013,4 @@ def _prepare_dest(dest: str | os.PathLike) -> Path:
 
 def _say(enabled: bool, message: str) -> None:
     if enabled:
-        print(message, file=sys.stderr)
+        logger.info(message)

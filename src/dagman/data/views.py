@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import sys
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -45,6 +44,7 @@ from dagman.data.cache import (
     open_volume,
 )
 from dagman.errors import ConfigError, DataError
+from dagman.log import logger
 
 __all__ = ["TwoViewDataset", "EpochBatchSampler", "two_view_loader", "make_synthetic_cache"]
 
@@ -306,8 +306,8 @@ class TwoViewDataset(Dataset):
                 first = first or err
                 if u not in self._unreadable:
                     self._unreadable.add(u)
-                    print(f"dagman: warning: {err}; its samples are replaced by the next readable volume and "
-                          "counted in the metric 'missing_volume_samples'", file=sys.stderr, flush=True)
+                    logger.warning(f"dagman: warning: {err}; its samples are replaced by the next readable volume "
+                                   "and counted in the metric 'missing_volume_samples'")
                 continue
             self._unreadable.discard(u)
             return vol, u

@@ -42,6 +42,7 @@ from dagman.train.ema import update_teacher
 from dagman.train.logging import MetricsLogger
 from dagman.train.optim import build_optimizer, cancel_gradients, clip_gradients, set_lr_wd
 from dagman.train.schedules import Schedules
+from dagman.log import logger as log
 
 ENCODER_FILE = "encoder.safetensors"
 # Fault injection for the crash-safety tests: the process kills itself (os._exit) right after this step.
@@ -180,14 +181,14 @@ def train_step(state: TrainState, view1: torch.Tensor, view2: torch.Tensor, miss
             raise
         _uncompile(state)
         first = str(err).strip().splitlines()[0] if str(err).strip() else ""
-        print(f"dagman: warning: torch.compile failed ({type(err).__name__}: {first[:200]}); running eager "
-              "(train.compile=off skips the attempt)", file=sys.stderr)
+        log.warning(f"dagman: warning: torch.compile failed ({type(err).__name__}: {first[:200]}); running eager "
+                       "(train.compile=off skips the attempt)")
         return _train_step(state, view1, view2, missing)
     state.extra["compile"] = "done"
     state.extra["compile_seconds"] = time.perf_counter() - t0
     if state.info.is_main:
-        print(f"dagman: torch.compile: the first step took {state.extra['compile_seconds']:.1f} s (compiling); "
-              "later steps run the compiled encoders", file=sys.stderr)
+        log.info(f"dagman: torch.compile: the first step took {state.extra['compile_seconds']:.1f} s (compiling); "
+                    "later steps run the compiled encoders")
     return metrics
 
 
@@ -324,8 +325,7 @@ def _warn_if_collapsed(step: int, metrics: dict, total_steps: int = 0) -> bool:
     if not kinds:
         said.append("the distillation terms on them teach nothing; try loss.teacher_norm=sinkhorn_knopp, a larger "
                     "batch or more data")
-    print(f"dagman: warning: step {step}: " + "; ".join(said) + " (metrics.jsonl logs the learning monitor)",
-          file=sys.stderr, flush=True)
+    log.warning(f"dagman: warning: step {step}: " + "; ".join(said) + " (metrics.jsonl logs the learning monitor)")
     return True
 
 
@@ -383,9 +383,9 @@ def _keep_global_batch(cfg: Config, found: ckpt.FoundCheckpoint, info: DistInfo,
         return cfg
     if info.is_main:
         n = info.world_size
-        print(f"dagman pretrain: resuming a run of {saved_world} process{'es' if saved_world > 1 else ''} on {n}: "
-              f"data.batch_size {cfg.data.batch_size} -> {batch} keeps the global batch of {batch * n} "
-              "(same schedules and data order)", file=sys.stderr)
+        log.info(f"dagman pretrain: resuming a run of {saved_world} process{'es' if saved_world > 1 else ''} on "
+                    f"{n}: data.batch_size {cfg.data.batch_size} -> {batch} keeps the global batch of {batch * n} "
+                    "(same schedules and data order)")
     return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, batch_size=batch))
 
 
@@ -454,10 +454,10 @@ def pretrain(cfg: Config, out: str | os.PathLike, *, resume: bool = False, progr
     n_volumes = dataset.n_volumes
     dataset.samples_per_volume = samples_per_volume(cfg, n_volumes, info.world_size)
     if cfg.data.samples_per_volume is None and dataset.samples_per_volume > 1 and info.is_main:
-        print(f"dagman pretrain: the cache holds {n_volumes} volume{'s' if n_volumes > 1 else ''}, fewer than the "
-              f"global batch of {cfg.data.batch_size * info.world_size}: drawing {dataset.samples_per_volume} crop "
-              f"pairs per volume per epoch (data.samples_per_volume={dataset.samples_per_volume}) so that an epoch "
-              "holds one batch", file=sys.stderr)
+        log.info(f"dagman pretrain: the cache holds {n_volumes} volume{'s' if n_volumes > 1 else ''}, fewer than "
+                    f"the global batch of {cfg.data.batch_size * info.world_size}: drawing {dataset.samples_per_volume} "
+                    f"crop pairs per volume per epoch (data.samples_per_volume={dataset.samples_per_volume}) so that "
+                    "an epoch holds one batch")
     plan = plan_steps(cfg, n_volumes, info.world_size)
     schedules = Schedules.from_config(cfg, plan)
     try:
@@ -472,7 +472,7 @@ def pretrain(cfg: Config, out: str | os.PathLike, *, resume: bool = False, progr
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "config.yaml")
         if progress:
-            print(f"dagman pretrain: {step_path(cfg, info.device)}", file=sys.stderr)
+            log.info(f"dagman pretrain: {step_path(cfg, info.device)}")
 
     loader = two_view_loader(dataset, cfg.data.batch_size, workers=cfg.data.num_workers, seed=cfg.train.seed,
                              distributed=info.distributed or None,
