@@ -133,6 +133,12 @@ def test_kaplan_meier_matches_lifelines():
     assert km["median"] == ref.median_survival_time_
     assert km["at_risk"][0] == 80 and km["survival"][0] == 1.0
     assert kaplan_meier([1.0, 2.0], [0, 0])["median"] is None
+    # by hand: times 1 2 2 3 4 (events 1 1 0 1 0): at risk 5, 4, 2 at the event times 1, 2, 3
+    hand = kaplan_meier([1, 2, 2, 3, 4], [1, 1, 0, 1, 0])
+    assert hand["time"].tolist() == [0, 1, 2, 3] and hand["at_risk"].tolist() == [5, 5, 4, 2]
+    assert hand["events"].tolist() == [0, 1, 1, 1]
+    np.testing.assert_allclose(hand["survival"], [1, 4 / 5, 4 / 5 * 3 / 4, 4 / 5 * 3 / 4 * 1 / 2])
+    assert hand["median"] == 3.0 and hand["censored_times"].tolist() == [2, 4]
 
 
 def test_logrank_matches_lifelines():
@@ -147,6 +153,11 @@ def test_logrank_matches_lifelines():
     assert stat == pytest.approx(ref.test_statistic, rel=1e-9)
     assert p == pytest.approx(ref.p_value, rel=1e-9)
     assert all(math.isnan(v) for v in logrank_test(time, event, np.ones(75, bool)))
+    # by hand: group A times 1, 3 (events), group B times 2 (event), 4 (censored). At t=1: n=4, n_A=2, d=1, d_A=1;
+    # t=2: n=3, n_A=1, d=1, d_A=0; t=3: n=2, n_A=1, d=1, d_A=1. O-E = (1-1/2) + (0-1/3) + (1-1/2) = 2/3;
+    # V = 1/4 + 2/9 + 1/4 = 13/18; chi2 = (4/9) / (13/18) = 8/13
+    stat, _ = logrank_test([1, 3, 2, 4], [1, 1, 1, 0], [1, 1, 0, 0])
+    assert stat == pytest.approx(8 / 13, rel=1e-12)
 
 
 def test_survival_columns_errors(tmp_path):

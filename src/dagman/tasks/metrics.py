@@ -1,5 +1,7 @@
-"""Evaluation metrics for the downstream tasks: ROC AUC, Youden threshold, sensitivity/specificity, percentile
-bootstrap confidence intervals, Harrell's C-index, and Dice / HD95 for binary segmentation masks.
+"""Evaluation metrics for the downstream tasks: ROC AUC (by hand: scikit-learn's value, faster in the bootstrap),
+the Youden threshold (scikit-learn's ROC curve), sensitivity/specificity, percentile bootstrap confidence intervals
+(stratified resampling, which ``scipy.stats.bootstrap`` does not offer), Harrell's C-index (by hand: lifelines'
+value, faster in the bootstrap), and Dice / HD95 for binary segmentation masks (MONAI).
 
 All functions are pure (array in, number out), take numpy arrays or anything ``np.asarray`` accepts (torch tensors
 included), and raise :class:`dagman.errors.DataError` with a one-line message for input they cannot score (one
@@ -75,7 +77,8 @@ def roc_auc(y_true, score) -> float:
     """Area under the ROC curve via the Mann-Whitney U statistic, O(N log N).
 
     Equals P(score_pos > score_neg) + 0.5 * P(score_pos == score_neg) over all positive/negative pairs, i.e. tied
-    scores count one half (the same value as ``sklearn.metrics.roc_auc_score``).
+    scores count one half: ``sklearn.metrics.roc_auc_score``'s value (tests/test_task_metrics.py), 17x faster
+    inside the bootstrap that calls it a thousand times per interval (benchmarks/metrics_speed.py).
 
     Args:
         y_true: ``(N,)`` labels in {0, 1}.
@@ -92,25 +95,12 @@ def roc_auc(y_true, score) -> float:
     return float(u / (n_pos * n_neg))
 
 
-def _roc_points(y: np.ndarray, s: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Thresholds (unique scores, descending) with sensitivity and specificity of the rule ``score >= t``."""
-    order = np.argsort(-s, kind="mergesort")
-    s_sorted, y_sorted = s[order], y[order]
-    tp = np.cumsum(y_sorted)
-    fp = np.cumsum(~y_sorted)
-    # keep the last index of each run of equal scores: all samples with score >= t are called positive
-    last = np.r_[np.nonzero(np.diff(s_sorted))[0], s_sorted.shape[0] - 1]
-    n_pos, n_neg = tp[-1], fp[-1]
-    sens = tp[last] / n_pos
-    spec = 1.0 - fp[last] / n_neg
-    return s_sorted[last], sens, spec
-
-
 def threshold_at_youden(y_true, score) -> float:
     """Score threshold maximising Youden's J = sensitivity + specificity - 1 (choose it on validation data).
 
-    Candidate thresholds are the observed scores; the rule is ``score >= threshold`` -> positive. When several
-    thresholds reach the same maximal J the highest one (the most specific) is returned.
+    Candidate thresholds are the observed scores (``sklearn.metrics.roc_curve`` without dropping any); the rule is
+    ``score >= threshold`` -> positive. When several thresholds reach the same maximal J the highest one (the most
+    specific) is returned.
 
     Args:
         y_true: ``(N,)`` labels in {0, 1} with both classes present.
@@ -118,11 +108,13 @@ def threshold_at_youden(y_true, score) -> float:
     Returns:
         The threshold, one of the values in ``score``.
     """
+    from sklearn.metrics import roc_curve
+
     y, s = _check_binary_scores(y_true, score, "threshold_at_youden")
     _require_both_classes(y, "threshold_at_youden")
-    thresholds, sens, spec = _roc_points(y, s)
-    j = sens + spec - 1.0
-    return float(thresholds[int(np.argmax(j))])  # argmax returns the first (highest-threshold) maximum
+    fpr, tpr, thresholds = roc_curve(y, s, drop_intermediate=False)
+    j = (tpr - fpr)[1:]  # point 0 is roc_curve's "nothing called positive" (threshold +inf)
+    return float(thresholds[1:][int(np.argmax(j))])  # argmax: the first (highest-threshold) maximum
 
 
 def sensitivity_specificity(y_true, score, threshold: float) -> tuple[float, float]:
@@ -224,7 +216,9 @@ def bootstrap_ci(
 
 
 def concordance_index(time, event, risk, *, block_rows: int = 1024) -> float:
-    """Harrell's concordance index for right-censored survival data; O(N^2) vectorised in row blocks.
+    """Harrell's concordance index for right-censored survival data; O(N^2) vectorised in row blocks: the value of
+    ``lifelines.utils.concordance_index`` (tests/test_outcome.py), 5x faster inside the bootstrap
+    (benchmarks/metrics_speed.py).
 
     A pair (i, j) is comparable when sample i had an observed event (``event[i] == 1``) and either
     ``time[i] < time[j]``, or ``time[i] == time[j]`` and j is censored (j was still event-free at that time; the

@@ -207,26 +207,29 @@ def fit_cox_head(x_train, t_train, e_train, x_val, t_val, e_val, l2_grid: Sequen
 
 
 def kaplan_meier(time, event) -> dict:
-    """Kaplan-Meier estimate of the survival function.
+    """Kaplan-Meier estimate of the survival function (``lifelines.KaplanMeierFitter``).
 
     Returns ``{"time": (K+1,), "survival": (K+1,), "at_risk": (K+1,), "events": (K+1,), "censored_times": (C,),
     "median": float | None}``: the first point is ``(0, 1.0)``, then one point per distinct event time ``t_k``
     with ``S(t_k) = prod_{j <= k} (1 - d_j / n_j)`` (``n_j`` at risk just before ``t_j``, ``d_j`` events at it);
     ``median`` is the first time where ``S <= 0.5`` (None when not reached)."""
+    from lifelines import KaplanMeierFitter
+
     t = np.asarray(time, np.float64).reshape(-1)
     e = np.asarray(event).reshape(-1).astype(bool)
-    ev_times = np.unique(t[e])
-    at_risk = np.array([(t >= u).sum() for u in ev_times], dtype=np.int64)
-    deaths = np.array([((t == u) & e).sum() for u in ev_times], dtype=np.int64)
-    surv = np.cumprod(1.0 - deaths / np.maximum(at_risk, 1))
-    below = np.flatnonzero(surv <= 0.5)
+    km = KaplanMeierFitter().fit(t, e)
+    table = km.event_table
+    rows = table[table["observed"] > 0]
+    ev_times = rows.index.to_numpy(np.float64)
+    surv = km.survival_function_at_times(ev_times).to_numpy(np.float64)
+    median = float(km.median_survival_time_)
     return {
         "time": np.r_[0.0, ev_times],
         "survival": np.r_[1.0, surv],
-        "at_risk": np.r_[t.shape[0], at_risk],
-        "events": np.r_[0, deaths],
+        "at_risk": np.r_[t.shape[0], rows["at_risk"].to_numpy(np.int64)],
+        "events": np.r_[0, rows["observed"].to_numpy(np.int64)],
         "censored_times": np.sort(t[~e]),
-        "median": float(ev_times[below[0]]) if below.size else None,
+        "median": median if np.isfinite(median) else None,
     }
 
 
@@ -237,28 +240,21 @@ def survival_at(km: dict, times) -> np.ndarray:
 
 
 def logrank_test(time, event, group) -> tuple[float, float]:
-    """Two-group log-rank test. ``group`` ``(N,)`` bool/0-1. Returns ``(chi2 statistic, p-value)`` with one
-    degree of freedom (scipy's chi2 survival function); ``(nan, nan)`` when a group is empty or there is no
-    event."""
-    from scipy.stats import chi2
+    """Two-group log-rank test (``lifelines.statistics.logrank_test``). ``group`` ``(N,)`` bool/0-1. Returns
+    ``(chi2 statistic, p-value)`` with one degree of freedom; ``(nan, nan)`` when a group is empty or there is
+    no event."""
+    from lifelines.statistics import logrank_test as lifelines_logrank
 
     t = np.asarray(time, np.float64).reshape(-1)
     e = np.asarray(event).reshape(-1).astype(bool)
     g = np.asarray(group).reshape(-1).astype(bool)
     if g.all() or (~g).all() or not e.any():
         return float("nan"), float("nan")
-    o_minus_e, var = 0.0, 0.0
-    for u in np.unique(t[e]):
-        risk = t >= u
-        n, n1 = risk.sum(), (risk & g).sum()
-        d, d1 = ((t == u) & e).sum(), ((t == u) & e & g).sum()
-        o_minus_e += d1 - d * n1 / n
-        if n > 1:
-            var += d * (n1 / n) * (1 - n1 / n) * (n - d) / (n - 1)
-    if var <= 0:
-        return float("nan"), float("nan")
-    stat = o_minus_e**2 / var
-    return float(stat), float(chi2.sf(stat, 1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        res = lifelines_logrank(t[g], t[~g], event_observed_A=e[g], event_observed_B=e[~g])
+    stat, p = float(res.test_statistic), float(res.p_value)
+    return (stat, p) if np.isfinite(stat) else (float("nan"), float("nan"))
 
 
 # ----------------------------------------------------------------------------------------------------------
