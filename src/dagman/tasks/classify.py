@@ -50,7 +50,8 @@ import numpy as np
 import torch
 
 from dagman.errors import DataError
-from dagman.tasks.cv import Cohort, CVHead, Protocol, fold_parts, fold_plan, mean_std, run_cv
+from dagman.tasks.cv import (Cohort, CVHead, Protocol, describe_run, finish_result, fold_parts, fold_plan, mean_std,
+                             run_cv)
 from dagman.tasks.finetune import ScoringNetwork, fine_tune, predict_network
 from dagman.tasks.metrics import bootstrap_ci, roc_auc, sensitivity_specificity, threshold_at_youden
 
@@ -579,29 +580,16 @@ def run_classification(cohort: Cohort, encoder=None, protocol: Protocol | None =
         _check_cohort(test)
     run = run_cv(cohort, BinaryHead(cohort), protocol, encoder, test=test, features=features,
                  test_features=test_features, device=device, progress=progress)
-    per_seed, feats, fold_source, timing = run.per_seed, run.features, run.fold_source, run.timing
-    predictions, test_predictions = run.predictions, run.test_predictions
+    per_seed = run.per_seed
 
     across = {"cv": {m: mean_std([r["cv"][m] for r in per_seed]) for m in
                      ("auc", "sensitivity", "specificity", "fold_auc_mean")}}
     if test is not None:
         across["test"] = {m: mean_std([r["test"][m] for r in per_seed]) for m in ("auc", "sensitivity", "specificity")}
     first = per_seed[0]
-    source = getattr(encoder, "source", None)
     result = {
         "task": task,
-        "checkpoint": source.description if source is not None else "precomputed features",
-        "encoder": ({"kind": source.kind, "method": source.method, "size": source.cfg.size,
-                     "step": source.step, "feature_dim": int(encoder.feature_dim)} if source is not None else
-                    {"kind": "features", "feature_dim": int(feats.shape[1]) if feats is not None else None}),
-        "feature_source": getattr(encoder, "feature_source", "precomputed features"),
-        "mode": protocol.mode,
-        "fraction": float(protocol.fraction),
-        "folds": int(per_seed[0]["cv"]["folds"][-1]["fold"]) + 1,
-        "fold_source": fold_source,
-        "seeds": protocol.seed_values,
-        "n": len(cohort),
-        "n_patients": cohort.n_patients if cohort.has_patients else None,
+        **describe_run(run, cohort, encoder, protocol),
         "label_balance": {"positives": int(y.sum()), "negatives": int(len(y) - y.sum()),
                           "positive_fraction": float(y.mean()), "positive_label": cohort.class_names[1],
                           "negative_label": cohort.class_names[0]},
@@ -623,16 +611,8 @@ def run_classification(cohort: Cohort, encoder=None, protocol: Protocol | None =
                       "test": ({k: v for k, v in r["test"].items() if k != "roc"} if r["test"] else None)}
                      for r in per_seed],
         "roc": {"cv": first["cv"]["roc"], "test": first["test"]["roc"] if first["test"] is not None else None},
-        "timing": timing,
-        "_predictions": predictions,
-        "_test_predictions": test_predictions,
     }
-    if test is not None:
-        result["test_n"] = len(test)
-        result["test_source"] = test.source
-    if meta:
-        result.update(meta)
-    timing["total_s"] = time.perf_counter() - t_start
+    finish_result(result, run, test, meta, t_start)
     if out_dir is not None:
         write_outputs(result, out_dir)
     return result

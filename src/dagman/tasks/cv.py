@@ -20,7 +20,8 @@ import numpy as np
 from dagman.errors import ConfigError, DataError
 from dagman.tasks.splits import fewshot_subset, min_groups_per_class, stratified_group_folds, train_val_split
 
-__all__ = ["MODES", "Cohort", "CVHead", "CVRun", "Protocol", "features_for", "fold_parts", "fold_plan", "mean_std", "run_cv"]
+__all__ = ["MODES", "Cohort", "CVHead", "CVRun", "Protocol", "describe_run", "features_for", "finish_result", "fold_parts",
+           "fold_plan", "mean_std", "run_cv"]
 
 MODES = ("lp", "ft")
 
@@ -315,3 +316,37 @@ def run_cv(cohort: Cohort, head: CVHead, protocol, encoder=None, *, test: Cohort
         per_seed.append(seed_result)
     timing["fit_s"] = time.perf_counter() - t_fit
     return CVRun(per_seed, predictions, test_predictions, fold_source, feats, timing)
+
+
+def describe_run(run: CVRun, cohort: Cohort, encoder, protocol) -> dict:
+    """The entries every CV task's result holds about the encoder and the protocol run: ``checkpoint, encoder,
+    feature_source, mode, fraction, folds, fold_source, seeds, n, n_patients``."""
+    source = getattr(encoder, "source", None)
+    feats = run.features
+    return {
+        "checkpoint": source.description if source is not None else "precomputed features",
+        "encoder": ({"kind": source.kind, "method": source.method, "size": source.cfg.size, "step": source.step,
+                     "feature_dim": int(encoder.feature_dim)} if source is not None else
+                    {"kind": "features", "feature_dim": int(feats.shape[1]) if feats is not None else None}),
+        "feature_source": getattr(encoder, "feature_source", "precomputed features"),
+        "mode": protocol.mode,
+        "fraction": float(protocol.fraction),
+        "folds": len(run.per_seed[0]["cv"]["folds"]),
+        "fold_source": run.fold_source,
+        "seeds": protocol.seed_values,
+        "n": len(cohort),
+        "n_patients": cohort.n_patients if cohort.has_patients else None,
+    }
+
+
+def finish_result(result: dict, run: CVRun, test: Cohort | None, meta: dict | None, t_start: float) -> dict:
+    """Add the timing, the row-level predictions (``_predictions``, ``_test_predictions``, for the task's
+    writer), the held-out set's size and source, and the caller's ``meta``; returns ``result``."""
+    result.update({"timing": run.timing, "_predictions": run.predictions, "_test_predictions": run.test_predictions})
+    if test is not None:
+        result["test_n"] = len(test)
+        result["test_source"] = test.source
+    if meta:
+        result.update(meta)
+    run.timing["total_s"] = time.perf_counter() - t_start
+    return result

@@ -35,7 +35,7 @@ import torch
 
 from dagman.errors import ConfigError, DataError
 from dagman.tasks.classify import LabelTable, write_outputs
-from dagman.tasks.cv import Cohort, CVHead, Protocol, mean_std, run_cv
+from dagman.tasks.cv import Cohort, CVHead, Protocol, describe_run, finish_result, mean_std, run_cv
 from dagman.tasks.metrics import bootstrap_ci, concordance_index
 
 __all__ = [
@@ -382,30 +382,17 @@ def run_survival(cohort: Cohort, encoder=None, protocol: SurvivalProtocol | None
         strata, what = e_all.astype(np.int64), "event"
     run = run_cv(cohort, SurvivalHead(cohort, strata, what), protocol, encoder, test=test, features=features,
                  test_features=test_features, device=device, progress=progress)
-    per_seed, feats, fold_source, timing = run.per_seed, run.features, run.fold_source, run.timing
-    predictions, test_predictions = run.predictions, run.test_predictions
+    per_seed = run.per_seed
 
     first = per_seed[0]
     across = {"cv": {"c_index": mean_std([r["cv"]["c_index"] for r in per_seed]),
                      "fold_c_index_mean": mean_std([r["cv"]["fold_c_index_mean"] for r in per_seed])}}
     if test is not None:
         across["test"] = {"c_index": mean_std([r["test"]["c_index"] for r in per_seed])}
-    source = getattr(encoder, "source", None)
     result = {
         "task": "outcome",
         "kind": "time-to-event",
-        "checkpoint": source.description if source is not None else "precomputed features",
-        "encoder": ({"kind": source.kind, "method": source.method, "size": source.cfg.size, "step": source.step,
-                     "feature_dim": int(encoder.feature_dim)} if source is not None else
-                    {"kind": "features", "feature_dim": int(feats.shape[1]) if feats is not None else None}),
-        "feature_source": getattr(encoder, "feature_source", "precomputed features"),
-        "mode": protocol.mode,
-        "fraction": float(protocol.fraction),
-        "folds": len(first["cv"]["folds"]),
-        "fold_source": fold_source + (f" (stratified by {what})" if cohort.fold is None else ""),
-        "seeds": protocol.seed_values,
-        "n": len(cohort),
-        "n_patients": cohort.n_patients if cohort.has_patients else None,
+        **describe_run(run, cohort, encoder, protocol),
         "events": int(e_all.sum()),
         "censored": int(len(e_all) - e_all.sum()),
         "time_range": [float(t_all.min()), float(t_all.max())],
@@ -427,16 +414,10 @@ def run_survival(cohort: Cohort, encoder=None, protocol: SurvivalProtocol | None
         "per_seed": [{"seed": r["seed"], "c_index": r["cv"]["c_index"], "c_index_ci": r["cv"]["c_index_ci"],
                       "logrank_p": r["cv"]["risk_groups"]["logrank_p"],
                       "test_c_index": r["test"]["c_index"] if r["test"] else None} for r in per_seed],
-        "timing": timing,
-        "_predictions": predictions,
-        "_test_predictions": test_predictions,
     }
-    if test is not None:
-        result["test_n"] = len(test)
-        result["test_source"] = test.source
-    if meta:
-        result.update(meta)
-    timing["total_s"] = _time.perf_counter() - t_start
+    if cohort.fold is None:
+        result["fold_source"] += f" (stratified by {what})"
+    finish_result(result, run, test, meta, t_start)
     if out_dir is not None:
         write_survival_outputs(result, out_dir)
     return result
