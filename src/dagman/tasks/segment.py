@@ -374,7 +374,7 @@ def lesion_crop(image: str | os.PathLike, label: str | os.PathLike, out_image: s
     hand-drawn lesions. Returns ``{"voxels", "equivalent_diameter_mm", "inside_fraction"}`` (the share of the
     lesion's volume inside the cube). One-line DataError when the label map has no such voxel."""
     from dagman.data.io import read_ct
-    from dagman.data.nodules import OUTSIDE_HU, crop_affine, sample_volume, write_nifti
+    from dagman.data.nodule_render import OUTSIDE_HU, crop_affine, sample_volume, write_nifti
 
     values, lab_affine, _ = read_label_map(label)
     mask = values > 0 if value is None else values == int(value)
