@@ -11,7 +11,7 @@ import torch
 
 from dagman.cli import main
 
-SECTIONS = ["What this is", "Data: example CT scans", "Pretraining (tiny, CPU)", "Nodule malignancy",
+SECTIONS = ["What this is", "Data: example CT scans", "Pretraining (CPU budget)", "Nodule malignancy",
             "Organ clustering", "Attention and masks", "Attention-head diversity", "Reproduce"]
 
 
@@ -64,7 +64,7 @@ def test_quick_demo_real_examples(tmp_path, capsys):
     d = json.loads((out / "diversity" / "dagman" / "diversity.json").read_text())
     assert len(d["stages"]) == 4
     assert text.count(" ok ") >= 14  # every stage listed as ok in Reproduce
-    assert "dagman pretrain --size tiny --method dagman" in text
+    assert "dagman pretrain --size cpu --method dagman" in text
 
 
 def test_quick_demo_offline_phantom(tmp_path, capsys):
@@ -74,7 +74,7 @@ def test_quick_demo_offline_phantom(tmp_path, capsys):
     assert rc == 0, printed[-2000:]
     text = _text((out / "report.html").read_text())
     assert "SYNTHETIC procedural phantoms" in text
-    data = text.split("Data: example CT scans")[-1].split("Pretraining (tiny, CPU)")[0]
+    data = text.split("Data: example CT scans")[-1].split("Pretraining (CPU budget)")[0]
     assert "SYNTHETIC phantom volumes" in data and "prepared" in data
     for stage in ("pretrain dagman", "pretrain smit", "cluster dagman", "attention dagman", "diversity smit"):
         assert f"{stage} ok" in text

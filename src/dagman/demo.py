@@ -2,7 +2,7 @@
 run in-process with the exact arguments a user would type, then one HTML report over their JSON outputs.
 
 Stages: real example CTs (fetch + prepare; offline: the procedural phantom) -> a small semi-synthetic
-LIDC-shape nodule set -> short ``tiny`` pretraining of ``dagman`` and ``smit`` -> few-shot linear-probe
+LIDC-shape nodule set -> short pretraining of ``dagman`` and ``smit`` at the ``cpu`` size -> few-shot linear-probe
 nodule malignancy for random init, ``smit`` and ``dagman`` -> organ clustering on the TotalSegmentator
 abdomen CT -> attention/mask pictures and head diversity -> ``report.html``.
 
@@ -32,9 +32,11 @@ METHODS = ("dagman", "smit")
 @dataclass(frozen=True)
 class DemoBudget:
     """How much work each stage does. ``full`` is what ``make demo`` runs (<= 10 min on 2 CPU cores);
-    ``quick`` is for tests and a first look (~2 min)."""
+    ``quick`` is for tests and a first look (~2 min). ``size`` is the size preset of every encoder the demo
+    trains or evaluates (``cpu``: the recipe that learns on a 2-core CPU, docs/RESULTS.md)."""
 
-    pretrain_steps: int = 200
+    size: str = "cpu"
+    pretrain_steps: int = 400
     nodules: int = 300
     fractions: tuple[float, ...] = (0.25, 1.0)
     seeds: int = 3
@@ -210,7 +212,7 @@ def run_demo(out: str | Path, *, examples_dir: str | Path | None = None, offline
     for method in METHODS:
         if (runs / method / "checkpoints").is_dir():  # the demo's own run from an earlier demo: start afresh
             shutil.rmtree(runs / method)
-        demo.run_command(f"pretrain {method}", ["pretrain", "--size", "tiny", "--method", method, "--data", cache,
+        demo.run_command(f"pretrain {method}", ["pretrain", "--size", b.size, "--method", method, "--data", cache,
                                                  "--out", runs / method, "--steps", b.pretrain_steps,
                                                  "--seed", seed, f"train.diversity_crops={b.diversity_crops}"])
     encoders = {"random init": "none"}
@@ -223,7 +225,7 @@ def run_demo(out: str | Path, *, examples_dir: str | Path | None = None, offline
         for name, ckpt in encoders.items():
             for frac in b.fractions:
                 demo.run_command(f"classify {name} {frac:g}", [
-                    "classify", "--labels", nodules / "labels.csv", "--checkpoint", ckpt, "--size", "tiny",
+                    "classify", "--labels", nodules / "labels.csv", "--checkpoint", ckpt, "--size", b.size,
                     "--mode", "lp", "--fraction", frac, "--folds", 3, "--seeds", b.seeds, "--seed", seed,
                     "--spacing", 1, "--crop-size", 32,
                     "--out", out / "classify" / f"{_slug(name)}_{int(round(frac * 100))}"])
@@ -237,7 +239,7 @@ def run_demo(out: str | Path, *, examples_dir: str | Path | None = None, offline
             demo.run_command(f"cluster {name}", [
                 "cluster", "--image", dest / abdomen["image"], "--labels", dest / abdomen["label"],
                 "--names", manifest_path, *(["--groups", "totalseg"] if not synthetic else []),
-                "--checkpoint", ckpt, "--size", "tiny", "--crops-per-structure", b.cluster_crops,
+                "--checkpoint", ckpt, "--size", b.size, "--crops-per-structure", b.cluster_crops,
                 "--seed", seed, "--out", out / "cluster" / _slug(name)])
 
     # 6. attention pictures and head diversity ----------------------------------------------------------------

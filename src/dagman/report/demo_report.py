@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-BUDGET_NOTE = ("These are tiny CPU budgets (a `tiny` Swin with embed_dim 12, a few hundred pretraining steps on "
+BUDGET_NOTE = ("These are tiny CPU budgets (a `cpu`-size Swin with embed_dim 12, a few hundred pretraining steps on "
                "a handful of CT scans, a linear probe on a few hundred nodules), not the paper's (a `paper`-size "
                "Swin pretrained for 100 epochs on thousands of CTs on GPUs). The numbers show that the pipeline "
                "runs end to end and what it measures; they are not evidence for or against the method.")
@@ -115,7 +115,7 @@ def _pretrain_section(rep, demo, figs: Path) -> None:
     from dagman.report.plots import loss_curves_figure
     from dagman.train.logging import read_metrics
 
-    sec = rep.section("Pretraining (tiny, CPU)")
+    sec = rep.section("Pretraining (CPU budget)")
     runs, rows = {}, []
     for method in ("dagman", "smit"):
         if _failed(sec, demo, f"pretrain {method}"):
@@ -129,13 +129,14 @@ def _pretrain_section(rep, demo, figs: Path) -> None:
         losses = ", ".join(f"{k[5:]} {last[k]:.3f}" for k in sorted(last) if k.startswith("loss_"))
         rows.append([method, int(last["step"]), round(st.seconds, 1) if st else "", f"{last['loss']:.4f}", losses])
     if rows:
-        sec.paragraph(f"Both methods pretrain the same `tiny` Swin on the same prepared cache with the same seed "
-                      f"for {demo.budget.pretrain_steps} steps (batch 2 of 64^3 crops). dagman: SA block at stage 3, "
-                      "attention-hint masks, noisy teacher, AITD+GITD+AMPD+AMIP; smit: random masks, no SA, "
+        sec.paragraph(f"Both methods pretrain the same `{demo.budget.size}`-size Swin on the same prepared cache with "
+                      f"the same seed for {demo.budget.pretrain_steps} steps (batch 2 of 64^3 crops). dagman: SA "
+                      "block, attention-hint masks, noisy teacher, AITD+GITD+AMPD+AMIP; smit: random masks, no SA, "
                       "GITD+AMPD+AMIP.")
         sec.table(["method", "steps", "seconds", "last total loss", "last loss terms"], rows)
         sec.image(loss_curves_figure(runs, figs / "pretrain_losses.png", "pretraining losses (raw and 5-step mean)"),
-                  "Loss curves. Distillation terms sit near 2·ln K at this budget (near-uniform teacher targets).")
+                  "Loss curves. A distillation term at 2·ln K means uniform teacher targets (collapse); the learning "
+                  "monitor's ratios are in each run's metrics.jsonl.")
 
 
 def _read_predictions(path: Path, seed=None) -> tuple[np.ndarray, np.ndarray] | None:
@@ -209,7 +210,7 @@ def _classify_section(rep, demo, encoders: dict[str, str], figs: Path) -> None:
                          _pm(_get(seeds, "auc", "mean"), _get(seeds, "auc", "std"))])
     sec.table(["encoder", "features", "training fraction", "AUC [95% CI]", "sensitivity", "specificity",
                "AUC mean ± std over seeds"], rows,
-              caption="Semi-synthetic LIDC-shape nodules; tiny encoders; linear probe on frozen features. "
+              caption="Semi-synthetic LIDC-shape nodules; small CPU-budget encoders; linear probe on frozen features. "
                       "Reference rows: the same protocol (folds, seeds) on the nodule diameter alone and on 9 shape "
                       "features of its mask, no image.")
     full = [r for r in rows if r[2] == f"{max(demo.budget.fractions):.0%}" and not r[0].startswith("reference")]
@@ -219,7 +220,7 @@ def _classify_section(rep, demo, encoders: dict[str, str], figs: Path) -> None:
                       "confidence intervals overlap the encoders are not distinguishable at this size. A randomly "
                       "initialised network's pooled features already carry nodule size and brightness, which "
                       "predict these labels well (a shape-only logistic regression reaches AUC ~0.94 on the full "
-                      "set; docs/RESULTS.md), so tiny pretraining budgets need not beat random init here.")
+                      "set; docs/RESULTS.md), so short CPU pretraining budgets need not beat random init here.")
     if curves:
         frac = max(demo.budget.fractions)
         sec.image(roc_figure(curves, figs / "nodule_roc.png", f"out-of-fold ROC, {frac:.0%} of training folds"),
