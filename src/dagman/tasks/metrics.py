@@ -77,7 +77,7 @@ def roc_auc(y_true, score) -> float:
     """Area under the ROC curve via the Mann-Whitney U statistic, O(N log N).
 
     Equals P(score_pos > score_neg) + 0.5 * P(score_pos == score_neg) over all positive/negative pairs, i.e. tied
-    scores count one half: ``sklearn.metrics.roc_auc_score``'s value (tests/test_task_metrics.py), 17x faster
+    scores count one half: ``sklearn.metrics.roc_auc_score``'s value (tests/test_task_metrics.py), 14x faster
     inside the bootstrap that calls it a thousand times per interval (benchmarks/metrics_speed.py).
 
     Args:
