@@ -328,7 +328,7 @@ def _train(run, start: int, stop: int, total: int = 20):
     student.body = nn.Sequential(nn.Linear(6, 16), nn.GELU(), nn.Dropout(0.2), nn.LayerNorm(16))
     student.last_layer = nn.Linear(16, 3)
     teacher = copy_student(student)
-    opt = build_optimizer(student.named_parameters(), cfg.optim)
+    opt = build_optimizer(student, cfg.optim)
     if start > 0:
         state = latest_checkpoint(run).state
         assert state["step"] == start
