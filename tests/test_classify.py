@@ -114,7 +114,7 @@ def test_parse_binary_labels():
         parse_binary_labels(["1", ""], "t.csv")
     with pytest.raises(DataError, match="'maybe' is not one of the training classes"):
         parse_binary_labels(["benign", "maybe"], "test.csv", class_names=("benign", "malignant"))
-    with pytest.raises(DataError, match="--positive 'x' is not one of"):
+    with pytest.raises(DataError, match="positive 'x' is not one of"):
         parse_binary_labels(["a", "b"], "t.csv", positive="x")
 
 

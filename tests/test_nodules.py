@@ -390,7 +390,7 @@ def _cli(argv):
     try:
         return cmd.run(args), None
     except DagmanError as err:
-        return 2, str(err)
+        return 2, err.for_cli()
 
 
 def test_cli_builds_a_set_and_prints_the_summary(db_path, phantom_file, tmp_path, capsys):

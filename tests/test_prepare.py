@@ -285,7 +285,7 @@ def test_settings_mismatch_is_refused_unless_overwrite(tmp_path):
     cache = tmp_path / "cache"
     prepare([tmp_path / "a.nii.gz"], cache, min_size=SMALL, progress=False)
     with pytest.raises(
-        DataError, match=r"other settings \(spacing: cache 2, asked 3\); use a new --out, or --overwrite"
+        DataError, match=r"other settings \(spacing: cache 2, asked 3\); use a new out, or overwrite"
     ):
         prepare([tmp_path / "a.nii.gz"], cache, spacing=3.0, min_size=SMALL, progress=False)
     report = prepare([tmp_path / "a.nii.gz"], cache, spacing=3.0, min_size=SMALL, progress=False, overwrite=True)
@@ -299,7 +299,7 @@ def test_settings_mismatch_is_refused_unless_overwrite(tmp_path):
     with pytest.raises(DataError, match="not a dagman cache"):
         prepare([tmp_path / "a.nii.gz"], other, min_size=SMALL, progress=False, overwrite=True)
     assert sorted(os.listdir(other)) == ["thesis.docx"]
-    with pytest.raises(ConfigError, match="--hu-window"):
+    with pytest.raises(ConfigError, match="^hu_window"):
         prepare([tmp_path / "a.nii.gz"], cache, hu_window=(100, -100), progress=False)
 
 

@@ -462,9 +462,9 @@ def test_read_label_map_refuses_fractional_labels(tmp_path):
 
 def test_loss_and_precision_choices():
     assert set(seg.LOSSES) == {"dicece", "dicece-batch"}
-    with pytest.raises(DagmanError, match="--loss hinge: unknown"):
+    with pytest.raises(DagmanError, match="^loss hinge: unknown"):
         seg.make_loss("hinge")
-    with pytest.raises(DagmanError, match="--precision fp8: unknown"):
+    with pytest.raises(DagmanError, match="^precision fp8: unknown"):
         seg.use_bf16("fp8", torch.device("cpu"))
     assert seg.use_bf16("bf16", torch.device("cpu")) and not seg.use_bf16("auto", torch.device("cpu"))
     assert seg.use_bf16("auto", torch.device("cuda")) and not seg.use_bf16("fp32", torch.device("cuda"))

@@ -62,7 +62,7 @@ def test_diameter_only_auc_separates_the_raw_set_but_not_the_matched_one():
 
 
 def test_bad_inputs():
-    with pytest.raises(ConfigError, match="--match-bin-mm"):
+    with pytest.raises(ConfigError, match="^match_bin_mm"):
         diameter_bins([1.0], 0.0)
     with pytest.raises(ValueError, match="differ in length"):
         match_by_diameter([1, 2], [1.0], [0, 1])

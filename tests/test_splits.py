@@ -134,7 +134,7 @@ def test_fewshot_subset_keeps_at_least_min_per_class():
 
 @pytest.mark.parametrize("bad", [0.0, -0.25, 1.5])
 def test_fewshot_subset_rejects_bad_fraction(bad):
-    with pytest.raises(DataError, match=r"--fraction must be in \(0, 1\]"):
+    with pytest.raises(DataError, match=r"^fraction must be in \(0, 1\]"):
         fewshot_subset(np.arange(10), np.array([0, 1] * 5), None, bad)
 
 

@@ -42,3 +42,39 @@ def test_library_layers_never_import_the_command_line_layer():
                      [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
             offenders += [f"{path.relative_to(root)}: {n}" for n in names if n.startswith("dagman.commands")]
     assert not offenders, offenders
+
+
+def test_library_errors_name_arguments_not_flags():
+    """Below commands/, an error message never spells a command-line flag: it names the Python argument (as
+    ``option=`` for the leading one, ``<<name>>`` inside the text) and the CLI shows the flag (for_cli)."""
+    import re
+
+    root = Path(__file__).resolve().parent.parent / "src" / "dagman"
+    offenders = []
+    for d in ("tasks", "data", "train", "ssl", "models", "report"):
+        for path in (root / d).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.Raise) and isinstance(node.exc, ast.Call):
+                    for const in ast.walk(node.exc):
+                        text = re.sub(r"`[^`]*`", "", const.value) if isinstance(const, ast.Constant) and \
+                            isinstance(const.value, str) else ""  # a quoted command may show its flags
+                        if re.search(r"(^|[\s(])--[a-z]", text):
+                            offenders.append(f"{path.relative_to(root)}:{node.lineno}: {const.value[:60]!r}")
+    assert not offenders, offenders
+
+
+def test_errors_show_argument_names_in_python_and_flags_on_the_command_line():
+    from dagman.errors import ConfigError, DataError
+    from dagman.tasks.cv import Protocol
+
+    err = ConfigError("crop_size 33 must be a multiple of 32", option="crop_size")
+    assert str(err) == "crop_size 33 must be a multiple of 32" and err.for_cli() == "--crop-size 33 must be a multiple of 32"
+    err = DataError("give either <<labels>> or <<num_classes>>, not both")
+    assert str(err) == "give either labels or num_classes, not both"
+    assert err.for_cli() == "give either --labels or --num-classes, not both"
+    try:
+        Protocol(fraction=2.0).check()
+    except ConfigError as e:
+        assert str(e).startswith("fraction must be in (0, 1]") and e.for_cli().startswith("--fraction must be in")
+    else:  # pragma: no cover
+        raise AssertionError("no error")

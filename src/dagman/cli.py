@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(run(args) or 0)
     except DagmanError as err:
-        print(f"dagman: error: {err}", file=sys.stderr)
+        print(f"dagman: error: {err.for_cli()}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("dagman: interrupted", file=sys.stderr)

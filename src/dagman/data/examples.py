@@ -289,7 +289,7 @@ def write_phantom_examples(
     from dagman.data.phantom import LABEL_NAMES, chest_phantom
 
     if n < 0:
-        raise DataError(f"--phantom needs a number of volumes >= 0, got {n}")
+        raise DataError(f"phantom needs a number of volumes >= 0, got {n}", option="phantom")
     dest = _prepare_dest(dest)
     with _lock(dest):
         manifest = _read_manifest_or_empty(dest)

@@ -82,15 +82,18 @@ MAX_WIDTH_MM = 1000.0
 
 
 class ImageReadError(DataError):
-    """An input that cannot be used as a CT volume. ``str(err) == f"{path}: {reason}"``."""
+    """An input that cannot be used as a CT volume. ``str(err) == f"{path}: {reason}"`` (arguments named as in
+    Python); ``reason``: the reason as the reports of ``data prepare`` show it (arguments named by their flags,
+    :meth:`~dagman.errors.DagmanError.for_cli`)."""
 
     def __init__(self, path: str | os.PathLike, reason: str):
         super().__init__(f"{path}: {reason}")
         self.path = str(path)
-        self.reason = reason
+        self._raw_reason = reason
+        self.reason = DataError(reason).for_cli()
 
     def __reduce__(self):  # picklable across worker processes despite the two-argument constructor
-        return (self.__class__, (self.path, self.reason))
+        return (self.__class__, (self.path, self._raw_reason))
 
 
 @dataclass(frozen=True)

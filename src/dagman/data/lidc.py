@@ -254,7 +254,7 @@ def load_lidc_db(path: str | os.PathLike) -> LidcDatabase:
     """
     path = Path(path).expanduser()
     if not path.is_file():
-        raise DataError(f"{path}: LIDC annotation database not found (run 'dagman data fetch-examples', or pass --db)")
+        raise DataError(f"{path}: LIDC annotation database not found (run 'dagman data fetch-examples', or pass <<db>>)")
     try:
         con = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
     except sqlite3.Error as err:
@@ -272,7 +272,7 @@ def check_lidc_db(path: str | os.PathLike) -> Path:
     path or raises the same one-line :class:`DataError` as :func:`load_lidc_db`."""
     path = Path(path).expanduser()
     if not path.is_file():
-        raise DataError(f"{path}: LIDC annotation database not found (run 'dagman data fetch-examples', or pass --db)")
+        raise DataError(f"{path}: LIDC annotation database not found (run 'dagman data fetch-examples', or pass <<db>>)")
     try:
         con = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
         try:
@@ -596,7 +596,7 @@ def label_for(malignancy_median: float, rule: str = "paper") -> int | None:
 def select_nodules(nodules: Iterable[Nodule], rule: str = "paper", min_readers: int = 3) -> list[tuple[Nodule, int]]:
     """``(nodule, label)`` for every nodule with at least ``min_readers`` reads whose label ``rule`` keeps."""
     if min_readers < 1 or min_readers > MAX_READERS:
-        raise ConfigError(f"--min-readers must be between 1 and {MAX_READERS}, got {min_readers}")
+        raise ConfigError(f"min_readers must be between 1 and {MAX_READERS}, got {min_readers}", option="min_readers")
     label_for(3.0, rule)  # validates the rule even for an empty list
     out = []
     for nd in nodules:

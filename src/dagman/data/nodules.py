@@ -303,7 +303,7 @@ def _crop_inside(bg: Background, half_mm: float) -> np.ndarray:
 def check_out_folder(out: Path) -> None:
     """Create ``out``; refuse a file, or a non-empty folder that is not a nodule set."""
     if out.exists() and not out.is_dir():
-        raise DataError(f"{out}: exists and is not a folder; choose another --out")
+        raise DataError(f"{out}: exists and is not a folder; choose another <<out>>")
     if out.is_dir():
         man = out / MANIFEST
         if man.is_file():
@@ -312,13 +312,13 @@ def check_out_folder(out: Path) -> None:
             except (OSError, ValueError, AttributeError):
                 kind = None
             if kind not in (KIND_SEMI, KIND_REAL):
-                raise DataError(f"{out}: holds a manifest.json that is not a dagman nodule set; choose a new --out")
+                raise DataError(f"{out}: holds a manifest.json that is not a dagman nodule set; choose a new <<out>>")
         else:
             ours = {IMAGES_DIR, MASKS_DIR, LABELS_CSV, WORK_DIR}
             foreign = sorted(p.name for p in out.iterdir() if p.name not in ours and not p.name.startswith("."))
             if foreign:
                 raise DataError(
-                    f"{out}: folder is not empty and is not a nodule set (has {foreign[0]}); choose a new --out"
+                    f"{out}: folder is not empty and is not a nodule set (has {foreign[0]}); choose a new <<out>>"
                 )
     try:
         (out / IMAGES_DIR).mkdir(parents=True, exist_ok=True)
@@ -487,20 +487,21 @@ def validate_options(
     """Check the build options (one-line :class:`ConfigError` naming the option); returns the crop side in voxels,
     ``round(crop_mm / spacing)``."""
     if rule not in lidc.LABEL_RULES:
-        raise ConfigError(f"--label-rule {rule!r} is not one of: {', '.join(lidc.LABEL_RULES)}")
+        raise ConfigError(f"label_rule {rule!r} is not one of: {', '.join(lidc.LABEL_RULES)}", option="label_rule")
     if not 1 <= int(min_readers) <= lidc.MAX_READERS:
-        raise ConfigError(f"--min-readers must be between 1 and {lidc.MAX_READERS}, got {min_readers}")
+        raise ConfigError(f"min_readers must be between 1 and {lidc.MAX_READERS}, got {min_readers}",
+                          option="min_readers")
     if not (np.isfinite(spacing) and spacing > 0):
-        raise ConfigError(f"--spacing must be a positive number of mm, got {spacing}")
+        raise ConfigError(f"spacing must be a positive number of mm, got {spacing}", option="spacing")
     if not (np.isfinite(crop_mm) and crop_mm >= 4 * spacing):
-        raise ConfigError(f"--crop-mm must be at least 4 voxels ({4 * spacing:g} mm), got {crop_mm}")
+        raise ConfigError(f"crop_mm must be at least 4 voxels ({4 * spacing:g} mm), got {crop_mm}", option="crop_mm")
     if limit is not None and limit < 1:
-        raise ConfigError(f"--limit must be >= 1, got {limit}")
+        raise ConfigError(f"limit must be >= 1, got {limit}", option="limit")
     if workers < 1:
-        raise ConfigError(f"--workers must be >= 1, got {workers}")
+        raise ConfigError(f"workers must be >= 1, got {workers}", option="workers")
     n = int(round(crop_mm / spacing))
     if n > 512:
-        raise ConfigError(f"--crop-mm / --spacing gives {n} voxels per side; at most 512")
+        raise ConfigError(f"crop_mm / <<spacing>> gives {n} voxels per side; at most 512", option="crop_mm")
     return n
 
 
@@ -732,7 +733,7 @@ def find_dicom_series(root: str | os.PathLike) -> tuple[list[SeriesFolder], list
 
     root = Path(root).expanduser()
     if not root.is_dir():
-        raise DataError(f"{root}: --lidc-dicom must be a folder (the LIDC-IDRI download root)")
+        raise DataError(f"{root}: <<lidc_dicom>> must be a folder (the LIDC-IDRI download root)")
     series, problems = [], []
     for src in list_sources([root]):
         if src.error:

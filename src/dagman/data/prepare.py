@@ -215,7 +215,7 @@ def prepare_volume(volume: CTVolume, settings: dict) -> tuple[np.ndarray, np.nda
         raise ImageReadError(
             volume.source,
             f"too thin: {shape} voxels at {spacing:g} mm, a side below {min_size} voxels ({min_size * spacing:g} mm) "
-            "is not a usable CT volume (--min-size)",
+            "is not a usable CT volume (<<min_size>>)",
         )
     box = body_crop(hu, spacing, min_size=BODY_MIN_SIDE)
     hu = hu[box]
@@ -465,7 +465,7 @@ def _open_cache(out: Path, settings: dict, overwrite: bool) -> dict:
             diff = _settings_diff(old if isinstance(old, dict) else {}, settings)
             raise DataError(
                 f"{out}: cache was prepared with other settings ({diff}); "
-                "use a new --out, or --overwrite to rebuild it"
+                "use a new <<out>>, or <<overwrite>> to rebuild it"
             )
         _clear_cache(out, manifest)
         return {"version": CACHE_FORMAT_VERSION, "settings": settings, "volumes": []}
@@ -543,14 +543,14 @@ def prepare(
     cache when no usable volume is in it, or when ``strict`` and anything was skipped.
     """
     if not spacing > 0:
-        raise ConfigError(f"--spacing must be positive, got {spacing}")
+        raise ConfigError(f"spacing must be positive, got {spacing}", option="spacing")
     lo, hi = float(hu_window[0]), float(hu_window[1])
     if not hi > lo:
-        raise ConfigError(f"--hu-window: upper bound must exceed lower bound, got {lo:g} {hi:g}")
+        raise ConfigError(f"hu_window: upper bound must exceed lower bound, got {lo:g} {hi:g}", option="hu_window")
     if int(min_size) < 1:
-        raise ConfigError(f"--min-size must be >= 1, got {min_size}")
+        raise ConfigError(f"min_size must be >= 1, got {min_size}", option="min_size")
     if int(workers) < 1:
-        raise ConfigError(f"--workers must be >= 1, got {workers}")
+        raise ConfigError(f"workers must be >= 1, got {workers}", option="workers")
     out = Path(out).absolute()
     settings = make_settings(spacing, (lo, hi), int(min_size))
 
@@ -704,7 +704,7 @@ def _write_if_changed(path: Path, obj) -> None:
 def _check_out_folder(out: Path) -> None:
     """Create ``out`` if needed; refuse a file, or a non-empty folder that is not a dagman cache."""
     if out.exists() and not out.is_dir():
-        raise DataError(f"{out}: exists and is not a folder; choose another --out")
+        raise DataError(f"{out}: exists and is not a folder; choose another <<out>>")
     if out.is_dir() and not (out / MANIFEST).exists():
         ours = {MANIFEST, SKIPPED, VOLUMES_DIR, ".prepare.lock"}
         foreign = sorted(
@@ -712,7 +712,7 @@ def _check_out_folder(out: Path) -> None:
         )
         if foreign:
             raise DataError(
-                f"{out}: folder is not empty and is not a dagman cache (has {foreign[0]}); choose a new --out"
+                f"{out}: folder is not empty and is not a dagman cache (has {foreign[0]}); choose a new <<out>>"
             )
     try:
         out.mkdir(parents=True, exist_ok=True)

@@ -25,7 +25,7 @@ BIN_MM = 1.0
 def diameter_bins(diameters: Sequence[float], bin_mm: float = BIN_MM) -> np.ndarray:
     """Bin index ``floor(d / bin_mm)`` of each diameter."""
     if not (math.isfinite(bin_mm) and bin_mm > 0):
-        raise ConfigError(f"--match-bin-mm must be a positive number of mm, got {bin_mm}")
+        raise ConfigError(f"match_bin_mm must be a positive number of mm, got {bin_mm}", option="match_bin_mm")
     return np.floor(np.asarray(diameters, dtype=np.float64) / float(bin_mm)).astype(np.int64)
 
 

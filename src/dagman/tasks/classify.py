@@ -193,7 +193,7 @@ def parse_binary_labels(values: Sequence[str], where: str, column: str = "label"
         if p == neg:
             neg, pos = pos, neg
         elif p != pos:
-            raise DataError(f"{where}: --positive {positive!r} is not one of the {column} values "
+            raise DataError(f"{where}: <<positive>> {positive!r} is not one of the {column} values "
                             f"{name_of[neg]!r} / {name_of[pos]!r}")
     y = np.array([1 if k == pos else 0 for k in keys], dtype=np.int64)
     return y, (name_of[neg], name_of[pos])

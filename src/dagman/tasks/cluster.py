@@ -166,7 +166,7 @@ def load_label_names(spec: str | os.PathLike | Mapping | None,
         return {}
     path = Path(spec)
     if not path.is_file():
-        raise DataError(f"{path}: no such label-names file (--names takes a JSON mapping value -> name, an MSD "
+        raise DataError(f"{path}: no such label-names file (<<names>> takes a JSON mapping value -> name, an MSD "
                         "dataset.json or a fetch-examples manifest)")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
@@ -224,10 +224,10 @@ def load_groups(spec: str | os.PathLike | Mapping | None) -> tuple[dict[str, lis
         try:
             return _check_groups(json.loads(text), "--groups"), True
         except ValueError as err:
-            raise DataError(f"--groups: not valid JSON ({err})") from None
+            raise DataError(f"groups: not valid JSON ({err})", option="groups") from None
     path = Path(text)
     if not path.is_file():
-        raise DataError(f"{path}: no such groups file (--groups takes {', '.join(BUILTIN_GROUPS)}, a JSON file or "
+        raise DataError(f"{path}: no such groups file (<<groups>> takes {', '.join(BUILTIN_GROUPS)}, a JSON file or "
                         "inline JSON)")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
@@ -361,7 +361,7 @@ def make_structure_crops(image, labels, *, spacing: float = 2.0, hu_window: tupl
     from dagman.tasks.encoder import fit_to_size
 
     if mode not in MODES:
-        raise DagmanError(f"--mode {mode!r}: expected one of {', '.join(MODES)}")
+        raise DagmanError(f"mode {mode!r}: expected one of {', '.join(MODES)}", option="mode")
     if crops_per_structure < 1 or size < 1 or min_voxels < 1 or spacing <= 0:
         raise DagmanError("crops per structure, crop size and min voxels must be >= 1 and spacing > 0")
     vol, lab = read_image_and_labels(image, labels)
@@ -378,7 +378,7 @@ def make_structure_crops(image, labels, *, spacing: float = 2.0, hu_window: tupl
     if not big:
         largest = (f"; largest: {name_of[int(values[np.argmax(counts)])]} with {int(counts.max())} voxels"
                    if len(values) else "")
-        raise DataError(f"{labels_name}: no structure with at least {min_voxels} voxels (--min-voxels){largest}")
+        raise DataError(f"{labels_name}: no structure with at least {min_voxels} voxels (<<min_voxels>>){largest}")
     if group_spec is None:
         assigned, class_names = assign_classes(big, names, None)
     else:
@@ -388,8 +388,8 @@ def make_structure_crops(image, labels, *, spacing: float = 2.0, hu_window: tupl
     if len(class_names) < 2:
         raise DataError(f"{labels_name}: {len(class_names)} class{'' if len(class_names) == 1 else 'es'} with at "
                         f"least {min_voxels} voxels "
-                        f"({', '.join(class_names) or 'none'}); clustering needs at least 2 (check --groups, "
-                        "--names, --min-voxels)")
+                        f"({', '.join(class_names) or 'none'}); clustering needs at least 2 (check <<groups>>, "
+                        "<<names>>, <<min_voxels>>)")
 
     hu, new_affine = resample_isotropic(vol.array, vol.affine, spacing)
     x = window_hu(hu, hu_window)

@@ -76,24 +76,25 @@ class Protocol:
     def check(self) -> "Protocol":
         """Raise a one-line ConfigError for a bad setting; returns self."""
         if self.mode not in MODES:
-            raise ConfigError(f"--mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+            raise ConfigError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}", option="mode")
         if not (isinstance(self.fraction, (int, float)) and 0.0 < float(self.fraction) <= 1.0):
-            raise ConfigError(f"--fraction must be in (0, 1] (e.g. 0.25, 0.5, 1.0), got {self.fraction}")
+            raise ConfigError(f"fraction must be in (0, 1] (e.g. 0.25, 0.5, 1.0), got {self.fraction}",
+                              option="fraction")
         if int(self.folds) != self.folds or self.folds < 2:
-            raise ConfigError(f"--folds must be an integer >= 2, got {self.folds}")
+            raise ConfigError(f"folds must be an integer >= 2, got {self.folds}", option="folds")
         if self.seeds < 1:
-            raise ConfigError(f"--seeds must be >= 1, got {self.seeds}")
+            raise ConfigError(f"seeds must be >= 1, got {self.seeds}", option="seeds")
         if self.n_boot < 1:
-            raise ConfigError(f"--n-boot must be >= 1, got {self.n_boot}")
+            raise ConfigError(f"n_boot must be >= 1, got {self.n_boot}", option="n_boot")
         if not 0.0 < self.val_fraction < 1.0:
-            raise ConfigError(f"--val-fraction must be in (0, 1), got {self.val_fraction}")
+            raise ConfigError(f"val_fraction must be in (0, 1), got {self.val_fraction}", option="val_fraction")
         if self.mode == "ft":
             if self.epochs < 1:
-                raise ConfigError(f"--epochs must be >= 1, got {self.epochs}")
+                raise ConfigError(f"epochs must be >= 1, got {self.epochs}", option="epochs")
             if not self.lr > 0:
-                raise ConfigError(f"--lr must be > 0, got {self.lr}")
+                raise ConfigError(f"lr must be > 0, got {self.lr}", option="lr")
             if self.batch_size < 1:
-                raise ConfigError(f"--batch-size must be >= 1, got {self.batch_size}")
+                raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}", option="batch_size")
             if not self.grad_clip > 0:
                 raise ConfigError(f"the gradient clip must be > 0, got {self.grad_clip}")
         if not self.c_grid or any(not c > 0 for c in self.c_grid):
@@ -244,7 +245,7 @@ def run_cv(cohort: Cohort, head: CVHead, protocol, encoder=None, *, test: Cohort
         timing["features_s"] = time.perf_counter() - t0
     else:
         if encoder is None:
-            raise DataError("fine-tuning (--mode ft) needs an encoder")
+            raise DataError("fine-tuning (<<mode>> ft) needs an encoder")
         for c in (cohort, test):
             if c is not None and c.inputs is None:
                 raise DataError(f"{c.source}: fine-tuning needs the images loaded (cohort.inputs)")

@@ -232,7 +232,8 @@ def default_input_size(encoder: TaskEncoder, requested: int | None, default_mm: 
     m = encoder.input_multiple
     if requested is not None:
         if requested < m or requested % m:
-            raise DagmanError(f"--crop-size {requested} must be a positive multiple of {m} (patch size * 2**4)")
+            raise DagmanError(f"crop_size {requested} must be a positive multiple of {m} (patch size * 2**4)",
+                              option="crop_size")
         return requested
     spacing = encoder.source.cfg.data.spacing_mm
     return max(m, int(math.ceil(default_mm / spacing / m)) * m)

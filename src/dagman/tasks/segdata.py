@@ -226,7 +226,8 @@ def _parse_int_list(text: str | Sequence[int]) -> list[int]:
         try:
             return [int(t) for t in text.replace(" ", "").split(",") if t]
         except ValueError:
-            raise DagmanError(f"--labels {text}: expected comma-separated integer label values, e.g. 1,2") from None
+            raise DagmanError(f"labels {text}: expected comma-separated integer label values, e.g. 1,2",
+                              option="labels") from None
     return [int(v) for v in text]
 
 
@@ -241,29 +242,30 @@ def label_spec(declared: dict[int, str] | None, labels: str | Sequence[int] | No
     declaration); ``observed``: label values found in the training label maps, used when nothing else declares
     the labels. Raises :class:`DagmanError` with a one-line reason."""
     if labels is not None and num_classes is not None:
-        raise DagmanError("give either --labels or --num-classes, not both")
+        raise DagmanError("give either <<labels>> or <<num_classes>>, not both")
     if num_classes is not None:
         if num_classes < 2:
-            raise DagmanError(f"--num-classes {num_classes}: need at least 2 (background + one class)")
+            raise DagmanError(f"num_classes {num_classes}: need at least 2 (background + one class)",
+                              option="num_classes")
         wanted = list(range(1, num_classes))
         if declared is not None and sorted(declared) != [0, *wanted]:
-            raise DagmanError(f"--num-classes {num_classes} disagrees with the labels {sorted(declared)} declared in "
-                              f"{source}; use --labels to pick classes")
+            raise DagmanError(f"num_classes {num_classes} disagrees with the labels {sorted(declared)} declared in "
+                              f"{source}; use <<labels>> to pick classes", option="num_classes")
     elif labels is not None:
         wanted = sorted(set(_parse_int_list(labels)))
         if not wanted or any(v <= 0 for v in wanted):
-            raise DagmanError(f"--labels {labels}: give foreground label values > 0, e.g. --labels 1,2")
+            raise DagmanError(f"labels {labels}: give foreground label values > 0, e.g. <<labels>> 1,2", option="labels")
         if declared is not None:
             unknown = [v for v in wanted if v not in declared]
             if unknown:
-                raise DagmanError(f"--labels {labels}: value(s) {unknown} not among the labels {sorted(declared)} "
-                                  f"declared in {source}")
+                raise DagmanError(f"labels {labels}: value(s) {unknown} not among the labels {sorted(declared)} "
+                                  f"declared in {source}", option="labels")
     elif declared is not None:
         wanted = sorted(v for v in declared if v != 0)
     elif observed is not None:
         wanted = sorted(int(v) for v in set(observed) if v != 0)
     else:
-        raise DagmanError(f"{source}: no labels declared; pass --labels 1,2 or --num-classes N")
+        raise DagmanError(f"{source}: no labels declared; pass <<labels>> 1,2 or <<num_classes>> N")
     if not wanted:
         raise DagmanError(f"{source}: no foreground label to segment (only background)")
     if max(wanted) > 65535:

@@ -118,7 +118,8 @@ def check_roi(roi: int, cfg) -> int:
     map needs more than one voxel while training); else a one-line DagmanError."""
     m = roi_multiple(cfg)
     if roi <= 0 or roi % m or roi < 2 * m:
-        raise DagmanError(f"--roi {roi} must be a multiple of {m} (patch size {m // 16} x 2**4) and at least {2 * m}")
+        raise DagmanError(f"roi {roi} must be a multiple of {m} (patch size {m // 16} x 2**4) and at least {2 * m}",
+                          option="roi")
     return int(roi)
 
 
@@ -191,14 +192,14 @@ def make_loss(name: str) -> nn.Module:
         return DiceCELoss(to_onehot_y=True, softmax=True)
     if name == "dicece-batch":
         return DiceCELoss(to_onehot_y=True, softmax=True, include_background=False, batch=True)
-    raise DagmanError(f"--loss {name}: unknown (choose from {', '.join(LOSSES)})")
+    raise DagmanError(f"loss {name}: unknown (choose from {', '.join(LOSSES)})", option="loss")
 
 
 def use_bf16(precision: str, device: torch.device) -> bool:
     """bf16 autocast or not: ``auto`` = on CUDA only; ``bf16`` = on any device (CPUs with AMX / AVX512-BF16 run
     the convolutions and attention faster); ``fp32`` = never."""
     if precision not in PRECISIONS:
-        raise DagmanError(f"--precision {precision}: unknown (choose from {', '.join(PRECISIONS)})")
+        raise DagmanError(f"precision {precision}: unknown (choose from {', '.join(PRECISIONS)})", option="precision")
     return precision == "bf16" or (precision == "auto" and device.type == "cuda")
 
 
@@ -551,7 +552,7 @@ def _device(name: str | None) -> torch.device:
         try:
             return torch.device(name)
         except RuntimeError as err:
-            raise DagmanError(f"--device {name}: {err}") from None
+            raise DagmanError(f"device {name}: {err}", option="device") from None
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
@@ -589,24 +590,24 @@ def run_segmentation(opts: SegmentOptions, log: Callable[[str], None] = print) -
     _check_fraction("--fraction", opts.fraction, low_open=True)
     _check_fraction("--val-fraction", opts.val_fraction, low_open=False)
     if opts.batch_size < 1:
-        raise DagmanError(f"--batch-size {opts.batch_size}: must be >= 1")
+        raise DagmanError(f"batch_size {opts.batch_size}: must be >= 1", option="batch_size")
     if (opts.steps is not None and opts.steps < 1) or (opts.epochs is not None and opts.epochs < 1):
-        raise DagmanError("--steps / --epochs must be >= 1")
+        raise DagmanError("steps (or epochs) must be >= 1", option="steps")
     if not opts.lr > 0:
-        raise DagmanError(f"--lr {opts.lr}: must be > 0")
+        raise DagmanError(f"lr {opts.lr}: must be > 0", option="lr")
     for p in opts.predict:
         if not Path(p).exists():
-            raise DagmanError(f"--predict {p}: no such file or folder")
+            raise DagmanError(f"predict {p}: no such file or folder", option="predict")
     out = Path(opts.out)
     if out.exists() and not out.is_dir():
-        raise DagmanError(f"--out {out}: exists and is not a folder")
+        raise DagmanError(f"out {out}: exists and is not a folder", option="out")
     dataset = read_dataset(opts.data)
     source = open_encoder(opts.checkpoint, size=opts.size)
     cfg = source.cfg
     roi = check_roi(opts.roi, cfg)
     spacing = float(opts.spacing if opts.spacing is not None else cfg.data.spacing_mm)
     if not spacing > 0:
-        raise DagmanError(f"--spacing {opts.spacing}: must be > 0 mm")
+        raise DagmanError(f"spacing {opts.spacing}: must be > 0 mm", option="spacing")
     hu_window = tuple(float(v) for v in cfg.data.hu_window)
     spec = None
     if dataset.declared is not None or opts.labels is not None or opts.num_classes is not None:
@@ -742,7 +743,7 @@ def predict_images(model_path: str | os.PathLike, images: Sequence[str | os.Path
     ``[(image, prediction path)]``."""
     for p in images:
         if not Path(p).exists():
-            raise DagmanError(f"--predict {p}: no such file or folder")
+            raise DagmanError(f"predict {p}: no such file or folder", option="predict")
     model, info = load_model(model_path)
     dev = _device(device)
     return _predict_paths(model, info, [Path(p) for p in images], Path(out) / "predictions", dev, batch_size, progress)

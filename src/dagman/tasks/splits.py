@@ -154,7 +154,7 @@ def fewshot_subset(train_idx, labels, groups=None, fraction: float = 1.0, seed: 
     """
     y, g = _as_arrays(labels, groups)
     if not (isinstance(fraction, (int, float, np.floating)) and 0.0 < float(fraction) <= 1.0):
-        raise DataError(f"--fraction must be in (0, 1] (e.g. 0.25, 0.5, 1.0), got {fraction}")
+        raise DataError(f"fraction must be in (0, 1] (e.g. 0.25, 0.5, 1.0), got {fraction}", option="fraction")
     rng = np.random.default_rng(seed)
     return _select_groups(np.asarray(train_idx), y, g, float(fraction), rng, min_per_class,
                           f"{float(fraction):.0%} few-shot subset")
@@ -184,5 +184,5 @@ def train_val_split(idx, labels, groups=None, val_fraction: float = 0.2,
     missing = set(np.unique(y[idx]).tolist()) - set(np.unique(y[train]).tolist())
     if missing:
         raise DataError(f"validation split left no training row with label {_class_name(sorted(missing)[0])} "
-                        "(patients with mixed labels); use a larger --fraction")
+                        "(patients with mixed labels); use a larger <<fraction>>")
     return train, val

@@ -89,7 +89,7 @@ def _pick_device(preference: str, local_rank: int) -> torch.device:
     if not want_cuda:
         return torch.device("cpu")
     if not torch.cuda.is_available():
-        raise DagmanError("device cuda was asked for but CUDA is not available (use --device cpu or auto)")
+        raise DagmanError("device cuda was asked for but CUDA is not available (use <<device>> cpu or auto)")
     count = torch.cuda.device_count()
     if local_rank >= count:
         raise DagmanError(f"LOCAL_RANK={local_rank} but only {count} CUDA device(s) are visible")
@@ -340,7 +340,7 @@ def resume_batch_size(
     for name, value in (("saved data.batch_size", saved_batch_size), ("saved world size", saved_world_size),
                         ("world size", world_size), ("data.batch_size", batch_size)):
         if int(value) < 1:
-            raise ConfigError(f"--resume: {name} must be >= 1, got {value}")
+            raise ConfigError(f"resume: {name} must be >= 1, got {value}", option="resume")
     global_batch = saved_batch_size * saved_world_size
     saved = (f"the run was trained with a global batch of {global_batch} ({saved_batch_size} per process x "
              f"{saved_world_size} process{'es' if saved_world_size > 1 else ''})")
@@ -352,13 +352,13 @@ def resume_batch_size(
                 else f"use {_process_counts(global_batch, world_size)} processes with data.batch_size = "
                 f"{global_batch} / processes")
         raise ConfigError(
-            f"--resume: data.batch_size={batch_size} on {world_size} process{'es' if world_size > 1 else ''} is a "
+            f"<<resume>>: data.batch_size={batch_size} on {world_size} process{'es' if world_size > 1 else ''} is a "
             f"global batch of {batch_size * world_size}, but {saved}; a different global batch would change the "
             f"schedules mid-run: {keep}, or start a new run"
         )
     if global_batch % world_size:
         raise ConfigError(
-            f"--resume: {saved}, which {world_size} processes cannot split evenly (no data.batch_size keeps it); "
+            f"<<resume>>: {saved}, which {world_size} processes cannot split evenly (no data.batch_size keeps it); "
             f"resume with {_process_counts(global_batch, world_size)} processes (data.batch_size is then set to "
             f"{global_batch} / processes)"
         )

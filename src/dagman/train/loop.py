@@ -436,16 +436,16 @@ def pretrain(cfg: Config, out: str | os.PathLike, *, resume: bool = False, progr
 
     out = Path(out)
     if cfg.data.cache is None:
-        raise DagmanError("no training data: pass --data CACHE (a folder made by 'dagman data prepare')")
+        raise DagmanError("no training data: pass <<data>> CACHE (a folder made by 'dagman data prepare')")
     info = init_distributed(timeout_s=cfg.train.dist_timeout_s)
     found = None
     if resume:
         found = ckpt.latest_checkpoint(out)
         if found is None:
-            raise DagmanError(f"--resume: no loadable checkpoint in {out / 'checkpoints'}")
+            raise DagmanError(f"resume: no loadable checkpoint in {out / 'checkpoints'}", option="resume")
         cfg = _keep_global_batch(cfg, found, info, explicit_batch_size)
     elif (out / "checkpoints").exists() and any((out / "checkpoints").iterdir()):  # every rank refuses
-        raise DagmanError(f"{out} already holds a run (checkpoints/); use --resume to continue it or a new --out")
+        raise DagmanError(f"{out} already holds a run (checkpoints/); use <<resume>> to continue it or a new <<out>>")
     dataset = TwoViewDataset(cfg.data.cache, cfg.data.crop_size, flip_prob=cfg.data.flip_prob,
                              intensity_scale=tuple(cfg.data.intensity_scale_range),
                              intensity_shift=tuple(cfg.data.intensity_shift_range),
