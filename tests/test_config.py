@@ -440,3 +440,12 @@ def test_cli_pretrain_without_out_or_data_is_a_one_line_error(capsys, tmp_path):
     assert "--data CACHE" in err and len(err.strip().splitlines()) == 1
     assert cli_main(["pretrain", "--method", "nope", "--print-config"]) == 2
     assert "valid: dagman" in capsys.readouterr().err
+
+
+def test_preset_module_default_weights_are_the_dataclass_defaults():
+    """config_presets.DEFAULT_WEIGHTS (what a method preset keeps for the losses it turns off) cannot drift from
+    LossConfig's defaults."""
+    from dagman.config import LossConfig
+    from dagman.config_presets import DEFAULT_WEIGHTS
+
+    assert DEFAULT_WEIGHTS == {n: getattr(LossConfig(), f"{n}_weight") for n in ("amip", "ampd", "aitd", "gitd")}
