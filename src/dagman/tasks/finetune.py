@@ -33,7 +33,7 @@ class Tuner:
     gradient norm is not finite; the schedule advances either way."""
 
     def __init__(self, model: nn.Module, lr: float, weight_decay: float, total_steps: int, clip: float) -> None:
-        from dagman.train.optim import build_optimizer, set_lr_wd
+        from dagman.train.optim import build_optimizer
         from dagman.train.schedules import cosine_schedule
 
         self.params = [p for p in model.parameters() if p.requires_grad]
@@ -43,13 +43,19 @@ class Tuner:
         self.clip = float(clip)
         self.index = 0
         self.skipped = 0
-        self._set = set_lr_wd
+
+    def advance(self) -> int:
+        """Move the schedule one step without an update (e.g. a batch with nothing to learn); returns the index
+        of the step taken."""
+        i = min(self.index, len(self.lrs) - 1)
+        self.index += 1
+        return i
 
     def step(self, loss: torch.Tensor) -> bool:
         """Backward ``loss`` and apply one update at this step's learning rate; False when skipped."""
-        i = min(self.index, len(self.lrs) - 1)
-        self.index += 1
-        self._set(self.optimizer, float(self.lrs[i]), self.weight_decay)
+        from dagman.train.optim import set_lr_wd
+
+        set_lr_wd(self.optimizer, float(self.lrs[self.advance()]), self.weight_decay)
         self.optimizer.zero_grad(set_to_none=True)
         if not torch.isfinite(loss):  # skipped and counted, never applied
             self.skipped += 1
@@ -148,7 +154,7 @@ def fine_tune(encoder, x_train: np.ndarray, x_val: np.ndarray, loss_fn: Callable
                 out = net(x)
             loss = loss_fn(out.float(), rows)
             if loss is None:  # e.g. a Cox batch without events: no step, the schedule still advances
-                tuner.index += 1
+                tuner.advance()
                 continue
             tuner.step(loss)
         key = val_key(predict_network(net, x_val, protocol.batch_size * 2, device))
