@@ -12,6 +12,16 @@ import re
 _NAMED = re.compile(r"<<([a-z][a-z0-9_]*)>>")
 
 
+def python_text(text: str) -> str:
+    """``text`` with every ``<<name>>`` written as the Python argument ``name``."""
+    return _NAMED.sub(lambda m: m.group(1), text)
+
+
+def cli_text(text: str) -> str:
+    """``text`` with every ``<<name>>`` written as the flag ``--name`` (underscores as dashes)."""
+    return _NAMED.sub(lambda m: "--" + m.group(1).replace("_", "-"), text)
+
+
 class DagmanError(Exception):
     """A user-facing error: bad input, bad configuration, missing file. The CLI prints :meth:`for_cli` on one
     line and exits with status 2.
@@ -25,11 +35,11 @@ class DagmanError(Exception):
         self.flag = flag or ("--" + option.replace("_", "-") if option else None)
 
     def __str__(self) -> str:
-        return _NAMED.sub(lambda m: m.group(1), super().__str__())
+        return python_text(super().__str__())
 
     def for_cli(self) -> str:
         """The message as the command line shows it: argument names replaced by their flags."""
-        text = _NAMED.sub(lambda m: "--" + m.group(1).replace("_", "-"), super().__str__())
+        text = cli_text(super().__str__())
         if self.option and self.flag and text.startswith(self.option):
             return self.flag + text[len(self.option):]
         return text

@@ -40,7 +40,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dagman.errors import DataError
+from dagman.errors import DataError, cli_text
 
 # File name endings (lower case) of the single-file formats, and the reader family of each.
 IMAGE_SUFFIXES: dict[str, str] = {
@@ -90,7 +90,7 @@ class ImageReadError(DataError):
         super().__init__(f"{path}: {reason}")
         self.path = str(path)
         self._raw_reason = reason
-        self.reason = DataError(reason).for_cli()
+        self.reason = cli_text(reason)
 
     def __reduce__(self):  # picklable across worker processes despite the two-argument constructor
         return (self.__class__, (self.path, self._raw_reason))
