@@ -98,7 +98,7 @@ class Encoder:
 
         result = compute_features(self.network, read_feature_table(table, space=space), pool=pool,
                                   crop_size=self.crop_size, batch_size=batch_size, strict=strict,
-                                  device=self.device, progress=progress, space=space)
+                                  device=self.device, progress=progress)
         if out is not None:
             write_feature_outputs(result, out)
         return result

@@ -80,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         result = compute_features(encoder, table, pool=args.pool, crop_size=args.crop_size,
                                   batch_size=args.batch_size, strict=args.strict, progress=not args.quiet,
-                                  space=args.space, on_error=report)
+                                  on_error=report)
     except DagmanError as err:
         if "--crop-size" in str(err) or not args.strict:
             raise

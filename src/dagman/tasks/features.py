@@ -25,7 +25,7 @@ from __future__ import annotations
 import csv
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -61,7 +61,7 @@ class Place:
 @dataclass
 class FeatureTable:
     """The parsed table: its ``columns`` and ``rows`` (dicts of the raw strings, in order), one ``image`` path
-    and :class:`Place` (or the row's error) per row."""
+    and :class:`Place` (or the row's error) per row, and the ``space`` its x,y,z points were read in."""
 
     path: Path
     columns: list[str]
@@ -69,6 +69,7 @@ class FeatureTable:
     images: list[Path | None]
     places: list[Place | None]
     errors: list[str | None]
+    space: str = "lps"
 
 
 @dataclass
@@ -86,8 +87,10 @@ class FeatureResult:
     hu_window: tuple[float, float]
     crop_size: int
     pool: str
-    space: str
-    extra: dict = field(default_factory=dict)
+
+    @property
+    def space(self) -> str:
+        return self.table.space
 
     @property
     def n_ok(self) -> int:
@@ -154,7 +157,7 @@ def read_feature_table(path: str | os.PathLike, space: str = "lps") -> FeatureTa
             images.append(None)
             places.append(None)
             errors.append(str(err))
-    return FeatureTable(path, columns, rows, images, places, errors)
+    return FeatureTable(path, columns, rows, images, places, errors, space)
 
 
 def _row_place(row, point_cols, voxel: bool, has_mask: bool, space: str, base: Path) -> Place:
@@ -294,7 +297,7 @@ def _encode(encoder, crops: np.ndarray, masks: np.ndarray | None, pool: str, sta
 
 def compute_features(encoder, table: FeatureTable, *, pool: str = "default", crop_size: int | None = None,
                      batch_size: int = 8, strict: bool = False, device: str | torch.device | None = None,
-                     progress: bool = True, space: str = "lps",
+                     progress: bool = True,
                      on_error: Callable[[int, str], None] | None = None) -> FeatureResult:
     """Features of every row of ``table`` with ``encoder`` (a :class:`~dagman.tasks.encoder.TaskEncoder`).
     ``pool``: ``default`` (the encoder's own feature: SA [CLS] if it has one, else the mean of the last stage's
@@ -370,7 +373,7 @@ def compute_features(encoder, table: FeatureTable, *, pool: str = "default", cro
     source = {"default": encoder.feature_source, "mean": "mean of the last stage's tokens",
               "masked": f"mask-weighted mean of the tokens of map {stage}"}[pool]
     return FeatureResult(table, feats, errors, source,
-                         encoder.source.description, spacing, window, size, pool, space)
+                         encoder.source.description, spacing, window, size, pool)
 
 
 def write_feature_outputs(result: FeatureResult, out: str | os.PathLike) -> tuple[Path, Path]:
