@@ -19,7 +19,8 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-__all__ = ["Encoder", "PretrainResult", "fetch_examples", "load_encoder", "prepare", "pretrain"]
+__all__ = ["Encoder", "PretrainResult", "fetch_examples", "load_encoder", "prepare", "pretrain", "run_overrides",
+           "sets_batch_size"]
 
 
 class Encoder:
@@ -153,6 +154,23 @@ def prepare(inputs, out: str | os.PathLike, *, spacing: float = 2.0,
                     **kwargs)
 
 
+def run_overrides(data, steps: int | None, seed: int | None, overrides: Sequence[str] = ()) -> list[str]:
+    """The ``key=value`` overrides of a pretraining run: its cache, length and seed (when given), then the
+    caller's own (the command line builds its config the same way)."""
+    over = [] if data is None else [f"data.cache={data}"]
+    if steps is not None:
+        over.append(f"train.total_steps={steps}")
+    if seed is not None:
+        over.append(f"train.seed={seed}")
+    return [*over, *overrides]
+
+
+def sets_batch_size(overrides: Sequence[str] | None) -> bool:
+    """Whether the caller set ``data.batch_size`` (a resume on another number of processes then keeps it
+    instead of keeping the global batch)."""
+    return any(o.split("=", 1)[0].strip() == "data.batch_size" for o in overrides or [])
+
+
 @dataclass
 class PretrainResult:
     """What a pretraining run left: its ``run`` folder and ``encoder`` file, ``steps`` (total) and
@@ -178,18 +196,13 @@ def pretrain(data: str | os.PathLike, out: str | os.PathLike, *, size: str = "cp
     from dagman.config import load_config
     from dagman.train.loop import pretrain as _pretrain
 
-    over = [f"data.cache={data}"]
-    if steps is not None:
-        over.append(f"train.total_steps={steps}")
-    if seed is not None:
-        over.append(f"train.seed={seed}")
-    over.extend(overrides)
+    over = run_overrides(data, steps, seed, overrides)
     config_file = Path(out) / "config.yaml"
     if resume and config_file.is_file():
         cfg = load_config(file=config_file, overrides=over)
     else:
         cfg = load_config(size=size, method=method, overrides=over)
-    explicit_batch = any(o.split("=", 1)[0].strip() == "data.batch_size" for o in overrides)
+    explicit_batch = sets_batch_size(overrides)
     s = _pretrain(cfg, out, resume=resume, progress=progress, explicit_batch_size=explicit_batch)
     return PretrainResult(run=Path(out), encoder=Path(s["encoder"]) if s.get("encoder") else None,
                           steps=int(s["steps"]), steps_this_run=int(s["steps_this_run"]),

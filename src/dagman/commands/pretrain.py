@@ -85,16 +85,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def resolve_config(args: argparse.Namespace):
     """The validated :class:`dagman.config.Config` for parsed ``args`` (presets, --config, options,
     overrides). Raises ConfigError on any problem."""
+    from dagman.api import run_overrides
     from dagman.config import load_config
 
-    overrides: list[str] = []
-    if args.data is not None:
-        overrides.append(f"data.cache={args.data}")
-    if args.steps is not None:
-        overrides.append(f"train.total_steps={args.steps}")
-    if args.seed is not None:
-        overrides.append(f"train.seed={args.seed}")
-    overrides.extend(args.overrides or [])
+    overrides = run_overrides(args.data, args.steps, args.seed, args.overrides or [])
     return load_config(size=args.size, method=args.method, file=args.config, overrides=overrides)
 
 
@@ -115,7 +109,9 @@ def run(args: argparse.Namespace) -> int:
         raise DagmanError("pretrain needs --out RUN (the run folder for checkpoints, metrics and the encoder)")
     from dagman.train.loop import SUMMARY_STEPS, pretrain
 
-    explicit_batch = any(o.split("=", 1)[0].strip() == "data.batch_size" for o in args.overrides or [])
+    from dagman.api import sets_batch_size
+
+    explicit_batch = sets_batch_size(args.overrides)
     summary = pretrain(cfg, args.out, resume=args.resume, progress=True, explicit_batch_size=explicit_batch)
     if summary.get("encoder"):
         final = summary["final"]
