@@ -88,9 +88,7 @@ def main(argv=None) -> int:
         f"data.cache={train_cache}", f"train.total_steps={args.steps}", f"train.seed={args.seed}", *args.overrides])
     info = DistInfo(0, 1, 0, torch.device("cpu"), False)
     d = cfg.data
-    ds = TwoViewDataset(train_cache, d.crop_size, flip_prob=d.flip_prob, intensity_scale=tuple(d.intensity_scale_range),
-                        intensity_shift=tuple(d.intensity_shift_range), intensity_prob=d.intensity_prob,
-                        seed=args.seed)
+    ds = TwoViewDataset.from_config(d, train_cache, seed=args.seed)
     ds.samples_per_volume = max(1, -(-d.batch_size // ds.n_volumes))
     state = build_state(cfg, info, Schedules.from_config(cfg, plan_steps(cfg, ds.n_volumes)))
     loader = two_view_loader(ds, d.batch_size, workers=1, seed=args.seed)

@@ -413,9 +413,7 @@ def measure_loader(cache: Path, preset: str, *, workers: int, seconds: float, re
     d = cfg.data
     n = len(cache_entries(cache))
     per_volume = max(1, -(-64 * d.batch_size // n))  # epochs of >= 64 batches, as loader_speed.py
-    dataset = TwoViewDataset(cache, d.crop_size, flip_prob=d.flip_prob, intensity_scale=tuple(d.intensity_scale_range),
-                             intensity_shift=tuple(d.intensity_shift_range), intensity_prob=d.intensity_prob,
-                             samples_per_volume=per_volume, seed=seed)
+    dataset = TwoViewDataset.from_config(d, cache, seed=seed, samples_per_volume=per_volume)
     args = SimpleNamespace(batch=d.batch_size, seed=seed, warmup=warmup, repeats=repeats, seconds=seconds,
                            consume=True)
     rates = loader_speed.measure(dataset, workers, args)

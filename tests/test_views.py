@@ -89,6 +89,40 @@ def test_crop_origins_are_uniform_over_valid_positions(cache):
         assert np.all(np.abs(counts - expected) < 5 * np.sqrt(expected)), counts
 
 
+def test_view_max_shift_keeps_view2_near_view1_and_inside_the_volume(cache, volumes):
+    m = 2
+    ds = TwoViewDataset(cache, CROP, samples_per_volume=60, view_max_shift=m, **NO_AUG)
+    independent = TwoViewDataset(cache, CROP, samples_per_volume=60, **NO_AUG)
+    shifts = []
+    for i in range(len(ds)):
+        s = ds[i]
+        vol = volumes[s["volume"]]
+        o1, o2 = s["origin1"].numpy(), s["origin2"].numpy()
+        assert np.all(o2 >= 0) and np.all(o2 + CROP <= np.asarray(vol.shape))  # clipped to valid origins
+        np.testing.assert_array_equal(s["view2"][0].numpy(), crop_at(vol, o2))
+        shifts.append(o2 - o1)
+        # view 1 is drawn exactly as without the option
+        np.testing.assert_array_equal(s["view1"].numpy(), independent[i]["view1"].numpy())
+    shifts = np.abs(np.stack(shifts))
+    assert shifts.max() <= m
+    assert (shifts > 0).mean() > 0.3  # shifted, not a copy of view 1
+    # without the option the views of the large axis (volume 1: 30 voxels, 15 origins) move further apart
+    far = [abs(int(independent[i]["origin2"][0] - independent[i]["origin1"][0])) for i in range(1, len(ds), 3)]
+    assert max(far) > m
+
+
+def test_view_max_shift_on_a_padded_axis_and_bad_values(tmp_path):
+    cache = make_synthetic_cache(tmp_path / "c", 1, [(12, 20, 20)], seed=1)  # x shorter than the crop: padded
+    ds = TwoViewDataset(cache, CROP, view_max_shift=1, samples_per_volume=30, **NO_AUG)
+    for i in range(len(ds)):
+        s = ds[i]
+        o1, o2 = s["origin1"].numpy(), s["origin2"].numpy()
+        assert -4 <= o2[0] <= 0 and np.all(np.abs(o2 - o1) <= 1)
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ConfigError, match="view_max_shift"):
+            TwoViewDataset(cache, CROP, view_max_shift=bad)
+
+
 def _recover_augmentation(view: np.ndarray, crop: np.ndarray):
     """The flips and (a, b) with view == a * flip(crop) + b, found by trying all 8 flip patterns."""
     best = None

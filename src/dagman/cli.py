@@ -29,6 +29,7 @@ COMMANDS: list[tuple[str | None, str, str]] = [
     ("data", "fetch-examples", "dagman.commands.fetch_examples"),
     ("data", "prepare", "dagman.commands.prepare"),
     ("data", "nodules", "dagman.commands.nodules"),
+    ("data", "probe", "dagman.commands.probe"),
     (None, "classify", "dagman.commands.classify"),
     (None, "outcome", "dagman.commands.outcome"),
     (None, "segment", "dagman.commands.segment"),
@@ -37,7 +38,7 @@ COMMANDS: list[tuple[str | None, str, str]] = [
     (None, "features", "dagman.commands.features"),
 ]
 
-GROUP_HELP = {"data": "get, convert and prepare CT data (fetch-examples, prepare, nodules)"}
+GROUP_HELP = {"data": "get, convert and prepare CT data (fetch-examples, prepare, nodules, probe)"}
 
 
 def build_parser() -> argparse.ArgumentParser:

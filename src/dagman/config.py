@@ -163,6 +163,10 @@ class DataConfig:
         None, "view pairs drawn per volume per epoch; null = 1, or enough for one global batch per epoch"
     )
     num_workers: int = _opt(8, "data-loader worker processes per training process (0 = load in-process)")
+    view_max_shift: int | None = _opt(
+        None, "null: the two views' crop origins are independent (the paper); m: view 2 within m voxels of view 1 "
+        "per axis, so the views overlap (voxels)"
+    )
 
 
 @dataclass(frozen=True)
@@ -285,6 +289,10 @@ class TrainConfig:
     snapshot_every_epochs: float = _opt(100.0, "keep a numbered checkpoint this often (epochs; 0 = never)")
     diversity_every_epochs: float = _opt(50.0, "head-diversity measurement interval (epochs; 0 = never)")
     diversity_crops: int = _opt(4, "fixed eval crops for the head-diversity measure")
+    probe: str | None = _opt(
+        None, "k-NN probe set (.npz from 'dagman data probe'): labelled structure crops the teacher's features are "
+        "scored on every probe_every_steps (probe/knn_* in metrics.jsonl); null = no probe")
+    probe_every_steps: int = _opt(500, "k-NN probe interval (steps; 0 = never); used only with train.probe")
 
 
 @dataclass(frozen=True)
@@ -814,6 +822,8 @@ def validate(cfg: Config) -> Config:
     if d.samples_per_volume is not None:
         _positive("data.samples_per_volume", d.samples_per_volume)
     _positive("data.num_workers", d.num_workers, zero=True)
+    if d.view_max_shift is not None:
+        _positive("data.view_max_shift", d.view_max_shift, zero=True)
 
     s = cfg.sa
     _require(1 <= s.stage <= NUM_STAGES, f"config key 'sa.stage' must be in 1..{NUM_STAGES}, got {s.stage}")
@@ -923,6 +933,9 @@ def validate(cfg: Config) -> Config:
     _positive("train.snapshot_every_epochs", t.snapshot_every_epochs, zero=True)
     _positive("train.diversity_every_epochs", t.diversity_every_epochs, zero=True)
     _positive("train.diversity_crops", t.diversity_crops)
+    _positive("train.probe_every_steps", t.probe_every_steps, zero=True)
+    if t.probe is not None:
+        _require(t.probe.strip() != "", "config key 'train.probe' must be a file path or null, got ''")
     return cfg
 
 

@@ -4,7 +4,8 @@ Data flow (one sample)::
 
     cache (float16 (X, Y, Z) .npy, memory-mapped)  --index i, epoch e-->  rng = default_rng([seed, e, i])
         -> volume v = i mod n_volumes
-        -> view1, view2: independent uniform crop origins, per-axis flips, intensity x * a + b
+        -> view1, view2: independent uniform crop origins (or, with ``view_max_shift=m``, view2's origin
+           within m voxels of view1's per axis, so the views overlap), per-axis flips, intensity x * a + b
         -> {"view1": (1, S, S, S), "view2": (1, S, S, S), "volume": v, "origin1": (3,), "origin2": (3,)}
 
 Determinism: every random number of sample ``i`` at epoch ``e`` comes from ``np.random.default_rng([seed,
@@ -98,6 +99,12 @@ class TwoViewDataset(Dataset):
             placed at a random offset inside the crop, the rest filled with this value (0 = the bottom
             of the HU window, i.e. air), as MONAI's ``SpatialPad`` before a random crop. ``None``:
             refuse such volumes instead.
+        view_max_shift: ``None`` (default): the two views' origins are drawn independently (on a volume much
+            larger than the crop they rarely overlap, so the cross-view image-level terms can only agree on
+            what is constant over the volume: the patient). An int ``m >= 0``: view 2's origin is view 1's
+            plus a shift drawn uniformly from ``[-m, m]`` per axis, clipped to the volume, so the views share
+            at least ``S - m`` voxels per axis and agree on the anatomy they both contain (DINO's crops of one
+            image overlap in the same way).
 
     Item ``i`` (or ``(epoch, i)``; plain ``i`` uses the epoch of :meth:`set_epoch`) is a dict::
 
@@ -130,6 +137,7 @@ class TwoViewDataset(Dataset):
         seed: int = 0,
         max_open_volumes: int = 64,
         pad_value: float | None = 0.0,
+        view_max_shift: int | None = None,
     ) -> None:
         self.cache = Path(cache)
         self.crop_shape = _crop_shape(crop_size)
@@ -151,11 +159,26 @@ class TwoViewDataset(Dataset):
             raise ConfigError(f"max_open_volumes must be >= 1, got {max_open_volumes!r}")
         self.max_open_volumes = int(max_open_volumes)
         self.pad_value = None if pad_value is None else float(pad_value)
+        if view_max_shift is not None and (isinstance(view_max_shift, bool) or int(view_max_shift) < 0
+                                           or int(view_max_shift) != view_max_shift):
+            raise ConfigError(f"view_max_shift must be null or a non-negative int (voxels), got {view_max_shift!r}")
+        self.view_max_shift = None if view_max_shift is None else int(view_max_shift)
         self.epoch = 0
 
         self.entries: list[CacheEntry] = cache_entries(self.cache)
         self._check_entries()
         self._reset_open_volumes()
+
+    @classmethod
+    def from_config(cls, data, cache: str | os.PathLike | None = None, *, seed: int = 0,
+                    samples_per_volume: int = 1) -> "TwoViewDataset":
+        """The training dataset of a :class:`dagman.config.DataConfig` ``data`` (crop, flips, intensity,
+        view overlap); ``cache`` defaults to ``data.cache``. One construction for the trainer and the
+        benchmarks, so a measured loader is the one that trains."""
+        return cls(data.cache if cache is None else cache, data.crop_size, flip_prob=data.flip_prob,
+                   intensity_scale=tuple(data.intensity_scale_range),
+                   intensity_shift=tuple(data.intensity_shift_range), intensity_prob=data.intensity_prob,
+                   samples_per_volume=samples_per_volume, seed=seed, view_max_shift=data.view_max_shift)
 
     # ----------------------------------------------------------------------------------------- checks
     def _check_entries(self) -> None:
@@ -282,8 +305,9 @@ class TwoViewDataset(Dataset):
             volumes[b] = used
             if used != v:
                 missing[b] = v
-            for view, origin in zip(views, origins):
-                origin[b] = self._write_view(vol, rng, view[b, 0].numpy())
+            origins[0][b] = self._write_view(vol, rng, views[0][b, 0].numpy())
+            anchor = origins[0][b] if self.view_max_shift is not None else None
+            origins[1][b] = self._write_view(vol, rng, views[1][b, 0].numpy(), anchor=anchor)
         return {
             "view1": views[0],
             "view2": views[1],
@@ -314,11 +338,15 @@ class TwoViewDataset(Dataset):
         raise DataError(f"{self.cache}: none of the {self.n_volumes} prepared volumes can be read any more "
                         f"(first: {first})")
 
-    def _write_view(self, vol: np.ndarray, rng: np.random.Generator, out: np.ndarray) -> np.ndarray:
+    def _write_view(self, vol: np.ndarray, rng: np.random.Generator, out: np.ndarray,
+                    anchor: np.ndarray | None = None) -> np.ndarray:
         """Write one augmented crop of ``vol`` into ``out`` ``(Sx, Sy, Sz) float32``; return its origin.
 
+        ``anchor`` (an origin of the other view): the origin is ``anchor`` plus a shift in ``[-m, m]``
+        (``m = view_max_shift``) per axis, clipped to the range a uniform origin could take.
         The random numbers are always drawn in the same order and number (origin, flips, scale, shift),
-        whatever the settings, so turning one augmentation off does not change the others' draws.
+        whatever the settings, so turning one augmentation off does not change the others' draws (an
+        anchored view draws its shift after them).
         """
         crop = self.crop_shape
         excess = np.asarray(vol.shape) - np.asarray(crop)
@@ -330,6 +358,10 @@ class TwoViewDataset(Dataset):
         applied = rng.random(2) < self.intensity_prob  # scale and shift each apply with intensity_prob
         scale = scale if applied[0] else np.float32(1.0)
         shift = shift if applied[1] else np.float32(0.0)
+        if anchor is not None:
+            m = self.view_max_shift
+            moved = np.asarray(anchor, dtype=np.int64) + rng.integers(-m, m + 1, size=3, dtype=np.int64)
+            origin = np.clip(moved, np.minimum(excess, 0), np.maximum(excess, 0))
 
         flip = tuple(slice(None, None, -1) if f else slice(None) for f in flips)
         if (excess >= 0).all():

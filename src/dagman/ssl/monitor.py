@@ -85,7 +85,8 @@ def collapse_advice(kind: str) -> str:
 
 def learning_summary(metrics: dict) -> str:
     """One line from a step's metrics: per term the uniform ratio, the teacher entropies and the collapse kind,
-    and the importance-map entropy; '' when the metrics hold none of them."""
+    the importance-map entropy, and the last k-NN probe (``probe/*``, :mod:`dagman.train.probe`); '' when the
+    metrics hold none of them."""
     parts = []
     for term in TERMS:
         ratio = metrics.get(f"{term}_uniform_ratio")
@@ -99,6 +100,10 @@ def learning_summary(metrics: dict) -> str:
         parts.append(text + (f" ({kind} collapse)" if kind else ""))
     if metrics.get("importance_entropy") is not None:
         parts.append(f"S entropy {metrics['importance_entropy']:.3f} of ln N")
+    if metrics.get("probe/knn_mean") is not None:
+        sa = f", SA [CLS] {metrics['probe/knn_sa']:.3f}" if metrics.get("probe/knn_sa") is not None else ""
+        parts.append(f"k-NN probe balanced accuracy {metrics['probe/knn_mean']:.3f} (mean tokens){sa}, chance "
+                     f"{metrics.get('probe/chance', float('nan')):.3f}")
     return "; ".join(parts)
 
 

@@ -446,10 +446,7 @@ def pretrain(cfg: Config, out: str | os.PathLike, *, resume: bool = False, progr
         cfg = _keep_global_batch(cfg, found, info, explicit_batch_size)
     elif (out / "checkpoints").exists() and any((out / "checkpoints").iterdir()):  # every rank refuses
         raise DagmanError(f"{out} already holds a run (checkpoints/); use <<resume>> to continue it or a new <<out>>")
-    dataset = TwoViewDataset(cfg.data.cache, cfg.data.crop_size, flip_prob=cfg.data.flip_prob,
-                             intensity_scale=tuple(cfg.data.intensity_scale_range),
-                             intensity_shift=tuple(cfg.data.intensity_shift_range),
-                             intensity_prob=cfg.data.intensity_prob, seed=cfg.train.seed)
+    dataset = TwoViewDataset.from_config(cfg.data, seed=cfg.train.seed)
     # a small cache (fewer volumes than one global batch) draws several crops per volume per epoch
     n_volumes = dataset.n_volumes
     dataset.samples_per_volume = samples_per_volume(cfg, n_volumes, info.world_size)
@@ -497,6 +494,13 @@ def pretrain(cfg: Config, out: str | os.PathLike, *, resume: bool = False, progr
 
         diversity_every = max(1, plan.steps(cfg.train.diversity_every_epochs))
         crops = eval_crops(cfg.data.cache, cfg.train.diversity_crops, cfg.data.crop_size, seed=cfg.train.seed)
+    probe_every, probe, last_probe = 0, None, {}
+    if cfg.train.probe and cfg.train.probe_every_steps and info.is_main:
+        from dagman.train.probe import load_probe_set, probe_network
+
+        probe = load_probe_set(cfg.train.probe)
+        probe.check_matches(cfg.data.spacing_mm, cfg.data.hu_window, max(p * 16 for p in cfg.model.patch_size))
+        probe_every = cfg.train.probe_every_steps
     t_start = time.perf_counter()
     first_step = state.step
     collapse_warned = False
@@ -518,12 +522,19 @@ def pretrain(cfg: Config, out: str | os.PathLike, *, resume: bool = False, progr
             metrics["epoch"] = state.step / plan.steps_per_epoch
             if info.is_main and not collapse_warned:
                 collapse_warned = _warn_if_collapsed(state.step, metrics, total)
+            measured = False  # a periodic measurement is logged at its step, whatever log_every_steps says
             if diversity_every and (state.step % diversity_every == 0 or state.step == total):
+                measured = True
                 # head diversity of the teacher on fixed eval crops (method notes, section 7)
                 metrics.update(flatten_diversity(diversity_for_run(state.teacher, crops.to(info.device))))
+            if probe_every and (state.step % probe_every == 0 or state.step == total):
+                measured = True
+                # k-NN probe of the teacher's frozen features on labelled crops (the learning monitor)
+                last_probe = probe_network(state.teacher, probe, device=info.device)
+                metrics.update(last_probe)
             last_metrics = metrics
             recent.append({k: v for k, v in metrics.items() if is_monitor_key(k)})
-            if state.step % max(1, cfg.train.log_every_steps) == 0 or state.step == total:
+            if state.step % max(1, cfg.train.log_every_steps) == 0 or state.step == total or measured:
                 logger.log(state.step, metrics)
             if bar is not None:
                 bar.update(1)
@@ -547,7 +558,7 @@ def pretrain(cfg: Config, out: str | os.PathLike, *, resume: bool = False, progr
                "skipped_steps": state.skipped_steps,
                "missing_volume_samples": state.missing_samples, "final": last_metrics,
                "learning": {k: sum(m[k] for m in recent) / len(recent) for k in (recent[-1] if recent else {})
-                            if all(k in m for m in recent)},
+                            if all(k in m for m in recent)} | last_probe,
                "encoder": str(encoder) if encoder else None, "run": str(out)}
     if info.distributed:
         # The DDP wrapper and the loader hold the process group; a group still referenced when the interpreter

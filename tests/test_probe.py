@@ -1,0 +1,141 @@
+"""The k-NN probe of the learning monitor (dagman.train.probe, `dagman data probe`, train.probe) — SYNTHETIC data."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from dagman.cli import main as cli_main
+from dagman.config import load_config
+from dagman.data.views import make_synthetic_cache
+from dagman.errors import ConfigError, DataError
+from dagman.ssl.method import SSLNetwork
+from dagman.ssl.monitor import learning_summary
+from dagman.train.logging import read_metrics
+from dagman.train.probe import ProbeSet, load_probe_set, probe_features, probe_network
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+try:
+    from test_io import write_nifti
+except ImportError:  # pragma: no cover - run as a package
+    from .test_io import write_nifti
+
+NAMES = {1: "organ_one", 2: "organ_two"}
+
+
+def _patient(folder, seed: int):
+    """A 96 x 48 x 48 volume at 2 mm: structure 1 (-100 HU) fills x < 48, structure 2 (400 HU) the rest, noise
+    sd 30 HU; every 32^3 crop is mostly its structure."""
+    rng = np.random.default_rng(seed)
+    labels = np.ones((96, 48, 48), dtype=np.uint8)
+    labels[48:] = 2
+    image = np.where(labels == 1, -100.0, 400.0) + rng.normal(0.0, 30.0, labels.shape)
+    affine = np.diag([2.0, 2.0, 2.0, 1.0])
+    folder.mkdir(parents=True, exist_ok=True)
+    return (write_nifti(folder / "ct.nii.gz", image.astype(np.float32), affine),
+            write_nifti(folder / "labels.nii.gz", labels, affine, dtype=np.uint8))
+
+
+def _two_level_set(n: int = 12, size: int = 32, *, informative: bool = True, seed: int = 0) -> ProbeSet:
+    """Class 0 crops dark, class 1 bright (``informative``), or both the same grey; noise sd 0.02."""
+    rng = np.random.default_rng(seed)
+    ids = np.tile([0, 1], n)
+    level = np.where(ids == 1, 0.8, 0.2) if informative else np.full(len(ids), 0.5)
+    inputs = level[:, None, None, None] + rng.normal(0, 0.02, (len(ids), size, size, size))
+    is_test = np.arange(len(ids)) >= len(ids) // 2
+    return ProbeSet(inputs=inputs.astype(np.float32), class_ids=ids, is_test=is_test,
+                    class_names=["dark", "bright"], spacing_mm=2.0, hu_window=(-750.0, 1750.0))
+
+
+@pytest.fixture(scope="module")
+def net():
+    torch.manual_seed(0)
+    return SSLNetwork(load_config("tiny", "dagman"))
+
+
+def test_separable_classes_score_one_and_indistinguishable_ones_near_chance(net):
+    sep = probe_network(net, _two_level_set())
+    assert sep["probe/chance"] == 0.5
+    assert sep["probe/knn_mean"] == 1.0 and sep["probe/knn_sa"] == 1.0  # brightness: any random network sees it
+    same = probe_network(net, _two_level_set(n=40, informative=False))
+    assert 0.25 < same["probe/knn_mean"] < 0.75  # nothing to tell apart: a vote of noise
+
+
+def test_probe_features_restore_the_training_flag_and_match_a_direct_forward(net):
+    probe = _two_level_set(n=2)
+    net.train()
+    feats = probe_features(net, probe.inputs, batch_size=3)
+    assert net.training
+    assert set(feats) == {"mean", "sa"} and feats["mean"].shape == (4, net.backbone.stage_widths[-1])
+    net.eval()
+    with torch.no_grad():
+        x = torch.as_tensor(probe.inputs[:1]).unsqueeze(1)
+        direct = net(x, heads=False, outputs=(4,))
+    np.testing.assert_allclose(feats["mean"][:1], direct.features.tokens[-1].mean(1).numpy(), atol=1e-5)
+    np.testing.assert_allclose(feats["sa"][:1], direct.cls.numpy(), atol=1e-5)
+    net.train()
+
+
+def test_save_load_round_trip_and_one_line_errors(tmp_path):
+    probe = _two_level_set(n=3)
+    path = probe.save(tmp_path / "p.npz")
+    back = load_probe_set(path)
+    assert back.class_names == ["dark", "bright"] and back.inputs.dtype == np.float16
+    np.testing.assert_array_equal(back.class_ids, probe.class_ids)
+    np.testing.assert_array_equal(back.is_test, probe.is_test)
+    np.testing.assert_allclose(back.inputs, probe.inputs, atol=2e-3)
+    with pytest.raises(DataError, match="no such probe set"):
+        load_probe_set(tmp_path / "missing.npz")
+    (tmp_path / "junk.npz").write_bytes(b"not a zip")
+    with pytest.raises(DataError, match="not a dagman probe set"):
+        load_probe_set(tmp_path / "junk.npz")
+    with pytest.raises(ConfigError, match="cut at 2 mm"):
+        back.check_matches(1.5, (-750, 1750), 32)
+    with pytest.raises(ConfigError, match="multiple of 64"):
+        back.check_matches(2.0, (-750, 1750), 64)
+    back.check_matches(2.0, (-750, 1750), 32)
+    with pytest.raises(DataError, match="both training and test"):
+        ProbeSet(inputs=probe.inputs, class_ids=probe.class_ids, is_test=np.zeros(len(probe.class_ids), bool),
+                 class_names=["a", "b"], spacing_mm=2.0, hu_window=(-750.0, 1750.0))
+
+
+def test_data_probe_command_then_pretraining_logs_the_probe(tmp_path, capsys):
+    import json
+
+    names = tmp_path / "names.json"
+    names.write_text(json.dumps(NAMES))
+    a = _patient(tmp_path / "a", 0)
+    b = _patient(tmp_path / "b", 1)
+    out = tmp_path / "probe.npz"
+    rc = cli_main(["data", "probe", "--train", str(a[0]), str(a[1]), "--test", str(b[0]), str(b[1]),
+                   "--names", str(names), "--crops-per-structure", "4", "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert rc == 0 and "8 training and 8 test crops" in printed and "2 classes" in printed, printed
+    probe = load_probe_set(out)
+    assert probe.inputs.shape == (16, 32, 32, 32) and probe.is_test.sum() == 8
+
+    cache = make_synthetic_cache(tmp_path / "cache", 2, (64, 64, 64))
+    run = tmp_path / "run"
+    rc = cli_main(["pretrain", "--size", "tiny", "--data", str(cache), "--out", str(run), "--steps", "6",
+                   f"train.probe={out}", "train.probe_every_steps=4", "train.log_every_steps=5",
+                   "train.diversity_every_epochs=0"])
+    printed = capsys.readouterr().out
+    assert rc == 0, printed
+    logged = {e["step"]: e for e in read_metrics(run / "metrics.jsonl")}
+    assert sorted(logged) == [4, 5, 6]  # the probe's step is logged although log_every_steps is 5
+    for step in (4, 6):
+        assert logged[step]["probe/knn_mean"] >= 0.75  # the two structures differ by 500 HU
+        assert "probe/knn_sa" in logged[step] and logged[step]["probe/chance"] == 0.5
+    assert "probe/knn_mean" not in logged[5]
+    assert f"k-NN probe balanced accuracy {logged[6]['probe/knn_mean']:.3f} (mean tokens)" in printed
+
+    rc = cli_main(["pretrain", "--size", "tiny", "--data", str(cache), "--out", str(tmp_path / "r2"), "--steps",
+                   "2", f"train.probe={out}", "data.spacing_mm=1.5"])
+    assert rc != 0 and "cut at 2 mm" in capsys.readouterr().err
+
+
+def test_learning_summary_shows_the_probe():
+    line = learning_summary({"probe/knn_mean": 0.4, "probe/knn_sa": 0.3, "probe/chance": 0.1})
+    assert line == "k-NN probe balanced accuracy 0.400 (mean tokens), SA [CLS] 0.300, chance 0.100"
