@@ -209,7 +209,10 @@ def test_torchrun_pretrain_end_to_end_exits_cleanly(cache, tmp_path):
 
 
 def test_collapse_monitor_logs_teacher_spread_and_warns_once_when_it_vanishes(capsys):
+    from dagman.log import show_messages
     from dagman.train.loop import COLLAPSE_AFTER_STEPS, _warn_if_collapsed
+
+    show_messages()  # the command line's stderr handler (run alone, nothing else installs it)
 
     cfg = load_config("tiny", "dagman", overrides=["optim.warmup_epochs=0"])
     info = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), distributed=False)
@@ -237,3 +240,22 @@ def test_collapse_monitor_logs_teacher_spread_and_warns_once_when_it_vanishes(ca
     assert _warn_if_collapsed(500, {"teacher_gitd_entropy": 0.01, "teacher_gitd_mean_entropy": 0.02})
     assert "one-prototype collapse of gitd" in capsys.readouterr().err
     assert not _warn_if_collapsed(500, {"teacher_gitd_entropy": 0.01, "teacher_gitd_mean_entropy": 0.6})
+
+
+def test_the_collapse_warning_reads_the_mean_of_the_last_steps(capsys):
+    from dagman.log import show_messages
+    from dagman.train.loop import SUMMARY_STEPS, _warn_if_collapsed, window_mean
+
+    show_messages()
+
+    healthy = {"teacher_gitd_entropy": 0.2, "teacher_gitd_mean_entropy": 0.35, "teacher_global_spread": 0.1}
+    by_chance = {"teacher_gitd_entropy": 0.04, "teacher_gitd_mean_entropy": 0.04, "teacher_global_spread": 0.1}
+    assert _warn_if_collapsed(500, by_chance)  # one batch alone looks collapsed ...
+    capsys.readouterr()
+    window = [healthy] * (SUMMARY_STEPS - 1) + [by_chance]
+    mean = window_mean(window)
+    assert abs(mean["teacher_gitd_mean_entropy"] - (0.35 * (SUMMARY_STEPS - 1) + 0.04) / SUMMARY_STEPS) < 1e-12
+    assert not _warn_if_collapsed(500, mean)  # ... the window does not
+    assert _warn_if_collapsed(500, window_mean([by_chance] * SUMMARY_STEPS))
+    assert "one-prototype collapse of gitd" in capsys.readouterr().err
+    assert window_mean([]) == {} and window_mean([{"a": 1.0, "b": 2.0}, {"a": 3.0}]) == {"a": 2.0}
