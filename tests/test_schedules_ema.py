@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -264,3 +265,36 @@ def test_shared_parameters_are_updated_once():
         teacher.a.weight.fill_(0.0)
     update_teacher(student, teacher, 0.5)
     assert torch.equal(teacher.a.weight, torch.full((2, 2), 0.5))
+
+
+def test_distill_start_epochs_weights_the_distillation_terms_zero_until_then():
+    # 100 steps over tiny's 10 epochs -> 10 steps per epoch: distillation from step 25 (epoch 2.5)
+    cfg = load_config(size="tiny", overrides=["train.total_steps=100", "loss.distill_start_epochs=2.5"])
+    s = Schedules.from_config(cfg, plan_steps(cfg, num_volumes=10))
+    assert s.distill_start_steps == 25
+    assert s.at(24).distill_on is False and s.at(25).distill_on is True
+    default = Schedules.from_config(load_config(size="tiny", overrides=["train.total_steps=100"]),
+                                    plan_steps(cfg, num_volumes=10))
+    assert default.distill_start_steps == 0 and default.at(0).distill_on is True  # method.md: all four from step 0
+
+    from dagman.ssl.method import SSLMethod, StudentNetwork, make_teacher
+
+    torch.manual_seed(0)
+    student = StudentNetwork(cfg)
+    teacher = make_teacher(student)
+    method = SSLMethod(cfg)
+    views = torch.rand(2, 2, 1, 64, 64, 64, generator=torch.Generator().manual_seed(1))
+    totals = {}
+    for on in (False, True):  # the same step's values, distillation off and on
+        torch.manual_seed(3)  # drop-path draws
+        values = dataclasses.replace(s.at(30), distill_on=on)
+        out = method(student, teacher, views[0], views[1], values, torch.Generator().manual_seed(2))
+        totals[on] = (float(out.loss), {k: float(v) for k, v in out.parts.items()})
+    (off, parts_off), (on, parts_on) = totals[False], totals[True]
+    assert parts_off == pytest.approx(parts_on, rel=1e-6)  # the same terms are computed (and logged) either way
+    assert set(parts_off) == {"amip", "ampd", "aitd", "gitd"}
+    assert off == pytest.approx(parts_off["amip"], rel=1e-6)
+    assert on == pytest.approx(parts_on["amip"] + 0.1 * (parts_on["ampd"] + parts_on["aitd"] + parts_on["gitd"]),
+                               rel=1e-6)
+    with pytest.raises(Exception, match="distill_start_epochs"):
+        load_config(size="tiny", overrides=["loss.distill_start_epochs=-1"])

@@ -237,6 +237,9 @@ class LossConfig:
         0, "image-level terms (AITD, GITD) under Sinkhorn-Knopp: past teacher logits per process that join the "
         "batch being normalised (SwAV's queue for small batches; 0 = none)")
     global_token_stage: Literal[3, 4] = _opt(4, "GITD token = avg-pool of this stage's merged output")
+    distill_start_epochs: float = _opt(
+        0.0, "AMPD, AITD and GITD weighted 0 before this epoch, so the AMIP reconstruction trains alone first "
+        "(0 = all four losses from the first step, method.md; epochs)")
 
 
 @dataclass(frozen=True)
@@ -879,6 +882,7 @@ def validate(cfg: Config) -> Config:
                 "patch_teacher_temp_end"):
         _positive(f"loss.{key}", getattr(L, key))
     _positive("loss.teacher_temp_warmup_epochs", L.teacher_temp_warmup_epochs, zero=True)
+    _positive("loss.distill_start_epochs", L.distill_start_epochs, zero=True)
     _positive("loss.patch_teacher_temp_hold_epochs", L.patch_teacher_temp_hold_epochs, zero=True)
     _in_unit("loss.center_momentum", L.center_momentum)
     _positive("loss.sinkhorn_iterations", L.sinkhorn_iterations)

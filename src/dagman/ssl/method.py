@@ -291,8 +291,10 @@ class SSLMethod(nn.Module):
             targets["ampd"] = torch.cat([p_u, p_v])[w]  # the masked tokens' targets
         if self.amip_loss is not None:
             parts["amip"] = self.amip_loss(s_out.reconstruction, x, s_mask)
-        weights = {"amip": cfg.loss.amip_weight, "ampd": cfg.loss.ampd_weight, "aitd": cfg.loss.aitd_weight,
-                   "gitd": cfg.loss.gitd_weight}
+        # before loss.distill_start_epochs the distillation terms are computed (the monitor reads them) but weigh 0
+        distill = 1.0 if getattr(values, "distill_on", True) else 0.0
+        weights = {"amip": cfg.loss.amip_weight, "ampd": distill * cfg.loss.ampd_weight,
+                   "aitd": distill * cfg.loss.aitd_weight, "gitd": distill * cfg.loss.gitd_weight}
         total = sum(weights[name] * value for name, value in parts.items())
 
         stats = {"student_mask_fraction": s_mask.float().mean()}

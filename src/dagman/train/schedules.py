@@ -81,6 +81,7 @@ class StepValues:
     patch_teacher_temp: float  # patch-token (AMPD) teacher softmax temperature
     momentum: float  # teacher EMA momentum applied after this update
     last_layer_frozen: bool  # the prototype layers get no update at this step
+    distill_on: bool = True  # the distillation terms (AMPD, AITD, GITD) count in the total (loss.distill_start_epochs)
 
 
 @dataclass(frozen=True, eq=False)
@@ -93,7 +94,8 @@ class Schedules:
     ``loss.teacher_temp_warmup_epochs``; ``patch_teacher_temp`` held at ``patch_teacher_temp_start`` for
     ``loss.patch_teacher_temp_hold_epochs`` then the same-length ramp to ``patch_teacher_temp_end``;
     ``momentum`` cosine ``ema.momentum_start -> ema.momentum_end`` by global step (exactly the end value
-    at the last step); the last layer is frozen for steps ``< freeze_last_layer_steps``. Epoch durations
+    at the last step); the last layer is frozen for steps ``< freeze_last_layer_steps``; the distillation terms
+    count from step ``distill_start_steps`` (``loss.distill_start_epochs``). Epoch durations
     become steps with ``plan.steps`` and are clipped to ``total_steps``."""
 
     lr: np.ndarray
@@ -103,6 +105,7 @@ class Schedules:
     momentum: np.ndarray
     freeze_last_layer_steps: int
     total_steps: int
+    distill_start_steps: int = 0
 
     @classmethod
     def from_config(cls, cfg: Config, plan: StepPlan) -> "Schedules":
@@ -128,6 +131,7 @@ class Schedules:
             momentum=cosine_schedule(e.momentum_start, e.momentum_end, total),
             freeze_last_layer_steps=steps(o.freeze_last_layer_epochs),
             total_steps=total,
+            distill_start_steps=steps(loss.distill_start_epochs),
         )
 
     def at(self, step: int) -> StepValues:
@@ -142,4 +146,5 @@ class Schedules:
             patch_teacher_temp=float(self.patch_teacher_temp[step]),
             momentum=float(self.momentum[step]),
             last_layer_frozen=bool(step < self.freeze_last_layer_steps),
+            distill_on=bool(step >= self.distill_start_steps),
         )
