@@ -196,7 +196,7 @@ def test_attention_pictures_are_the_training_step_itself(workspace):
     directly, with the same seed, gives the student mask, S and the reconstruction L1 that attention.json holds."""
     from types import SimpleNamespace
 
-    from dagman.commands.attention import centre_crop
+    from dagman.ssl.attention_maps import centre_crop
     from dagman.data.io import read_ct
     from dagman.data.prepare import make_settings, prepare_volume
     from dagman.models.swin import upsample_mask

@@ -1,13 +1,12 @@
 """``dagman diversity``: per-stage, per-head attention entropy and distance of a pretrained network.
 
-Also home of the CLI helpers both "looking inside" commands use (:func:`check_crop_size`, :func:`default_device`);
-runs are opened with :mod:`dagman.train.runs`.
+Thin: parse, :func:`dagman.ssl.diversity.run_head_diversity` (measure, write ``diversity.json`` and ``.png``),
+print a table per stage (:func:`print_result`, also used by ``dagman demo``).
 """
 
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 HELP = "per-stage, per-head attention entropy and distance of a pretrained encoder"
 
@@ -44,33 +43,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", metavar="DIR", help="output folder (default: RUN/figures/diversity)")
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Opening a pretraining run (shared with `dagman attention`)
-# ----------------------------------------------------------------------------------------------------------
-
-
-def check_crop_size(cfg, size: int, option: str = "--crop-size") -> int:
-    """``size`` if it is a positive multiple of ``patch_size * 2**4`` on every axis, else a one-line error."""
-    from dagman.config import NUM_STAGES
-    from dagman.errors import DagmanError
-
-    unit = max(p * 2**NUM_STAGES for p in cfg.model.patch_size)
-    if size < 1 or any(size % (p * 2**NUM_STAGES) for p in cfg.model.patch_size):
-        raise DagmanError(f"{option} {size} must be a positive multiple of {unit} (model.patch_size * 2**4)")
-    return size
-
-
-def default_device():
-    import torch
-
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-# ----------------------------------------------------------------------------------------------------------
-# The command
-# ----------------------------------------------------------------------------------------------------------
-
-
 def format_table(result: dict) -> str:
     """A fixed-width table: one row per stage with heads, window tokens, entropy and distance mean ± std."""
     lines = [f"{'stage':>5}  {'heads':>5}  {'L':>4}  {'entropy (nats)':>17}  {'max':>5}  {'distance (voxels)':>17}"]
@@ -82,42 +54,19 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def run(args: argparse.Namespace) -> int:
-    from dagman.data.cache import atomic_write_json
-    from dagman.errors import DagmanError
-    from dagman.report.plots import diversity_figure
-    from dagman.ssl.diversity import eval_crops, head_diversity
-    from dagman.train.runs import build_networks, load_pretrained
-
-    pre = load_pretrained(args.checkpoint)
-    cfg = pre.cfg
-    n = args.crops if args.crops is not None else cfg.train.diversity_crops
-    if n < 1:
-        raise DagmanError(f"--crops must be >= 1, got {n}")
-    size = check_crop_size(cfg, args.crop_size if args.crop_size is not None else cfg.data.crop_size)
-    out = Path(args.out) if args.out else pre.run / "figures" / "diversity"
-    crops = eval_crops(args.data, n, size, seed=args.seed)
-    net = build_networks(pre, (args.which,), default_device())[args.which]
-    result = head_diversity(net, crops, progress=True)
-    result = {
-        "checkpoint": str(pre.path),
-        "step": pre.step,
-        "method": cfg.method,
-        "size": cfg.size,
-        "network": args.which,
-        "data": str(args.data),
-        "seed": args.seed,
-        "units": {"entropy": "nats", "distance": "voxels of the input crop",
-                  "voxel_mm": float(cfg.data.spacing_mm)},
-        **result,
-    }
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out / "diversity.json", result)
-    title = f"{cfg.method}/{cfg.size} {args.which}, step {pre.step}: {n} crop(s) of {size}^3"
-    diversity_figure(result, out / "diversity.png", title=title)
-    print(f"head diversity of the {title}")
+def print_result(measured) -> None:
+    """The command's lines for a :class:`~dagman.ssl.diversity.RunDiversity`: the title, the table, one summary."""
+    result = measured.result
+    print(f"head diversity of the {measured.title}")
     print(format_table(result))
     mean_std = sum(st["entropy_std"] for st in result["stages"]) / len(result["stages"])
     print(f"dagman diversity: {len(result['stages'])} stages, mean entropy spread across heads "
-          f"{mean_std:.3f} nats -> {out / 'diversity.json'}, {out / 'diversity.png'}")
+          f"{mean_std:.3f} nats -> {measured.json_path}, {measured.figure_path}")
+
+
+def run(args: argparse.Namespace) -> int:
+    from dagman.ssl.diversity import run_head_diversity
+
+    print_result(run_head_diversity(args.checkpoint, args.data, out=args.out, crops=args.crops,
+                                    crop_size=args.crop_size, seed=args.seed, which=args.which))
     return 0

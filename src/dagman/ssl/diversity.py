@@ -31,7 +31,8 @@ crop stage 1 alone holds 2 x 268 MB. :func:`head_diversity` therefore runs ``chu
 reduces each block's probabilities in slices of windows before the next chunk.
 
 Functions here are tensor-in / plain-values-out, except :func:`eval_crops`, which reads fixed crops from a
-prepared cache.
+prepared cache, and :func:`run_head_diversity` (``dagman diversity``), which measures a saved pretraining run on
+such crops and writes ``diversity.json`` and ``diversity.png``.
 """
 
 from __future__ import annotations
@@ -39,6 +40,8 @@ from __future__ import annotations
 import math
 import os
 import sys
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -56,6 +59,8 @@ __all__ = [
     "find_backbone",
     "flatten_diversity",
     "eval_crops",
+    "RunDiversity",
+    "run_head_diversity",
 ]
 
 _WINDOW_SLICE = 256  # windows reduced at once (bounds temporaries to ~ 256 * heads * L * L floats)
@@ -290,3 +295,60 @@ def eval_crops(cache: str | os.PathLike, n: int, crop_size: int | Sequence[int],
                 dst.append(slice(o, o + size))
         out[i, 0][tuple(dst)] = torch.from_numpy(np.asarray(vol[tuple(src)], dtype=np.float32))
     return out
+
+
+@dataclass
+class RunDiversity:
+    """What :func:`run_head_diversity` measured and wrote: ``result`` (the content of ``diversity.json``: the
+    run, the network, the units and :func:`head_diversity`'s stages), ``title`` (of the figure: method/size,
+    network, step, crops), ``json_path`` and ``figure_path``."""
+
+    result: dict
+    title: str
+    json_path: Path
+    figure_path: Path
+
+
+def run_head_diversity(checkpoint: str | os.PathLike, data: str | os.PathLike, *, out: str | os.PathLike | None = None,
+                       crops: int | None = None, crop_size: int | None = None, seed: int = 0,
+                       which: str = "teacher", progress: bool = True) -> RunDiversity:
+    """Head diversity (:func:`head_diversity`) of the ``which`` network (``teacher``, the exported encoder, or
+    ``student``) of a pretraining run (``checkpoint``: run folder, its newest loadable checkpoint, or a checkpoint
+    ``.pt``) on ``crops`` fixed crops (:func:`eval_crops`; default: the run's ``train.diversity_crops``) of
+    ``crop_size`` voxels (default: the run's ``data.crop_size``) from the prepared cache ``data``. Writes
+    ``diversity.json`` and ``diversity.png`` into ``out`` (default: ``RUN/figures/diversity``)."""
+    from dagman.data.cache import atomic_write_json
+    from dagman.errors import DagmanError
+    from dagman.report.plots import diversity_figure
+    from dagman.train.runs import build_networks, check_crop_size, default_device, load_pretrained
+
+    if which not in ("teacher", "student"):
+        raise DagmanError(f"which must be teacher or student, got {which!r}", option="which")
+    pre = load_pretrained(checkpoint)
+    cfg = pre.cfg
+    n = crops if crops is not None else cfg.train.diversity_crops
+    if n < 1:
+        raise DagmanError(f"crops must be >= 1, got {n}", option="crops")
+    size = check_crop_size(cfg, crop_size if crop_size is not None else cfg.data.crop_size)
+    folder = Path(out) if out else pre.run / "figures" / "diversity"
+    batch = eval_crops(data, n, size, seed=seed)
+    net = build_networks(pre, (which,), default_device())[which]
+    measured = head_diversity(net, batch, progress=progress)
+    result = {
+        "checkpoint": str(pre.path),
+        "step": pre.step,
+        "method": cfg.method,
+        "size": cfg.size,
+        "network": which,
+        "data": str(data),
+        "seed": seed,
+        "units": {"entropy": "nats", "distance": "voxels of the input crop",
+                  "voxel_mm": float(cfg.data.spacing_mm)},
+        **measured,
+    }
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(folder / "diversity.json", result)
+    title = f"{cfg.method}/{cfg.size} {which}, step {pre.step}: {n} crop(s) of {size}^3"
+    diversity_figure(result, folder / "diversity.png", title=title)
+    return RunDiversity(result=result, title=title, json_path=folder / "diversity.json",
+                        figure_path=folder / "diversity.png")

@@ -1,12 +1,13 @@
 """Open what `dagman pretrain` wrote: a run folder or a checkpoint ``.pt`` -> the run's config, the checkpoint's
-state and the networks with their weights (for the downstream encoder, `attention`, `diversity`, `export`)."""
+state and the networks with their weights (for the downstream encoder, `attention`, `diversity`, `export`), and
+the crop size and device those "looking inside" measurements use."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["Pretrained", "build_networks", "load_pretrained"]
+__all__ = ["Pretrained", "build_networks", "check_crop_size", "default_device", "load_pretrained"]
 
 
 @dataclass
@@ -76,3 +77,23 @@ def build_networks(pre: Pretrained, which: tuple[str, ...] = ("teacher", "studen
             raise DagmanError(f"{pre.path}: the {name} weights do not match the run's config ({first})") from None
         nets[name] = net.to(device).eval()
     return nets
+
+
+def check_crop_size(cfg, size: int) -> int:
+    """``size`` if it is a positive multiple of ``patch_size * 2**4`` on every axis of the run's config ``cfg``,
+    else a one-line :class:`~dagman.errors.DagmanError` (``option="crop_size"``)."""
+    from dagman.config import NUM_STAGES
+    from dagman.errors import DagmanError
+
+    unit = max(p * 2**NUM_STAGES for p in cfg.model.patch_size)
+    if size < 1 or any(size % (p * 2**NUM_STAGES) for p in cfg.model.patch_size):
+        raise DagmanError(f"crop_size {size} must be a positive multiple of {unit} (model.patch_size * 2**4)",
+                          option="crop_size")
+    return size
+
+
+def default_device():
+    """CUDA when available, else the CPU."""
+    import torch
+
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
