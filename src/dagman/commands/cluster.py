@@ -1,13 +1,12 @@
 """``dagman cluster``: unsupervised organ clustering of encoder features (method notes, section 9, item 4).
 
-Thin: parse, :func:`dagman.tasks.cluster.make_structure_crops` -> :func:`~dagman.tasks.cluster.evaluate_encoder`
--> write ``metrics.json``, ``umap.png``, ``features.npz`` and print a table.
+Thin: parse, :func:`dagman.tasks.cluster.cluster_structures` (crops -> features -> metrics; writes ``metrics.json``,
+``umap.png``, ``features.npz``), print a table (:func:`print_result`, also used by ``dagman demo``).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 
 from dagman.config import SIZES
@@ -77,27 +76,6 @@ def add_structure_crop_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=16, metavar="B", help="crops per forward pass (default 16)")
 
 
-def check_structure_crop_arguments(args: argparse.Namespace) -> None:
-    """One-line errors for the counts of :func:`add_structure_crop_arguments` below 1."""
-    from dagman.errors import DagmanError
-
-    for flag, value in (("--crops-per-structure", args.crops_per_structure), ("--min-voxels", args.min_voxels),
-                        ("--batch-size", args.batch_size)):
-        if value < 1:
-            raise DagmanError(f"{flag} {value}: must be >= 1")
-
-
-def _finite_or_null(obj):
-    """``obj`` with every non-finite float replaced by None (strict JSON: ``null``)."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: _finite_or_null(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_finite_or_null(v) for v in obj]
-    return obj
-
-
 def _fmt(v: float, width: int = 7) -> str:
     return f"{v:{width}.3f}" if isinstance(v, float) and math.isfinite(v) else f"{'-':>{width}}"
 
@@ -120,88 +98,25 @@ def format_table(crops, evaluation) -> str:
     return "\n".join(lines)
 
 
-def run(args: argparse.Namespace) -> int:
-    import time
-    from pathlib import Path
-
-    import numpy as np
-    import torch
-
-    from dagman.data.cache import atomic_write_text
-    from dagman.errors import DagmanError
-    from dagman.fileio import atomic_write
-    from dagman.tasks.cluster import cluster_figure, evaluate_encoder, make_structure_crops
-    from dagman.tasks.encoder import build_task_encoder, default_input_size
-
-    check_structure_crop_arguments(args)
-    if args.spacing is not None and not args.spacing > 0:
-        raise DagmanError(f"--spacing {args.spacing}: must be > 0 mm")
-    for flag, p in (("--image", args.image), ("--labels", args.labels)):
-        if not Path(p).exists():
-            raise DagmanError(f"{p}: no such file ({flag})")
-    t0 = time.perf_counter()
-    torch.manual_seed(args.seed)  # the weights of a random-init encoder ('none')
-    encoder = build_task_encoder(args.checkpoint, size=args.size)
-    size = default_input_size(encoder, args.crop_size)
-    data_cfg = encoder.source.cfg.data
-    spacing = float(args.spacing if args.spacing is not None else data_cfg.spacing_mm)
-    crops = make_structure_crops(args.image, args.labels, spacing=spacing, hu_window=tuple(data_cfg.hu_window),
-                                 size=size, crops_per_structure=args.crops_per_structure,
-                                 min_voxels=args.min_voxels, mode=args.mode, names=args.names, groups=args.groups,
-                                 seed=args.seed)
-    t1 = time.perf_counter()
-    if len(crops) < 4 or len(crops) <= len(crops.class_names):
-        raise DagmanError(f"only {len(crops)} crops for {len(crops.class_names)} classes; the metrics need at least 4 "
-                          "crops and more crops than classes (raise --crops-per-structure)")
-    ev = evaluate_encoder(encoder, crops, seed=args.seed, batch_size=args.batch_size)
-
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    src = encoder.source
-    title = f"{src.label}: {len(crops.structures)} structures, {len(crops)} crops, {len(crops.class_names)} classes"
-    cluster_figure(ev.embedding, crops.class_ids, crops.class_names, out / "umap.png", title=title)
-    arrays = {
-        "features": ev.features.astype(np.float32), "embedding": ev.embedding.astype(np.float32),
-        "class_ids": crops.class_ids, "class_names": np.array(crops.class_names),
-        "structure_values": crops.structure_values, "structure_names": np.array(crops.structure_names),
-        "centres_mm": crops.centres_mm,
-    }
-    atomic_write(out / "features.npz", lambda fh: np.savez_compressed(fh, **arrays))
-    timing = {"crops": round(t1 - t0, 3), **ev.timing_s, "total": round(time.perf_counter() - t0, 3)}
-    report = {
-        "format": "dagman-cluster", "format_version": 1,
-        "image": str(args.image), "labels": str(args.labels),
-        "encoder": src.description, "encoder_label": src.label, "checkpoint": str(args.checkpoint),
-        "feature_source": encoder.feature_source, "feature_dim": int(encoder.feature_dim),
-        "mode": crops.mode, "crop_size": crops.size, "spacing_mm": crops.spacing, "hu_window": list(crops.hu_window),
-        "crops_per_structure": args.crops_per_structure, "min_voxels": crops.min_voxels, "seed": args.seed,
-        "groups": args.groups or "one class per structure",
-        "n_structures": len(crops.structures), "n_crops": len(crops), "n_classes": len(crops.class_names),
-        "classes": [{"name": name, **row} for name, row in ev.per_class.items()],
-        "metrics": ev.metrics,
-        "definitions": {
-            "intra": "mean over classes (>= 2 points) of the mean Euclidean distance between pairs of points of "
-                     "the class",
-            "inter": "mean Euclidean distance between pairs of class centroids",
-            "ratio": "inter / intra",
-            "feature space": "features z-scored per dimension",
-            "umap": "2-D UMAP of the z-scored features, n_neighbors min(15, N-1), min_dist 0.1, random_state seed",
-            "kmeans": "KMeans(k = classes, n_init=10, random_state=seed) on the z-scored features; NMI, ARI vs "
-                      "classes",
-            "silhouette": "silhouette score of the classes (z-scored features; umap_silhouette: UMAP space)",
-        },
-        "skipped_structures": {s.name: s.voxels for s in crops.skipped},
-        "ungrouped_structures": [s.name for s in crops.ungrouped],
-        "timing_s": timing,
-    }
-    atomic_write_text(out / "metrics.json", json.dumps(_finite_or_null(report), indent=2, allow_nan=False) + "\n")
-
-    print(f"encoder: {src.description}; features: {encoder.feature_source} ({encoder.feature_dim})")
-    print(f"crops: {len(crops)} of {size}^3 voxels at {spacing:g} mm ({crops.mode}), {len(crops.structures)} "
-          f"structures, {len(crops.skipped)} below {crops.min_voxels} voxels, {len(crops.ungrouped)} ungrouped")
-    print(format_table(crops, ev))
-    m = ev.metrics
-    print(f"cluster: {src.label}: {len(crops.class_names)} classes, {len(crops)} crops; UMAP intra "
+def print_result(clustered) -> None:
+    """The command's lines for a :class:`~dagman.tasks.cluster.ClusterRun`: the encoder, the crops, the table and
+    one summary line."""
+    crops, rep, m = clustered.crops, clustered.report, clustered.evaluation.metrics
+    print(f"encoder: {rep['encoder']}; features: {rep['feature_source']} ({rep['feature_dim']})")
+    print(f"crops: {len(crops)} of {crops.size}^3 voxels at {crops.spacing:g} mm ({crops.mode}), "
+          f"{len(crops.structures)} structures, {len(crops.skipped)} below {crops.min_voxels} voxels, "
+          f"{len(crops.ungrouped)} ungrouped")
+    print(format_table(crops, clustered.evaluation))
+    print(f"cluster: {rep['encoder_label']}: {len(crops.class_names)} classes, {len(crops)} crops; UMAP intra "
           f"{m['umap_intra']:.2f} inter {m['umap_inter']:.2f}; k-means NMI {m['kmeans_nmi']:.3f} ARI "
-          f"{m['kmeans_ari']:.3f}; silhouette {m['silhouette']:.3f}; {timing['total']:.1f} s -> {out}")
+          f"{m['kmeans_ari']:.3f}; silhouette {m['silhouette']:.3f}; {rep['timing_s']['total']:.1f} s -> {clustered.out}")
+
+
+def run(args: argparse.Namespace) -> int:
+    from dagman.tasks.cluster import cluster_structures
+
+    print_result(cluster_structures(
+        args.image, args.labels, args.checkpoint, args.out, names=args.names, groups=args.groups,
+        crops_per_structure=args.crops_per_structure, crop_size=args.crop_size, min_voxels=args.min_voxels,
+        mode=args.mode, size=args.size, batch_size=args.batch_size, spacing=args.spacing, seed=args.seed))
     return 0

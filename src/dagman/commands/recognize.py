@@ -75,14 +75,14 @@ def run(args: argparse.Namespace) -> int:
 
     import torch
 
-    from dagman.commands.cluster import check_structure_crop_arguments
     from dagman.data.cache import atomic_write_text
     from dagman.errors import DagmanError
     from dagman.report.plots import confusion_figure
+    from dagman.tasks.cluster import check_crop_counts
     from dagman.tasks.encoder import build_task_encoder, default_input_size
     from dagman.tasks.recognition import organ_recognition
 
-    check_structure_crop_arguments(args)
+    check_crop_counts(args.crops_per_structure, args.min_voxels, args.batch_size)
     if args.bootstrap < 1:
         raise DagmanError(f"--bootstrap {args.bootstrap}: must be >= 1")
     if not 0.0 < args.fraction <= 1.0:

@@ -607,6 +607,130 @@ def evaluate_encoder(encoder, crops: Crops, seed: int = 0, batch_size: int = 16,
 
 
 # ----------------------------------------------------------------------------------------------------------
+# One encoder on one CT, written to a folder (``dagman cluster``)
+# ----------------------------------------------------------------------------------------------------------
+
+DEFINITIONS = {
+    "intra": "mean over classes (>= 2 points) of the mean Euclidean distance between pairs of points of "
+             "the class",
+    "inter": "mean Euclidean distance between pairs of class centroids",
+    "ratio": "inter / intra",
+    "feature space": "features z-scored per dimension",
+    "umap": "2-D UMAP of the z-scored features, n_neighbors min(15, N-1), min_dist 0.1, random_state seed",
+    "kmeans": "KMeans(k = classes, n_init=10, random_state=seed) on the z-scored features; NMI, ARI vs "
+              "classes",
+    "silhouette": "silhouette score of the classes (z-scored features; umap_silhouette: UMAP space)",
+}
+
+
+def check_crop_counts(crops_per_structure: int, min_voxels: int, batch_size: int) -> None:
+    """One-line errors for structure-crop counts below 1 (shared by :func:`cluster_structures` and
+    ``dagman recognize``)."""
+    for option, value in (("crops_per_structure", crops_per_structure), ("min_voxels", min_voxels),
+                          ("batch_size", batch_size)):
+        if value < 1:
+            raise DagmanError(f"{option} {value}: must be >= 1", option=option)
+
+
+def _finite_or_null(obj):
+    """``obj`` with every non-finite float replaced by None (strict JSON: ``null``)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite_or_null(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite_or_null(v) for v in obj]
+    return obj
+
+
+@dataclass
+class ClusterRun:
+    """What :func:`cluster_structures` computed and wrote: the ``crops``, the encoder's ``evaluation``, the
+    ``report`` (the content of ``metrics.json``) and the ``out`` folder (``metrics.json``, ``umap.png``,
+    ``features.npz``)."""
+
+    crops: Crops
+    evaluation: ClusterEvaluation
+    report: dict
+    out: Path
+
+
+def cluster_structures(image: str | os.PathLike, labels: str | os.PathLike, checkpoint: str | os.PathLike,
+                       out: str | os.PathLike, *, names: str | os.PathLike | Mapping | None = None,
+                       groups: str | os.PathLike | Mapping | None = None, crops_per_structure: int = 8,
+                       crop_size: int | None = 32, min_voxels: int = DEFAULT_MIN_VOXELS, mode: str = "crop",
+                       size: str = "tiny", batch_size: int = 16, spacing: float | None = None, seed: int = 0,
+                       progress: bool = True) -> ClusterRun:
+    """Organ clustering of one encoder on one CT and its label map: :func:`make_structure_crops` (at the
+    encoder's HU window and ``spacing``, default its ``data.spacing_mm``) -> :func:`evaluate_encoder` -> write
+    ``metrics.json``, ``umap.png`` and ``features.npz`` (features, embedding, class ids and names, structure of
+    each crop, crop centres in mm) into ``out``.
+
+    ``checkpoint``: run folder, checkpoint ``.pt``, encoder ``.safetensors`` or ``"none"`` (random init of the
+    ``size`` architecture, weights from ``seed``); ``crop_size``: crop edge in voxels (None: covers 64 mm);
+    ``names`` / ``groups``: as :func:`make_structure_crops` takes them. Raises a one-line
+    :class:`~dagman.errors.DagmanError` for bad input."""
+    import torch
+
+    from dagman.data.cache import atomic_write_text
+    from dagman.fileio import atomic_write
+    from dagman.tasks.encoder import build_task_encoder, default_input_size
+
+    check_crop_counts(crops_per_structure, min_voxels, batch_size)
+    if spacing is not None and not spacing > 0:
+        raise DagmanError(f"spacing {spacing}: must be > 0 mm", option="spacing")
+    for option, p in (("image", image), ("labels", labels)):
+        if not Path(p).exists():
+            raise DagmanError(f"{p}: no such file (<<{option}>>)")
+    t0 = time.perf_counter()
+    torch.manual_seed(seed)  # the weights of a random-init encoder ('none')
+    encoder = build_task_encoder(checkpoint, size=size)
+    crop_size = default_input_size(encoder, crop_size)
+    data_cfg = encoder.source.cfg.data
+    spacing = float(spacing if spacing is not None else data_cfg.spacing_mm)
+    crops = make_structure_crops(image, labels, spacing=spacing, hu_window=tuple(data_cfg.hu_window),
+                                 size=crop_size, crops_per_structure=crops_per_structure, min_voxels=min_voxels,
+                                 mode=mode, names=names, groups=groups, seed=seed)
+    t1 = time.perf_counter()
+    if len(crops) < 4 or len(crops) <= len(crops.class_names):
+        raise DagmanError(f"only {len(crops)} crops for {len(crops.class_names)} classes; the metrics need at least 4 "
+                          "crops and more crops than classes (raise <<crops_per_structure>>)")
+    ev = evaluate_encoder(encoder, crops, seed=seed, batch_size=batch_size, progress=progress)
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    src = encoder.source
+    title = f"{src.label}: {len(crops.structures)} structures, {len(crops)} crops, {len(crops.class_names)} classes"
+    cluster_figure(ev.embedding, crops.class_ids, crops.class_names, out / "umap.png", title=title)
+    arrays = {
+        "features": ev.features.astype(np.float32), "embedding": ev.embedding.astype(np.float32),
+        "class_ids": crops.class_ids, "class_names": np.array(crops.class_names),
+        "structure_values": crops.structure_values, "structure_names": np.array(crops.structure_names),
+        "centres_mm": crops.centres_mm,
+    }
+    atomic_write(out / "features.npz", lambda fh: np.savez_compressed(fh, **arrays))
+    timing = {"crops": round(t1 - t0, 3), **ev.timing_s, "total": round(time.perf_counter() - t0, 3)}
+    report = {
+        "format": "dagman-cluster", "format_version": 1,
+        "image": str(image), "labels": str(labels),
+        "encoder": src.description, "encoder_label": src.label, "checkpoint": str(checkpoint),
+        "feature_source": encoder.feature_source, "feature_dim": int(encoder.feature_dim),
+        "mode": crops.mode, "crop_size": crops.size, "spacing_mm": crops.spacing, "hu_window": list(crops.hu_window),
+        "crops_per_structure": crops_per_structure, "min_voxels": crops.min_voxels, "seed": seed,
+        "groups": groups or "one class per structure",
+        "n_structures": len(crops.structures), "n_crops": len(crops), "n_classes": len(crops.class_names),
+        "classes": [{"name": name, **row} for name, row in ev.per_class.items()],
+        "metrics": ev.metrics,
+        "definitions": DEFINITIONS,
+        "skipped_structures": {s.name: s.voxels for s in crops.skipped},
+        "ungrouped_structures": [s.name for s in crops.ungrouped],
+        "timing_s": timing,
+    }
+    atomic_write_text(out / "metrics.json", json.dumps(_finite_or_null(report), indent=2, allow_nan=False) + "\n")
+    return ClusterRun(crops=crops, evaluation=ev, report=report, out=out)
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Figure
 # ----------------------------------------------------------------------------------------------------------
 
