@@ -1,9 +1,10 @@
 """``dagman classify``: binary classification on a pretrained encoder (linear probe or fine-tune), few-shot
 fractions, stratified patient-grouped k-fold CV, AUC / sensitivity / specificity with bootstrap CIs, ROC plot.
 
-The protocol lives in :mod:`dagman.tasks.classify`; this module parses the options, opens the label table and
-the encoder, loads the images and prints the result. :func:`add_encoder_arguments`, :func:`add_protocol_arguments`
-and :func:`open_task` are shared with ``dagman outcome``.
+The work is :func:`dagman.tasks.classify.classify_table`; this module parses the options, calls it and prints
+the result (:func:`print_result`, also used by ``dagman demo``). :func:`add_encoder_arguments`,
+:func:`add_protocol_arguments`, :func:`protocol_from_args` and :func:`encoder_options` are shared with
+``dagman outcome``.
 """
 
 from __future__ import annotations
@@ -109,55 +110,31 @@ def protocol_from_args(args: argparse.Namespace):
                     batch_size=args.batch_size, weight_decay=args.weight_decay).check()
 
 
-def open_encoder_and_inputs(args: argparse.Namespace, cohorts: list) -> tuple[object, dict]:
-    """Build the encoder (seeded by ``--seed``), settle the input settings and load every cohort's inputs.
-    Returns ``(encoder, input settings dict)``."""
-    import torch
-
-    from dagman.tasks.classify import load_inputs
-    from dagman.tasks.encoder import build_task_encoder, default_input_size
-    from dagman.errors import ConfigError
-
-    torch.manual_seed(int(args.seed))
-    use_sa = {"auto": None, "sa": True, "mean": False}[args.features]
-    encoder = build_task_encoder(args.checkpoint, size=args.size, use_sa=use_sa)
-    data_cfg = encoder.source.cfg.data
-    spacing = float(args.spacing) if args.spacing is not None else float(data_cfg.spacing_mm)
-    if not spacing > 0:
-        raise ConfigError(f"--spacing must be > 0 mm, got {args.spacing}")
-    window = tuple(float(v) for v in (args.hu_window or data_cfg.hu_window))
-    if not window[1] > window[0]:
-        raise ConfigError(f"--hu-window LO HI needs LO < HI, got {window[0]:g} {window[1]:g}")
-    size = default_input_size(encoder, args.crop_size)
-    for c in cohorts:
-        if c is not None:
-            c.inputs = load_inputs(c.images, spacing, window, size)
-    return encoder, {"spacing_mm": spacing, "hu_window": list(window), "crop_size": size}
+def encoder_options(args: argparse.Namespace) -> dict:
+    """The encoder and image options of :func:`add_encoder_arguments` as keyword arguments of
+    :func:`dagman.tasks.classify.open_encoder_and_inputs` (shared with outcome)."""
+    return {"size": args.size, "features": args.features, "spacing": args.spacing, "hu_window": args.hu_window,
+            "crop_size": args.crop_size}
 
 
-def run(args: argparse.Namespace) -> int:
-    from dagman.tasks.classify import (cohort_from_table, format_table, read_label_table, reference_lines,
-                                       reference_rows, run_classification, summary_line)
+def print_result(result: dict) -> None:
+    """The command's lines for a :func:`~dagman.tasks.classify.classify_table` result: the encoder and the rows,
+    the per-fold table, the reference rows and one summary line."""
+    from dagman.tasks.classify import format_table, reference_lines, summary_line
 
-    protocol = protocol_from_args(args)
-    table = read_label_table(args.labels)
-    cohort = cohort_from_table(table, label_col=args.label_col, positive=args.positive)
-    test = test_table = None
-    if args.test:
-        test_table = read_label_table(args.test)
-        test = cohort_from_table(test_table, label_col=args.label_col, class_names=cohort.class_names)
-    # diameter-only / shape-only references on the same folds and seeds, when the table has the columns
-    references = reference_rows(cohort, table, protocol, test=test, test_table=test_table)
-    encoder, inputs = open_encoder_and_inputs(args, [cohort, test])
-    meta = {"labels_csv": str(Path(args.labels)), "label_column": args.label_col, "input": inputs,
-            "references": references}
-    result = run_classification(cohort, encoder, protocol, test=test, device=args.device, out_dir=args.out,
-                                task="classify", meta=meta)
     print(f"{result['checkpoint']}; {result['feature_source']}; {result['n']} rows "
           f"({result['label_balance']['positives']} positive = {result['label_balance']['positive_label']!r}); "
           f"folds: {result['fold_source']}")
     print(format_table(result))
-    for line in reference_lines(references):
+    for line in reference_lines(result["references"]):
         print(line)
-    print(summary_line(result, args.out))
+    print(summary_line(result, Path(result["files"]["metrics"]).parent))
+
+
+def run(args: argparse.Namespace) -> int:
+    from dagman.tasks.classify import classify_table
+
+    print_result(classify_table(args.labels, args.checkpoint, args.out, protocol=protocol_from_args(args),
+                                label_col=args.label_col, positive=args.positive, test=args.test,
+                                device=args.device, **encoder_options(args)))
     return 0

@@ -50,9 +50,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from dagman.commands.classify import open_encoder_and_inputs, protocol_from_args
-    from dagman.tasks.classify import (cohort_from_table, format_table, read_label_table, run_classification,
-                                       summary_line)
+    from dagman.commands.classify import encoder_options, protocol_from_args
+    from dagman.tasks.classify import (cohort_from_table, format_table, open_encoder_and_inputs, read_label_table,
+                                       run_classification, summary_line)
     from dagman.tasks.outcome import (SurvivalProtocol, format_survival_table, read_survival_columns, run_survival,
                                       survival_summary_line)
 
@@ -75,7 +75,8 @@ def run(args: argparse.Namespace) -> int:
         if args.test:
             test = cohort_from_table(read_label_table(args.test), label_col=label_col,
                                      class_names=cohort.class_names)
-        encoder, inputs = open_encoder_and_inputs(args, [cohort, test])
+        encoder, inputs = open_encoder_and_inputs(args.checkpoint, [cohort, test], seed=args.seed,
+                                                  **encoder_options(args))
         meta.update({"kind": "binary", "label_column": label_col, "input": inputs})
         result = run_classification(cohort, encoder, base, test=test, device=args.device, out_dir=args.out,
                                     task="outcome", meta=meta)
@@ -95,7 +96,8 @@ def run(args: argparse.Namespace) -> int:
         test_table = read_label_table(args.test)
         test = cohort_from_table(test_table, label_col=None)
         test.time, test.event = read_survival_columns(test_table, time_col, event_col)
-    encoder, inputs = open_encoder_and_inputs(args, [cohort, test])
+    encoder, inputs = open_encoder_and_inputs(args.checkpoint, [cohort, test], seed=args.seed,
+                                              **encoder_options(args))
     meta.update({"time_column": time_col, "event_column": event_col, "input": inputs})
     result = run_survival(cohort, encoder, protocol, test=test, device=args.device, out_dir=args.out, meta=meta)
     print(f"{result['checkpoint']}; {result['feature_source']}; time-to-event: {result['n']} rows, "

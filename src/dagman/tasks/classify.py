@@ -28,10 +28,11 @@ Modes:
   cross-entropy (positive class weighted by the negative/positive ratio), the epoch with the best validation AUC
   kept; CUDA when available (bf16 autocast there), else CPU.
 
-Library entry points: :func:`read_label_table` + :func:`cohort_from_table` (CSV -> :class:`Cohort`),
-:func:`load_inputs` (images -> network inputs), :func:`encode` (inputs -> features), :func:`run_classification`
-(the protocol; accepts precomputed ``features`` so several encoders can be compared on the same inputs) and
-:func:`write_outputs` (``metrics.json``, ``predictions.csv``, ``roc.png``).
+Library entry points: :func:`classify_table` (``dagman classify``: label CSV + encoder -> results and files, all
+of the below), :func:`read_label_table` + :func:`cohort_from_table` (CSV -> :class:`Cohort`),
+:func:`open_encoder_and_inputs` / :func:`load_inputs` (images -> network inputs), :func:`encode` (inputs ->
+features), :func:`run_classification` (the protocol; accepts precomputed ``features`` so several encoders can be
+compared on the same inputs) and :func:`write_outputs` (``metrics.json``, ``predictions.csv``, ``roc.png``).
 """
 
 from __future__ import annotations
@@ -358,6 +359,42 @@ def load_inputs(images: Sequence[str | os.PathLike], spacing: float, hu_window: 
     return out
 
 
+FEATURE_CHOICES = {"auto": None, "sa": True, "mean": False}  # the image feature -> build_task_encoder's use_sa
+
+
+def open_encoder_and_inputs(checkpoint: str | os.PathLike, cohorts: Sequence[Cohort | None], *, size: str = "tiny",
+                            features: str = "auto", spacing: float | None = None,
+                            hu_window: Sequence[float] | None = None, crop_size: int | None = None,
+                            seed: int = 0, progress: bool = True) -> tuple[object, dict]:
+    """Build the encoder (``checkpoint``: run folder, checkpoint ``.pt``, encoder ``.safetensors`` or ``"none"``:
+    random init of the ``size`` architecture, weights from ``seed``), settle the input settings (``spacing`` mm and
+    ``hu_window`` default to the encoder's ``data.spacing_mm`` / ``data.hu_window``; ``crop_size`` to the smallest
+    valid edge covering 64 mm) and load every cohort's ``inputs`` (None entries are skipped). ``features``:
+    ``sa`` (the SA [CLS] token), ``mean`` (the mean of the last stage's tokens) or ``auto`` (``sa`` when the
+    encoder has an SA block). Returns ``(encoder, {"spacing_mm", "hu_window", "crop_size"})``; shared by
+    :func:`classify_table` and ``dagman outcome``."""
+    from dagman.errors import ConfigError
+    from dagman.tasks.encoder import build_task_encoder, default_input_size
+
+    if features not in FEATURE_CHOICES:
+        raise ConfigError(f"features must be one of {', '.join(FEATURE_CHOICES)}, got {features!r}",
+                          option="features")
+    torch.manual_seed(int(seed))
+    encoder = build_task_encoder(checkpoint, size=size, use_sa=FEATURE_CHOICES[features])
+    data_cfg = encoder.source.cfg.data
+    chosen_spacing = float(spacing) if spacing is not None else float(data_cfg.spacing_mm)
+    if not chosen_spacing > 0:
+        raise ConfigError(f"spacing must be > 0 mm, got {spacing}", option="spacing")
+    window = tuple(float(v) for v in (hu_window or data_cfg.hu_window))
+    if not window[1] > window[0]:
+        raise ConfigError(f"hu_window LO HI needs LO < HI, got {window[0]:g} {window[1]:g}", option="hu_window")
+    edge = default_input_size(encoder, crop_size)
+    for c in cohorts:
+        if c is not None:
+            c.inputs = load_inputs(c.images, chosen_spacing, window, edge, progress=progress)
+    return encoder, {"spacing_mm": chosen_spacing, "hu_window": list(window), "crop_size": edge}
+
+
 def encode(encoder, inputs: np.ndarray, batch_size: int = 16, device=None, progress: bool = True) -> np.ndarray:
     """Frozen-encoder features ``(N, F)`` float32 of inputs ``(N, D, H, W)``."""
     from dagman.tasks.encoder import extract_features
@@ -616,6 +653,35 @@ def run_classification(cohort: Cohort, encoder=None, protocol: Protocol | None =
     if out_dir is not None:
         write_outputs(result, out_dir)
     return result
+
+
+def classify_table(labels: str | os.PathLike, checkpoint: str | os.PathLike, out: str | os.PathLike, *,
+                   protocol: Protocol | None = None, label_col: str = "label", positive: str | None = None,
+                   test: str | os.PathLike | None = None, size: str = "tiny", features: str = "auto",
+                   spacing: float | None = None, hu_window: Sequence[float] | None = None,
+                   crop_size: int | None = None, device=None, progress: bool = True) -> dict:
+    """``dagman classify`` from Python: the label CSV ``labels`` (columns image,label; optional patient, fold;
+    :func:`read_label_table`) -> the encoder ``checkpoint`` (:func:`open_encoder_and_inputs`, which also takes
+    ``size``, ``features``, ``spacing``, ``hu_window``, ``crop_size``; seeded by ``protocol.seed``) -> the
+    protocol (:func:`run_classification`) with the diameter-only / shape-only reference rows on the same folds
+    and seeds when the table has the columns (:func:`reference_rows`). ``test``: a held-out label CSV scored by
+    every fold's model. Writes ``metrics.json``, ``predictions.csv``, ``roc.png`` (and ``test_predictions.csv``)
+    into ``out`` and returns the results (:func:`run_classification`, with ``references`` and ``input``)."""
+    protocol = (protocol or Protocol()).check()
+    table = read_label_table(labels)
+    cohort = cohort_from_table(table, label_col=label_col, positive=positive)
+    held_out = test_table = None
+    if test:
+        test_table = read_label_table(test)
+        held_out = cohort_from_table(test_table, label_col=label_col, class_names=cohort.class_names)
+    # diameter-only / shape-only references on the same folds and seeds, when the table has the columns
+    references = reference_rows(cohort, table, protocol, test=held_out, test_table=test_table)
+    encoder, inputs = open_encoder_and_inputs(checkpoint, [cohort, held_out], size=size, features=features,
+                                              spacing=spacing, hu_window=hu_window, crop_size=crop_size,
+                                              seed=protocol.seed, progress=progress)
+    meta = {"labels_csv": str(Path(labels)), "label_column": label_col, "input": inputs, "references": references}
+    return run_classification(cohort, encoder, protocol, test=held_out, device=device, progress=progress, out_dir=out,
+                              task="classify", meta=meta)
 
 
 # ----------------------------------------------------------------------------------------------------------
