@@ -95,15 +95,9 @@ def evaluate(features, labels, patients, *, test_fraction=0.25, seed=0, n_boot=2
 
 def build_set(out: Path, workers: int, seed: int) -> Path:
     """The full semi-synthetic set (default DB and example backgrounds) into ``out``."""
-    from dagman.commands.nodules import resolve_backgrounds, resolve_db
-    from dagman.data.examples import default_examples_dir
-    from dagman.data.nodules import build_semisynthetic
+    from dagman.data.nodules import make_nodule_set
 
-    args = argparse.Namespace(db=None, backgrounds=None, quiet=False, seed=seed)
-    say = lambda m: print(m, file=sys.stderr)  # noqa: E731
-    db = resolve_db(args, default_examples_dir(), say)
-    backgrounds, notes = resolve_backgrounds(args, default_examples_dir(), say)
-    report = build_semisynthetic(db, out, backgrounds, workers=workers, seed=seed, notes=notes)
+    report = make_nodule_set(out, workers=workers, seed=seed, say=lambda m: print(m, file=sys.stderr))
     print(report.summary_line(), file=sys.stderr)
     return out
 

