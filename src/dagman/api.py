@@ -19,8 +19,8 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-__all__ = ["Encoder", "PretrainResult", "fetch_examples", "load_encoder", "prepare", "pretrain", "run_overrides",
-           "sets_batch_size"]
+__all__ = ["Encoder", "PretrainResult", "fetch_examples", "load_encoder", "prepare", "pretrain", "pretrain_config",
+           "run_overrides", "sets_batch_size"]
 
 
 class Encoder:
@@ -173,9 +173,11 @@ def sets_batch_size(overrides: Sequence[str] | None) -> bool:
 
 @dataclass
 class PretrainResult:
-    """What a pretraining run left: its ``run`` folder and ``encoder`` file, ``steps`` (total) and
-    ``steps_this_run``, wall ``seconds``, the ``final`` logged values (losses, monitor), the learning
-    monitor averaged over the last steps (``learning``), and the config."""
+    """What a pretraining run left: its ``run`` folder and ``encoder`` file (None on the processes of a
+    multi-process run other than the first), ``steps`` (total) and ``steps_this_run``, wall ``seconds``, the
+    ``final`` logged values (losses, monitor), the learning monitor averaged over the last steps (``learning``),
+    the config, the optimiser steps skipped for a non-finite loss (``skipped_steps``) and the samples of
+    volumes that vanished from the cache and were replaced (``missing_volume_samples``)."""
 
     run: Path
     encoder: Path | None
@@ -185,26 +187,51 @@ class PretrainResult:
     final: dict[str, float]
     learning: dict[str, float]
     config: Any = field(repr=False)
+    skipped_steps: int = 0
+    missing_volume_samples: int = 0
 
 
-def pretrain(data: str | os.PathLike, out: str | os.PathLike, *, size: str = "cpu", method: str = "dagman",
-             steps: int | None = None, seed: int | None = None, overrides: Sequence[str] = (),
-             resume: bool = False, progress: bool = False) -> PretrainResult:
-    """``dagman pretrain`` from Python: ``method`` at ``size`` on the prepared cache ``data`` into the run
-    folder ``out`` (``steps``: the run's length; ``overrides``: ``key=value`` config overrides as on the command
-    line; ``resume``: continue ``out`` exactly, with its own config)."""
+def _own_config_file(out: str | os.PathLike | None, resume: bool) -> Path | None:
+    """``out/config.yaml`` when ``resume`` continues a run that has one (its config, plus the overrides), else
+    None."""
+    file = Path(out) / "config.yaml" if resume and out is not None else None
+    return file if file is not None and file.is_file() else None
+
+
+def pretrain_config(out: str | os.PathLike | None = None, *, data: str | os.PathLike | None = None,
+                    size: str | None = None, method: str | None = None, config: str | os.PathLike | None = None,
+                    steps: int | None = None, seed: int | None = None, overrides: Sequence[str] = (),
+                    resume: bool = False):
+    """The validated :class:`dagman.config.Config` of a pretraining run into ``out``, resolved in order: the
+    ``size`` and ``method`` presets (None: the ones the file or an override names, else paper / dagman), the
+    YAML ``config`` file (``resume`` without one: the run's own ``out/config.yaml`` when there is one), then
+    ``data``, ``steps``, ``seed``, then ``overrides`` (:func:`run_overrides`). Raises
+    :class:`~dagman.errors.ConfigError` (one line) on any problem."""
     from dagman.config import load_config
+
+    file = config if config is not None else _own_config_file(out, resume)
+    return load_config(size=size, method=method, file=file, overrides=run_overrides(data, steps, seed, overrides))
+
+
+def pretrain(data: str | os.PathLike | None, out: str | os.PathLike, *, size: str | None = "cpu",
+             method: str | None = "dagman", config: str | os.PathLike | None = None, steps: int | None = None,
+             seed: int | None = None, overrides: Sequence[str] = (), resume: bool = False,
+             progress: bool = False) -> PretrainResult:
+    """``dagman pretrain`` from Python: ``method`` at ``size`` (None: the ``config`` file's, else paper /
+    dagman) on the prepared cache ``data`` into the run folder ``out``, the config resolved by
+    :func:`pretrain_config` (``config``: a YAML file on top of the presets; ``steps``: the run's length;
+    ``overrides``: ``key=value`` config overrides as on the command line). ``resume``: continue ``out`` exactly,
+    with its own config (``size`` and ``method`` then come from it) unless ``config`` names another file."""
     from dagman.train.loop import pretrain as _pretrain
 
-    over = run_overrides(data, steps, seed, overrides)
-    config_file = Path(out) / "config.yaml"
-    if resume and config_file.is_file():
-        cfg = load_config(file=config_file, overrides=over)
-    else:
-        cfg = load_config(size=size, method=method, overrides=over)
+    own = config is None and _own_config_file(out, resume) is not None
+    cfg = pretrain_config(out, data=data, size=None if own else size, method=None if own else method,
+                          config=config, steps=steps, seed=seed, overrides=overrides, resume=resume)
     explicit_batch = sets_batch_size(overrides)
     s = _pretrain(cfg, out, resume=resume, progress=progress, explicit_batch_size=explicit_batch)
     return PretrainResult(run=Path(out), encoder=Path(s["encoder"]) if s.get("encoder") else None,
                           steps=int(s["steps"]), steps_this_run=int(s["steps_this_run"]),
                           seconds=float(s["seconds"]), final=dict(s.get("final") or {}),
-                          learning=dict(s.get("learning") or {}), config=cfg)
+                          learning=dict(s.get("learning") or {}), config=cfg,
+                          skipped_steps=int(s.get("skipped_steps", 0)),
+                          missing_volume_samples=int(s.get("missing_volume_samples", 0)))

@@ -1,9 +1,10 @@
 """``dagman pretrain``: resolve the pretraining config (presets + file + overrides) and train.
 
-``--print-config`` prints the resolved config as YAML; otherwise :func:`dagman.train.loop.pretrain` trains
-(one process, or each of torchrun's processes) and one summary line is printed. ``--resume`` reuses
-``RUN/config.yaml``; whether the user set ``data.batch_size`` for the resume is passed on, because a
-resume with another number of processes keeps the run's global batch.
+``--print-config`` prints the resolved config as YAML (:func:`dagman.api.pretrain_config`); otherwise
+:func:`dagman.api.pretrain` trains (one process, or each of torchrun's processes) and one summary line is printed
+(:func:`print_result`, also used by ``dagman demo``). ``--resume`` reuses ``RUN/config.yaml``; whether the user
+set ``data.batch_size`` for the resume is passed on, because a resume with another number of processes keeps the
+run's global batch.
 """
 
 from __future__ import annotations
@@ -82,49 +83,54 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _config_options(args: argparse.Namespace) -> dict:
+    """The config options of parsed ``args`` as keyword arguments of :func:`dagman.api.pretrain_config` and
+    :func:`dagman.api.pretrain`."""
+    return {"data": args.data, "size": args.size, "method": args.method, "config": args.config,
+            "steps": args.steps, "seed": args.seed, "overrides": args.overrides or [], "resume": args.resume}
+
+
 def resolve_config(args: argparse.Namespace):
     """The validated :class:`dagman.config.Config` for parsed ``args`` (presets, --config, options,
-    overrides). Raises ConfigError on any problem."""
-    from dagman.api import run_overrides
-    from dagman.config import load_config
+    overrides; --resume without --config: RUN/config.yaml). Raises ConfigError on any problem."""
+    from dagman.api import pretrain_config
 
-    overrides = run_overrides(args.data, args.steps, args.seed, args.overrides or [])
-    return load_config(size=args.size, method=args.method, file=args.config, overrides=overrides)
+    return pretrain_config(args.out, **_config_options(args))
+
+
+def print_result(result) -> None:
+    """The command's closing lines for a :class:`dagman.api.PretrainResult` (none on the processes of a
+    multi-process run that export no encoder): steps, time, last losses, encoder; the learning monitor."""
+    from dagman.ssl.monitor import learning_summary
+    from dagman.train.loop import SUMMARY_STEPS
+
+    if not result.encoder:
+        return
+    final = result.final
+    parts = ", ".join(f"{k[5:]} {v:.4f}" for k, v in final.items() if k.startswith("loss_"))
+    missing = result.missing_volume_samples
+    lost = f", {missing} samples from vanished volumes replaced" if missing else ""
+    print(f"dagman pretrain: {result.steps} steps ({result.steps_this_run} this run, "
+          f"{result.seconds:.1f} s, {result.skipped_steps} skipped{lost}); last loss "
+          f"{final.get('loss', float('nan')):.4f} ({parts}); encoder -> {result.encoder}")
+    line = learning_summary(result.learning)
+    if line:
+        print(f"dagman pretrain: learning monitor (mean of the last {min(SUMMARY_STEPS, result.steps_this_run)} "
+              f"steps): {line}")
 
 
 def run(args: argparse.Namespace) -> int:
     import sys
-    from pathlib import Path
 
+    from dagman.api import pretrain
     from dagman.config import to_yaml
     from dagman.errors import DagmanError
 
-    if args.resume and args.out and not args.config and (Path(args.out) / "config.yaml").is_file():
-        args.config = str(Path(args.out) / "config.yaml")  # resume with the run's own config (+ overrides)
     cfg = resolve_config(args)
     if args.print_config:
         sys.stdout.write(to_yaml(cfg))
         return 0
     if not args.out:
         raise DagmanError("pretrain needs --out RUN (the run folder for checkpoints, metrics and the encoder)")
-    from dagman.train.loop import SUMMARY_STEPS, pretrain
-
-    from dagman.api import sets_batch_size
-
-    explicit_batch = sets_batch_size(args.overrides)
-    summary = pretrain(cfg, args.out, resume=args.resume, progress=True, explicit_batch_size=explicit_batch)
-    if summary.get("encoder"):
-        final = summary["final"]
-        parts = ", ".join(f"{k[5:]} {v:.4f}" for k, v in final.items() if k.startswith("loss_"))
-        missing = summary.get("missing_volume_samples", 0)
-        lost = f", {missing} samples from vanished volumes replaced" if missing else ""
-        print(f"dagman pretrain: {summary['steps']} steps ({summary['steps_this_run']} this run, "
-              f"{summary['seconds']:.1f} s, {summary['skipped_steps']} skipped{lost}); last loss "
-              f"{final.get('loss', float('nan')):.4f} ({parts}); encoder -> {summary['encoder']}")
-        from dagman.ssl.monitor import learning_summary
-
-        line = learning_summary(summary.get("learning") or {})
-        if line:
-            print(f"dagman pretrain: learning monitor (mean of the last {min(SUMMARY_STEPS, summary['steps_this_run'])} "
-                  f"steps): {line}")
+    print_result(pretrain(out=args.out, progress=True, **_config_options(args)))
     return 0
