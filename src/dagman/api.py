@@ -190,6 +190,27 @@ class PretrainResult:
     skipped_steps: int = 0
     missing_volume_samples: int = 0
 
+    def summary_lines(self) -> list[str]:
+        """What ``dagman pretrain`` prints at the end: steps, time, last losses and the encoder, then the learning
+        monitor (nothing on the processes that export no encoder)."""
+        from dagman.ssl.monitor import learning_summary
+        from dagman.train.loop import SUMMARY_STEPS
+
+        if not self.encoder:
+            return []
+        final = self.final
+        parts = ", ".join(f"{k[5:]} {v:.4f}" for k, v in final.items() if k.startswith("loss_"))
+        lost = (f", {self.missing_volume_samples} samples from vanished volumes replaced"
+                if self.missing_volume_samples else "")
+        lines = [f"dagman pretrain: {self.steps} steps ({self.steps_this_run} this run, {self.seconds:.1f} s, "
+                 f"{self.skipped_steps} skipped{lost}); last loss {final.get('loss', float('nan')):.4f} ({parts}); "
+                 f"encoder -> {self.encoder}"]
+        monitor = learning_summary(self.learning)
+        if monitor:
+            lines.append(f"dagman pretrain: learning monitor (mean of the last "
+                         f"{min(SUMMARY_STEPS, self.steps_this_run)} steps): {monitor}")
+        return lines
+
 
 def _own_config_file(out: str | os.PathLike | None, resume: bool) -> Path | None:
     """``out/config.yaml`` when ``resume`` continues a run that has one (its config, plus the overrides), else

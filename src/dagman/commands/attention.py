@@ -1,7 +1,7 @@
 """``dagman attention``: what a pretrained DAGMaN network attends to and masks, on one CT.
 
 Thin: parse, :func:`dagman.ssl.attention_maps.attention_maps` (the pictures and ``attention.json``; the method is
-described there), print one line (:func:`print_result`, also used by ``dagman demo``).
+described there), print its result's one line.
 """
 
 from __future__ import annotations
@@ -42,29 +42,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, metavar="N", help="seed of the random masks (default 0)")
 
 
-def print_result(result) -> None:
-    """The command's line for an :class:`~dagman.ssl.attention_maps.AttentionMaps`: mask fractions, S entropy and
-    the reconstruction L1 beside the mean-of-visible predictor's."""
-    report = result.report
-    imp, rec = report["importance"], report["reconstruction"]
-    drop_txt = f"teacher drop {report['teacher_drop']['fraction']:.2f}" if result.teacher_dropped else "no teacher drop"
-    s_txt = (f"S entropy {imp['entropy_nats']:.4f}/{imp['entropy_max_nats']:.4f} nats" if imp["available"]
-             else "no S (no SA block)")
-    l1_masked, l1_mean = rec.get("l1_masked"), rec.get("mean_predictor_l1")
-    rec_txt = ""
-    if l1_masked is not None:
-        rec_txt = f", masked L1 {l1_masked:.4f}"
-        if l1_mean is not None:
-            rec_txt += f" vs mean-of-visible predictor {l1_mean:.4f}"
-        if l1_mean:
-            rec_txt += f" ({l1_masked / l1_mean:.2f}x)"
-    print(f"dagman attention: {report['method']} step {report['step']}, {report['mask_units']} mask units; student "
-          f"mask {report['student_mask']['fraction']:.2f} ({report['student_mask']['kind']}), {drop_txt}, "
-          f"{s_txt}{rec_txt} -> {result.out}/overview.png + 5 figures, attention.json")
-
-
 def run(args: argparse.Namespace) -> int:
     from dagman.ssl.attention_maps import attention_maps
 
-    print_result(attention_maps(args.checkpoint, args.image, args.out, crop_size=args.crop_size, seed=args.seed))
+    result = attention_maps(args.checkpoint, args.image, args.out, crop_size=args.crop_size, seed=args.seed)
+    for line in result.summary_lines():
+        print(line)
     return 0

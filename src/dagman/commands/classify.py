@@ -2,7 +2,7 @@
 fractions, stratified patient-grouped k-fold CV, AUC / sensitivity / specificity with bootstrap CIs, ROC plot.
 
 The work is :func:`dagman.tasks.classify.classify_table`; this module parses the options, calls it and prints
-the result (:func:`print_result`, also used by ``dagman demo``). :func:`add_encoder_arguments`,
+its :func:`~dagman.tasks.classify.summary_lines`. :func:`add_encoder_arguments`,
 :func:`add_protocol_arguments`, :func:`protocol_from_args` and :func:`encoder_options` are shared with
 ``dagman outcome``.
 """
@@ -10,7 +10,6 @@ the result (:func:`print_result`, also used by ``dagman demo``). :func:`add_enco
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from dagman.config import SIZES
 
@@ -117,24 +116,12 @@ def encoder_options(args: argparse.Namespace) -> dict:
             "crop_size": args.crop_size}
 
 
-def print_result(result: dict) -> None:
-    """The command's lines for a :func:`~dagman.tasks.classify.classify_table` result: the encoder and the rows,
-    the per-fold table, the reference rows and one summary line."""
-    from dagman.tasks.classify import format_table, reference_lines, summary_line
-
-    print(f"{result['checkpoint']}; {result['feature_source']}; {result['n']} rows "
-          f"({result['label_balance']['positives']} positive = {result['label_balance']['positive_label']!r}); "
-          f"folds: {result['fold_source']}")
-    print(format_table(result))
-    for line in reference_lines(result["references"]):
-        print(line)
-    print(summary_line(result, Path(result["files"]["metrics"]).parent))
-
-
 def run(args: argparse.Namespace) -> int:
-    from dagman.tasks.classify import classify_table
+    from dagman.tasks.classify import classify_table, summary_lines
 
-    print_result(classify_table(args.labels, args.checkpoint, args.out, protocol=protocol_from_args(args),
-                                label_col=args.label_col, positive=args.positive, test=args.test,
-                                device=args.device, **encoder_options(args)))
+    result = classify_table(args.labels, args.checkpoint, args.out, protocol=protocol_from_args(args),
+                            label_col=args.label_col, positive=args.positive, test=args.test, device=args.device,
+                            **encoder_options(args))
+    for line in summary_lines(result):
+        print(line)
     return 0

@@ -1,13 +1,12 @@
 """``dagman cluster``: unsupervised organ clustering of encoder features (method notes, section 9, item 4).
 
 Thin: parse, :func:`dagman.tasks.cluster.cluster_structures` (crops -> features -> metrics; writes ``metrics.json``,
-``umap.png``, ``features.npz``), print a table (:func:`print_result`, also used by ``dagman demo``).
+``umap.png``, ``features.npz``), print its result's table.
 """
 
 from __future__ import annotations
 
 import argparse
-import math
 
 from dagman.config import SIZES
 
@@ -76,47 +75,13 @@ def add_structure_crop_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=16, metavar="B", help="crops per forward pass (default 16)")
 
 
-def _fmt(v: float, width: int = 7) -> str:
-    return f"{v:{width}.3f}" if isinstance(v, float) and math.isfinite(v) else f"{'-':>{width}}"
-
-
-def format_table(crops, evaluation) -> str:
-    """Per-class rows (structures, crops, intra distance in UMAP and feature space) and the overall metrics."""
-    name_w = max([len("class")] + [len(c) for c in crops.class_names])
-    lines = [f"{'class':<{name_w}}  structures  crops  umap_intra  feature_intra"]
-    for name, row in evaluation.per_class.items():
-        lines.append(f"{name:<{name_w}}  {len(row['structures']):>10}  {row['crops']:>5}  "
-                     f"{_fmt(row['umap_intra'], 10)}  {_fmt(row['feature_intra'], 13)}")
-    m = evaluation.metrics
-    lines.append("")
-    lines.append(f"{'space':<9}{'intra':>8}{'inter':>8}{'ratio':>8}{'silhouette':>12}")
-    lines.append(f"{'umap':<9}{_fmt(m['umap_intra'], 8)}{_fmt(m['umap_inter'], 8)}{_fmt(m['umap_ratio'], 8)}"
-                 f"{_fmt(m['umap_silhouette'], 12)}")
-    lines.append(f"{'features':<9}{_fmt(m['feature_intra'], 8)}{_fmt(m['feature_inter'], 8)}"
-                 f"{_fmt(m['feature_ratio'], 8)}{_fmt(m['silhouette'], 12)}")
-    lines.append(f"k-means (k={m['n_classes']}): NMI {m['kmeans_nmi']:.3f}  ARI {m['kmeans_ari']:.3f}")
-    return "\n".join(lines)
-
-
-def print_result(clustered) -> None:
-    """The command's lines for a :class:`~dagman.tasks.cluster.ClusterRun`: the encoder, the crops, the table and
-    one summary line."""
-    crops, rep, m = clustered.crops, clustered.report, clustered.evaluation.metrics
-    print(f"encoder: {rep['encoder']}; features: {rep['feature_source']} ({rep['feature_dim']})")
-    print(f"crops: {len(crops)} of {crops.size}^3 voxels at {crops.spacing:g} mm ({crops.mode}), "
-          f"{len(crops.structures)} structures, {len(crops.skipped)} below {crops.min_voxels} voxels, "
-          f"{len(crops.ungrouped)} ungrouped")
-    print(format_table(crops, clustered.evaluation))
-    print(f"cluster: {rep['encoder_label']}: {len(crops.class_names)} classes, {len(crops)} crops; UMAP intra "
-          f"{m['umap_intra']:.2f} inter {m['umap_inter']:.2f}; k-means NMI {m['kmeans_nmi']:.3f} ARI "
-          f"{m['kmeans_ari']:.3f}; silhouette {m['silhouette']:.3f}; {rep['timing_s']['total']:.1f} s -> {clustered.out}")
-
-
 def run(args: argparse.Namespace) -> int:
     from dagman.tasks.cluster import cluster_structures
 
-    print_result(cluster_structures(
+    clustered = cluster_structures(
         args.image, args.labels, args.checkpoint, args.out, names=args.names, groups=args.groups,
         crops_per_structure=args.crops_per_structure, crop_size=args.crop_size, min_voxels=args.min_voxels,
-        mode=args.mode, size=args.size, batch_size=args.batch_size, spacing=args.spacing, seed=args.seed))
+        mode=args.mode, size=args.size, batch_size=args.batch_size, spacing=args.spacing, seed=args.seed)
+    for line in clustered.summary_lines():
+        print(line)
     return 0

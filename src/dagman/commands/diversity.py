@@ -1,7 +1,7 @@
 """``dagman diversity``: per-stage, per-head attention entropy and distance of a pretrained network.
 
 Thin: parse, :func:`dagman.ssl.diversity.run_head_diversity` (measure, write ``diversity.json`` and ``.png``),
-print a table per stage (:func:`print_result`, also used by ``dagman demo``).
+print its result's table per stage.
 """
 
 from __future__ import annotations
@@ -43,30 +43,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", metavar="DIR", help="output folder (default: RUN/figures/diversity)")
 
 
-def format_table(result: dict) -> str:
-    """A fixed-width table: one row per stage with heads, window tokens, entropy and distance mean ± std."""
-    lines = [f"{'stage':>5}  {'heads':>5}  {'L':>4}  {'entropy (nats)':>17}  {'max':>5}  {'distance (voxels)':>17}"]
-    for st in result["stages"]:
-        ent = f"{st['entropy_mean']:.3f} ± {st['entropy_std']:.3f}"
-        dst = f"{st['distance_mean']:.2f} ± {st['distance_std']:.2f}"
-        lines.append(f"{st['stage']:>5}  {st['heads']:>5}  {st.get('tokens_per_window', ''):>4}  {ent:>17}  "
-                     f"{st.get('entropy_max', float('nan')):>5.2f}  {dst:>17}")
-    return "\n".join(lines)
-
-
-def print_result(measured) -> None:
-    """The command's lines for a :class:`~dagman.ssl.diversity.RunDiversity`: the title, the table, one summary."""
-    result = measured.result
-    print(f"head diversity of the {measured.title}")
-    print(format_table(result))
-    mean_std = sum(st["entropy_std"] for st in result["stages"]) / len(result["stages"])
-    print(f"dagman diversity: {len(result['stages'])} stages, mean entropy spread across heads "
-          f"{mean_std:.3f} nats -> {measured.json_path}, {measured.figure_path}")
-
-
 def run(args: argparse.Namespace) -> int:
     from dagman.ssl.diversity import run_head_diversity
 
-    print_result(run_head_diversity(args.checkpoint, args.data, out=args.out, crops=args.crops,
-                                    crop_size=args.crop_size, seed=args.seed, which=args.which))
+    measured = run_head_diversity(args.checkpoint, args.data, out=args.out, crops=args.crops,
+                                  crop_size=args.crop_size, seed=args.seed, which=args.which)
+    for line in measured.summary_lines():
+        print(line)
     return 0

@@ -135,20 +135,14 @@ def _say(quiet: bool):
     return say
 
 
-def print_result(report) -> None:
-    """The command's lines for a :class:`~dagman.data.nodules.BuildReport`: the size control (when measured),
-    then the summary line scripts read."""
-    if report.size_line():
-        print(report.size_line())
-    print(report.summary_line())  # last: the one line scripts read
-
-
 def run(args: argparse.Namespace) -> int:
     from dagman.data.nodules import make_nodule_set
 
-    print_result(make_nodule_set(
+    report = make_nodule_set(
         args.out, lidc_dicom=args.lidc_dicom, backgrounds=args.backgrounds, db=args.db, examples_dir=args.examples,
         label_rule=args.label_rule, min_readers=args.min_readers, spacing=args.spacing, crop_mm=args.crop_mm,
         limit=args.limit, match_bin_mm=args.match_bin_mm if args.match_size else None, seed=args.seed,
-        workers=args.workers, progress=not args.quiet, say=_say(args.quiet)))
+        workers=args.workers, progress=not args.quiet, say=_say(args.quiet))
+    for line in report.summary_lines():
+        print(line)
     return 0

@@ -2,7 +2,7 @@
 
 ``--print-config`` prints the resolved config as YAML (:func:`dagman.api.pretrain_config`); otherwise
 :func:`dagman.api.pretrain` trains (one process, or each of torchrun's processes) and one summary line is printed
-(:func:`print_result`, also used by ``dagman demo``). ``--resume`` reuses ``RUN/config.yaml``; whether the user
+(:meth:`~dagman.api.PretrainResult.summary_lines`). ``--resume`` reuses ``RUN/config.yaml``; whether the user
 set ``data.batch_size`` for the resume is passed on, because a resume with another number of processes keeps the
 run's global batch.
 """
@@ -98,27 +98,6 @@ def resolve_config(args: argparse.Namespace):
     return pretrain_config(args.out, **_config_options(args))
 
 
-def print_result(result) -> None:
-    """The command's closing lines for a :class:`dagman.api.PretrainResult` (none on the processes of a
-    multi-process run that export no encoder): steps, time, last losses, encoder; the learning monitor."""
-    from dagman.ssl.monitor import learning_summary
-    from dagman.train.loop import SUMMARY_STEPS
-
-    if not result.encoder:
-        return
-    final = result.final
-    parts = ", ".join(f"{k[5:]} {v:.4f}" for k, v in final.items() if k.startswith("loss_"))
-    missing = result.missing_volume_samples
-    lost = f", {missing} samples from vanished volumes replaced" if missing else ""
-    print(f"dagman pretrain: {result.steps} steps ({result.steps_this_run} this run, "
-          f"{result.seconds:.1f} s, {result.skipped_steps} skipped{lost}); last loss "
-          f"{final.get('loss', float('nan')):.4f} ({parts}); encoder -> {result.encoder}")
-    line = learning_summary(result.learning)
-    if line:
-        print(f"dagman pretrain: learning monitor (mean of the last {min(SUMMARY_STEPS, result.steps_this_run)} "
-              f"steps): {line}")
-
-
 def run(args: argparse.Namespace) -> int:
     import sys
 
@@ -132,5 +111,6 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if not args.out:
         raise DagmanError("pretrain needs --out RUN (the run folder for checkpoints, metrics and the encoder)")
-    print_result(pretrain(out=args.out, progress=True, **_config_options(args)))
+    for line in pretrain(out=args.out, progress=True, **_config_options(args)).summary_lines():
+        print(line)
     return 0

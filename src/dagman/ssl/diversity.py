@@ -308,6 +308,22 @@ class RunDiversity:
     json_path: Path
     figure_path: Path
 
+    def summary_lines(self) -> list[str]:
+        """What ``dagman diversity`` prints: the title, one table row per stage (heads, window tokens, entropy
+        and distance mean ± std across heads), and a closing line with the mean spread and the files."""
+        stages = self.result["stages"]
+        lines = [f"head diversity of the {self.title}",
+                 f"{'stage':>5}  {'heads':>5}  {'L':>4}  {'entropy (nats)':>17}  {'max':>5}  {'distance (voxels)':>17}"]
+        for st in stages:
+            ent = f"{st['entropy_mean']:.3f} ± {st['entropy_std']:.3f}"
+            dst = f"{st['distance_mean']:.2f} ± {st['distance_std']:.2f}"
+            lines.append(f"{st['stage']:>5}  {st['heads']:>5}  {st.get('tokens_per_window', ''):>4}  {ent:>17}  "
+                         f"{st.get('entropy_max', float('nan')):>5.2f}  {dst:>17}")
+        mean_std = sum(st["entropy_std"] for st in stages) / len(stages)
+        lines.append(f"dagman diversity: {len(stages)} stages, mean entropy spread across heads {mean_std:.3f} nats "
+                     f"-> {self.json_path}, {self.figure_path}")
+        return lines
+
 
 def run_head_diversity(checkpoint: str | os.PathLike, data: str | os.PathLike, *, out: str | os.PathLike | None = None,
                        crops: int | None = None, crop_size: int | None = None, seed: int = 0,

@@ -78,6 +78,9 @@ __all__ = [
     "roc_figure",
     "format_table",
     "summary_line",
+    "summary_lines",
+    "classify_table",
+    "open_encoder_and_inputs",
 ]
 
 # ----------------------------------------------------------------------------------------------------------
@@ -829,3 +832,13 @@ def summary_line(result: dict, out_dir: str | os.PathLike | None = None) -> str:
     if out_dir is not None:
         text += f" -> {Path(out_dir) / 'metrics.json'}"
     return text
+
+
+def summary_lines(result: dict) -> list[str]:
+    """What ``dagman classify`` prints for a :func:`classify_table` result: the encoder and the rows, the
+    per-fold table (:func:`format_table`), the reference rows and the summary line (:func:`summary_line`)."""
+    balance = result["label_balance"]
+    return [f"{result['checkpoint']}; {result['feature_source']}; {result['n']} rows ({balance['positives']} "
+            f"positive = {balance['positive_label']!r}); folds: {result['fold_source']}",
+            *format_table(result).splitlines(), *reference_lines(result.get("references") or {}),
+            summary_line(result, Path(result["files"]["metrics"]).parent)]

@@ -643,6 +643,28 @@ def _finite_or_null(obj):
     return obj
 
 
+def _fmt(v: float, width: int = 7) -> str:
+    return f"{v:{width}.3f}" if isinstance(v, float) and math.isfinite(v) else f"{'-':>{width}}"
+
+
+def format_table(crops, evaluation) -> str:
+    """Per-class rows (structures, crops, intra distance in UMAP and feature space) and the overall metrics."""
+    name_w = max([len("class")] + [len(c) for c in crops.class_names])
+    lines = [f"{'class':<{name_w}}  structures  crops  umap_intra  feature_intra"]
+    for name, row in evaluation.per_class.items():
+        lines.append(f"{name:<{name_w}}  {len(row['structures']):>10}  {row['crops']:>5}  "
+                     f"{_fmt(row['umap_intra'], 10)}  {_fmt(row['feature_intra'], 13)}")
+    m = evaluation.metrics
+    lines.append("")
+    lines.append(f"{'space':<9}{'intra':>8}{'inter':>8}{'ratio':>8}{'silhouette':>12}")
+    lines.append(f"{'umap':<9}{_fmt(m['umap_intra'], 8)}{_fmt(m['umap_inter'], 8)}{_fmt(m['umap_ratio'], 8)}"
+                 f"{_fmt(m['umap_silhouette'], 12)}")
+    lines.append(f"{'features':<9}{_fmt(m['feature_intra'], 8)}{_fmt(m['feature_inter'], 8)}"
+                 f"{_fmt(m['feature_ratio'], 8)}{_fmt(m['silhouette'], 12)}")
+    lines.append(f"k-means (k={m['n_classes']}): NMI {m['kmeans_nmi']:.3f}  ARI {m['kmeans_ari']:.3f}")
+    return "\n".join(lines)
+
+
 @dataclass
 class ClusterRun:
     """What :func:`cluster_structures` computed and wrote: the ``crops``, the encoder's ``evaluation``, the
@@ -653,6 +675,21 @@ class ClusterRun:
     evaluation: ClusterEvaluation
     report: dict
     out: Path
+
+    def summary_lines(self) -> list[str]:
+        """What ``dagman cluster`` prints: the encoder, the crops, the table (:func:`format_table`) and one
+        summary line."""
+        crops, rep, m = self.crops, self.report, self.evaluation.metrics
+        return [
+            f"encoder: {rep['encoder']}; features: {rep['feature_source']} ({rep['feature_dim']})",
+            f"crops: {len(crops)} of {crops.size}^3 voxels at {crops.spacing:g} mm ({crops.mode}), "
+            f"{len(crops.structures)} structures, {len(crops.skipped)} below {crops.min_voxels} voxels, "
+            f"{len(crops.ungrouped)} ungrouped",
+            *format_table(crops, self.evaluation).splitlines(),
+            f"cluster: {rep['encoder_label']}: {len(crops.class_names)} classes, {len(crops)} crops; UMAP intra "
+            f"{m['umap_intra']:.2f} inter {m['umap_inter']:.2f}; k-means NMI {m['kmeans_nmi']:.3f} ARI "
+            f"{m['kmeans_ari']:.3f}; silhouette {m['silhouette']:.3f}; {rep['timing_s']['total']:.1f} s -> {self.out}",
+        ]
 
 
 def cluster_structures(image: str | os.PathLike, labels: str | os.PathLike, checkpoint: str | os.PathLike,
