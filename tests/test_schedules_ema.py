@@ -298,3 +298,5 @@ def test_distill_start_epochs_weights_the_distillation_terms_zero_until_then():
                                rel=1e-6)
     with pytest.raises(Exception, match="distill_start_epochs"):
         load_config(size="tiny", overrides=["loss.distill_start_epochs=-1"])
+    with pytest.raises(Exception, match="distill_start_epochs=11.0 must not exceed train.epochs=10"):
+        load_config(size="tiny", overrides=["loss.distill_start_epochs=11"])

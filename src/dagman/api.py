@@ -245,9 +245,9 @@ def pretrain(data: str | os.PathLike | None, out: str | os.PathLike, *, size: st
     with its own config (``size`` and ``method`` then come from it) unless ``config`` names another file."""
     from dagman.train.loop import pretrain as _pretrain
 
-    own = config is None and _own_config_file(out, resume) is not None
+    own = _own_config_file(out, resume) if config is None else None
     cfg = pretrain_config(out, data=data, size=None if own else size, method=None if own else method,
-                          config=config, steps=steps, seed=seed, overrides=overrides, resume=resume)
+                          config=config or own, steps=steps, seed=seed, overrides=overrides, resume=resume)
     explicit_batch = sets_batch_size(overrides)
     s = _pretrain(cfg, out, resume=resume, progress=progress, explicit_batch_size=explicit_batch)
     return PretrainResult(run=Path(out), encoder=Path(s["encoder"]) if s.get("encoder") else None,

@@ -916,19 +916,12 @@ def validate(cfg: Config) -> Config:
         _positive("train.steps_per_epoch", t.steps_per_epoch)
     if t.total_steps is not None:
         _positive("train.total_steps", t.total_steps)
-    _require(
-        o.warmup_epochs <= t.epochs,
-        f"optim.warmup_epochs={o.warmup_epochs} must not exceed train.epochs={t.epochs}",
-    )
-    _require(
-        L.teacher_temp_warmup_epochs <= t.epochs,
-        f"loss.teacher_temp_warmup_epochs={L.teacher_temp_warmup_epochs} must not exceed train.epochs={t.epochs}",
-    )
-    _require(
-        L.patch_teacher_temp_hold_epochs <= t.epochs,
-        f"loss.patch_teacher_temp_hold_epochs={L.patch_teacher_temp_hold_epochs} must not exceed "
-        f"train.epochs={t.epochs}",
-    )
+    # schedule points given in epochs lie inside the run
+    for key, value in (("optim.warmup_epochs", o.warmup_epochs),
+                       ("loss.teacher_temp_warmup_epochs", L.teacher_temp_warmup_epochs),
+                       ("loss.patch_teacher_temp_hold_epochs", L.patch_teacher_temp_hold_epochs),
+                       ("loss.distill_start_epochs", L.distill_start_epochs)):
+        _require(value <= t.epochs, f"{key}={value} must not exceed train.epochs={t.epochs}")
     _positive("train.max_nonfinite_steps", t.max_nonfinite_steps)
     _positive("train.dist_timeout_s", t.dist_timeout_s)
     _positive("train.seed", t.seed, zero=True)

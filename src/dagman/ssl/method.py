@@ -231,8 +231,8 @@ class SSLMethod(nn.Module):
     def forward(self, student: StudentNetwork, teacher: SSLNetwork, view1: torch.Tensor, view2: torch.Tensor,
                 values, generator: torch.Generator) -> StepResult:
         """One step's losses. ``view1``, ``view2`` ``(B, 1, S, S, S)``: two views of the same volumes.
-        ``values``: this step's schedule values (``teacher_temp``, ``patch_teacher_temp``; see
-        :class:`dagman.train.schedules.StepValues`). ``generator``: all mask randomness."""
+        ``values``: this step's schedule values (``teacher_temp``, ``patch_teacher_temp``, and ``distill_on``,
+        True when absent; see :class:`dagman.train.schedules.StepValues`). ``generator``: all mask randomness."""
         cfg = self.cfg
         b = view1.shape[0]
         x = torch.cat([view1, view2], 0)  # (2B, 1, S, S, S): view u then view v
