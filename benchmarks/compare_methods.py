@@ -821,6 +821,7 @@ def main(argv=None) -> int:
     seconds_total = sum(json.loads(p.read_text()).get("seconds", 0) for p in (out / "results").glob("*.json"))
     meta = {"machine": describe_machine(), "hours": hours, "evaluation_seconds_recorded": seconds_total,
             "command": "python benchmarks/compare_methods.py" + (" --quick" if args.quick else "")
+            + (f" --size {args.size}" if args.size else "")
             + (f" --steps {args.steps}" if args.steps else "") + f" --out {args.out}",
             "torch": torch.__version__}
     text = write_tables(out, budget, res, meta)

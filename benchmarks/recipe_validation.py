@@ -1,0 +1,178 @@
+"""Validation measures for choosing a pretraining recipe, without looking at any evaluation set.
+
+    python benchmarks/recipe_validation.py --probe probe-train.npz --nodules compare-out/nodules \\
+        none RUN_A RUN_B ...            # 'none' = random init (of --size), a run folder or encoder file
+    python benchmarks/recipe_validation.py --probe probe-train.npz --random-seeds 5 none   # init-noise floor
+
+Two instruments, both on data a recipe may be chosen on (DEVELOPERS.md: evaluation sets are looked at once
+per recipe, never tuned on):
+
+1. **Organ probe within the training patients** (``--probe``, a ``dagman data probe`` set built from
+   *training* volumes, e.g. ``totalseg_abdomen`` vs ``totalseg_abdomen_crop``): the k-NN vote the trainer's
+   ``train.probe`` runs (k = 20, balanced accuracy), on the mean of each stage's tokens (s0..s4) and on the
+   method's own features (SA [CLS] when the encoder has an SA block).
+2. **Nodule malignancy, training pool only** (``--nodules``, a ``dagman data nodules`` folder, e.g. the one
+   ``compare_methods.py`` builds): ``compare_methods.py``'s fixed patient-grouped split is made, the held-out
+   test nodules are dropped *before anything is encoded*, and ``dagman classify``'s cross-validation runs on
+   the training pool alone: linear probe on frozen features (mean of the last stage's tokens, and the
+   method's own) at ``--fractions`` and fine-tuning (compare_methods' protocol: 2 folds, 4 epochs, lr 1e-4)
+   at ``--ft-fractions``. Reported: CV AUC, mean +- std over ``--seeds`` seeds.
+
+Random init is drawn from torch seed 0 (as in compare_methods); ``--random-seeds N`` adds N-1 more random
+draws (seeds 1..N-1), the spread a pretrained encoder has to clear before a difference means anything.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+
+def encoder(ckpt: str, size: str, use_sa: bool | None, seed: int = 0):
+    """The task encoder of ``ckpt`` ('none': random init of ``size`` drawn from torch seed ``seed``)."""
+    import torch
+
+    from dagman.tasks.encoder import build_task_encoder
+
+    torch.manual_seed(seed)
+    return build_task_encoder(None if ckpt == "none" else ckpt, size=size, use_sa=use_sa).eval()
+
+
+def stage_features(enc, inputs: np.ndarray, batch: int = 16) -> dict[str, np.ndarray]:
+    """Mean of each stage's tokens (``s0``..``s4``) and, with an SA block, its [CLS] token (``sa``)."""
+    import torch
+
+    out: dict[str, list[np.ndarray]] = {}
+    with torch.no_grad():
+        for start in range(0, len(inputs), batch):
+            x = torch.as_tensor(np.asarray(inputs[start:start + batch], dtype=np.float32)).unsqueeze(1)
+            tokens = enc.backbone.forward_features(x).tokens
+            for i, t in enumerate(tokens):
+                out.setdefault(f"s{i}", []).append(t.mean(1).numpy())
+            if enc.sa is not None:
+                out.setdefault("sa", []).append(enc.sa(tokens[enc.sa_stage]).cls.numpy())
+    return {k: np.concatenate(v) for k, v in out.items()}
+
+
+def organ_probe(enc, probe_path: str) -> dict[str, float]:
+    """k-NN (k = 20) balanced accuracy of the probe set's test crops, per feature kind."""
+    from sklearn.metrics import balanced_accuracy_score
+
+    from dagman.tasks.knn import knn_predict
+    from dagman.train.probe import PROBE_K, load_probe_set
+
+    probe = load_probe_set(probe_path)
+    test, y = np.asarray(probe.is_test, bool), np.asarray(probe.class_ids, np.int64)
+    out = {}
+    for kind, x in stage_features(enc, probe.inputs).items():
+        pred = knn_predict(x[~test], y[~test], x[test], k=PROBE_K, num_classes=len(probe.class_names))
+        out[kind] = float(balanced_accuracy_score(y[test], pred))
+    return out
+
+
+def training_pool(nodules: Path, crop_size: int = 32):
+    """compare_methods' nodule split with the test nodules removed before any input is read: the training pool
+    as a cohort with its inputs loaded, and how many test nodules were left out."""
+    from dagman.tasks.classify import cohort_from_table, load_inputs, read_label_table
+    from dagman.tasks.splits import stratified_group_folds
+
+    cohort = cohort_from_table(read_label_table(nodules / "labels.csv"))
+    folds = stratified_group_folds(cohort.labels, cohort.groups, k=4, seed=12345)  # = compare_methods.NoduleData
+    keep = np.flatnonzero(folds != 0)
+    import dataclasses
+
+    pool = dataclasses.replace(cohort, images=[cohort.images[i] for i in keep], groups=cohort.groups[keep],
+                               labels=cohort.labels[keep], fold=None)
+    pool = dataclasses.replace(pool, inputs=load_inputs(pool.images, 1.0, (-750.0, 1750.0), crop_size,
+                                                        progress=False))
+    return pool, int(len(cohort) - len(keep))
+
+
+def nodule_cv(ckpt: str, size: str, pool, fractions, ft_fractions, seeds: int, seed: int = 0,
+              ft_features: str = "own") -> dict[str, dict]:
+    """CV AUC on the training pool: ``lp-mean@f``, ``lp-own@f`` (encoders with an SA block) and ``ft@f`` (the
+    fine-tuned head on the method's own feature, or on the mean of the last stage's tokens with
+    ``ft_features="mean"``)."""
+    import torch
+
+    from dagman.tasks.classify import Protocol, encode, run_classification
+
+    out: dict[str, dict] = {}
+
+    def record(key, res):
+        aucs = [r["cv"]["auc"] for r in res["per_seed"]]
+        out[key] = {"mean": float(np.mean(aucs)), "std": float(np.std(aucs, ddof=1)) if len(aucs) > 1 else 0.0}
+
+    kinds = [("mean", False)]
+    if ckpt != "none" and encoder(ckpt, size, None).sa is not None:
+        kinds.append(("own", None))
+    for name, use_sa in kinds:
+        enc = encoder(ckpt, size, use_sa, seed)
+        feats = encode(enc, pool.inputs, progress=False)
+        for f in fractions:
+            proto = Protocol(mode="lp", fraction=f, folds=3, seeds=seeds, seed=0, n_boot=200)
+            record(f"lp-{name}@{f}", run_classification(pool, enc, proto, features=feats, progress=False))
+    for f in ft_fractions:
+        enc = encoder(ckpt, size, None if ft_features == "own" else False, seed)
+        torch.manual_seed(0)
+        proto = Protocol(mode="ft", fraction=f, folds=2, seeds=seeds, seed=0, n_boot=200, epochs=4, lr=1e-4,
+                         batch_size=16)
+        record(f"ft@{f}", run_classification(pool, enc, proto, progress=False))
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p.add_argument("checkpoints", nargs="+", help="run folders, encoder files, or 'none' (random init)")
+    p.add_argument("--size", default="cpu", help="architecture of random init (default cpu)")
+    p.add_argument("--probe", help="organ probe set (.npz) built from TRAINING volumes")
+    p.add_argument("--nodules", type=Path, help="a `dagman data nodules` folder (its test split is never read)")
+    p.add_argument("--fractions", type=float, nargs="+", default=[0.05, 0.25, 1.0])
+    p.add_argument("--ft-fractions", type=float, nargs="+", default=[0.05, 0.25])
+    p.add_argument("--ft-features", choices=["own", "mean"], default="own",
+                   help="fine-tuned head on the method's own feature (SA [CLS] if any; default, as compare_methods) "
+                        "or on the mean of the last stage's tokens")
+    p.add_argument("--seeds", type=int, default=3, help="CV seeds (default 3)")
+    p.add_argument("--random-seeds", type=int, default=1, help="random-init draws for 'none' (default 1)")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--json", type=Path, help="also write every number here")
+    args = p.parse_args(argv)
+    if not args.probe and not args.nodules:
+        p.error("give --probe, --nodules or both")
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    pool = None
+    if args.nodules:
+        pool, dropped = training_pool(args.nodules)
+        print(f"nodule training pool: {len(pool.labels)} nodules ({int(pool.labels.sum())} malignant); "
+              f"{dropped} test nodules left out unread", flush=True)
+    rows = []
+    for ckpt in args.checkpoints:
+        for seed in range(args.random_seeds if ckpt == "none" else 1):
+            name = ckpt if ckpt != "none" else f"random init (seed {seed})"
+            row: dict = {"encoder": name}
+            if args.probe:
+                row["probe"] = organ_probe(encoder(ckpt, args.size, None, seed), args.probe)
+                print(name, "probe k-NN20:", " ".join(f"{k} {v:.3f}" for k, v in row["probe"].items()), flush=True)
+            if pool is not None:
+                row["nodules_cv"] = nodule_cv(ckpt, args.size, pool, args.fractions, args.ft_fractions, args.seeds,
+                                              seed, args.ft_features)
+                print(name, "nodule CV AUC:", " ".join(f"{k} {v['mean']:.3f}±{v['std']:.3f}"
+                                                       for k, v in row["nodules_cv"].items()), flush=True)
+            rows.append(row)
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

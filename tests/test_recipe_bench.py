@@ -1,0 +1,103 @@
+"""benchmarks/recipe_validation.py and benchmarks/organ_intensity_reference.py: the parts that decide their numbers
+(the split that keeps the evaluation's test nodules unread, the per-stage probe, the histogram features), on
+SYNTHETIC data; the real runs are in docs/RESULTS.md."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from test_classify import write_blobs  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # see conftest.py
+
+
+def _load(name):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def rv():
+    return _load("recipe_validation")
+
+
+@pytest.fixture(scope="module")
+def cm():
+    return _load("compare_methods")
+
+
+def test_training_pool_is_compare_methods_split_without_its_test_nodules(rv, cm, tmp_path, monkeypatch):
+    folder = tmp_path / "nod"
+    write_blobs(folder, 48, seed=4)
+    read = []
+    import dagman.tasks.classify as classify
+
+    real = classify.load_inputs
+
+    def spy(images, *a, **k):
+        read.extend(images)
+        return real(images, *a, **k)
+
+    monkeypatch.setattr(classify, "load_inputs", spy)
+    pool, dropped = rv.training_pool(folder)
+    monkeypatch.setattr(classify, "load_inputs", real)
+    data = cm.NoduleData(folder, cm.Budget(nodules=None))
+    test_images = {data.cohort.images[i] for i in data.test_idx}
+    train_images = [data.cohort.images[i] for i in data.train_idx]
+    assert dropped == len(data.test_idx) > 0
+    assert list(pool.images) == train_images
+    np.testing.assert_array_equal(pool.labels, data.cohort.labels[data.train_idx])
+    assert not test_images & set(read), "a test nodule was read"
+    assert pool.inputs.shape == (len(train_images), 32, 32, 32)
+    np.testing.assert_array_equal(pool.inputs, data.inputs[data.train_idx])
+
+
+def test_stage_features_and_the_probe_of_a_random_encoder(rv, tmp_path):
+    from dagman.train.probe import ProbeSet
+
+    rng = np.random.default_rng(0)
+    n = 24
+    ids = np.arange(n) % 2
+    inputs = np.where(ids[:, None, None, None] == 1, 0.6, 0.1) + rng.normal(0, 0.02, (n, 32, 32, 32))
+    probe = ProbeSet(inputs=inputs.astype(np.float16), class_ids=ids, is_test=np.arange(n) >= 16,
+                     class_names=["dark", "bright"], spacing_mm=2.0, hu_window=(-750.0, 1750.0))
+    path = probe.save(tmp_path / "p.npz")
+    enc = rv.encoder("none", "tiny", None)
+    feats = rv.stage_features(enc, inputs[:4])
+    assert sorted(feats) == ["s0", "s1", "s2", "s3", "s4"]  # random init: no SA block
+    assert [feats[f"s{i}"].shape[1] for i in range(5)] == list(enc.backbone.stage_widths)
+    scores = rv.organ_probe(enc, str(path))
+    assert scores["s4"] == 1.0  # bright vs dark crops: any feature that keeps the intensity separates them
+    # the same random draw every time (seeded), a different one for another seed
+    again = rv.stage_features(rv.encoder("none", "tiny", None), inputs[:4])
+    other = rv.stage_features(rv.encoder("none", "tiny", None, seed=1), inputs[:4])
+    np.testing.assert_array_equal(feats["s4"], again["s4"])
+    assert not np.allclose(feats["s4"], other["s4"])
+
+
+def test_histogram_features_by_hand():
+    oir = _load("organ_intensity_reference")
+    crop = np.zeros((1, 4, 4, 4), dtype=np.float32)
+    crop[0, :2] = 0.25      # 32 voxels in the bin [0.2 + 5 * 0.3 / 32, ...) -> bin 5
+    crop[0, 2:] = 0.45      # 32 voxels -> bin 26
+    f = oir.histogram_features(crop)
+    assert f.shape == (1, oir.BINS + 2)
+    width = (oir.HI - oir.LO) / oir.BINS
+    assert f[0, int((0.25 - oir.LO) / width)] == pytest.approx(0.5)
+    assert f[0, int((0.45 - oir.LO) / width)] == pytest.approx(0.5)
+    assert f[0, :oir.BINS].sum() == pytest.approx(1.0)
+    assert f[0, oir.BINS] == pytest.approx(10 * 0.35)        # 10 x mean
+    assert f[0, oir.BINS + 1] == pytest.approx(10 * 0.10)    # 10 x std
+    centre = oir.histogram_features(crop, centre=2)           # voxels 1..2 on each axis: half 0.25, half 0.45
+    assert centre[0, oir.BINS] == pytest.approx(10 * 0.35)
+    air = oir.histogram_features(np.zeros((1, 4, 4, 4), np.float32))  # outside the histogram's range
+    assert air[0, :oir.BINS].sum() == pytest.approx(0.0) and air[0, oir.BINS:].tolist() == [0.0, 0.0]
