@@ -283,23 +283,28 @@ def mean_std(values) -> dict:
 # --------------------------------------------------------------------------------------------------------------
 
 
+def split_nodules(cohort) -> tuple[np.ndarray, np.ndarray]:
+    """The comparison's fixed nodule split: (training-pool rows, held-out test rows), 25% of patients held out,
+    stratified by label, no patient on both sides."""
+    from dagman.tasks.splits import stratified_group_folds
+
+    folds = stratified_group_folds(cohort.labels, cohort.groups, k=4, seed=12345)
+    train_idx, test_idx = np.flatnonzero(folds != 0), np.flatnonzero(folds == 0)
+    assert not set(cohort.groups[test_idx]) & set(cohort.groups[train_idx])
+    return train_idx, test_idx
+
+
 class NoduleData:
     """The nodule table split once into a training pool and a held-out test set (patients never shared), and
     the network inputs of every nodule (loaded once)."""
 
     def __init__(self, nodules: Path, budget: Budget) -> None:
-        from dagman.tasks.classify import cohort_from_table, load_inputs, read_label_table
-        from dagman.tasks.splits import stratified_group_folds
-
-        from dagman.tasks.classify import reference_features
+        from dagman.tasks.classify import cohort_from_table, load_inputs, read_label_table, reference_features
 
         table = read_label_table(nodules / "labels.csv")
         self.cohort = cohort_from_table(table)
         self.references = reference_features(table)  # diameter-only (N, 1), shape-only (N, 9): same rows
-        folds = stratified_group_folds(self.cohort.labels, self.cohort.groups, k=4, seed=12345)
-        self.test_idx = np.flatnonzero(folds == 0)
-        self.train_idx = np.flatnonzero(folds != 0)
-        assert not set(self.cohort.groups[self.test_idx]) & set(self.cohort.groups[self.train_idx])
+        self.train_idx, self.test_idx = split_nodules(self.cohort)
         say(f"nodule inputs: {len(self.cohort)} crops of {budget.crop_size}^3 at 1 mm "
             f"(train pool {len(self.train_idx)}, test {len(self.test_idx)})")
         self.inputs = load_inputs(self.cohort.images, 1.0, (-750.0, 1750.0), budget.crop_size, progress=False)

@@ -3,6 +3,7 @@
     python benchmarks/recipe_validation.py --probe probe-train.npz --nodules compare-out/nodules \\
         none RUN_A RUN_B ...            # 'none' = random init (of --size), a run folder or encoder file
     python benchmarks/recipe_validation.py --probe probe-train.npz --random-seeds 5 none   # init-noise floor
+    python benchmarks/recipe_validation.py --nodules DIR --ft-fractions 0.25 -- RUN     # '--' after a list option
 
 Two instruments, both on data a recipe may be chosen on (DEVELOPERS.md: evaluation sets are looked at once
 per recipe, never tuned on):
@@ -44,54 +45,34 @@ def encoder(ckpt: str, size: str, use_sa: bool | None, seed: int = 0):
     return build_task_encoder(None if ckpt == "none" else ckpt, size=size, use_sa=use_sa).eval()
 
 
-def stage_features(enc, inputs: np.ndarray, batch: int = 16) -> dict[str, np.ndarray]:
-    """Mean of each stage's tokens (``s0``..``s4``) and, with an SA block, its [CLS] token (``sa``)."""
-    import torch
-
-    out: dict[str, list[np.ndarray]] = {}
-    with torch.no_grad():
-        for start in range(0, len(inputs), batch):
-            x = torch.as_tensor(np.asarray(inputs[start:start + batch], dtype=np.float32)).unsqueeze(1)
-            tokens = enc.backbone.forward_features(x).tokens
-            for i, t in enumerate(tokens):
-                out.setdefault(f"s{i}", []).append(t.mean(1).numpy())
-            if enc.sa is not None:
-                out.setdefault("sa", []).append(enc.sa(tokens[enc.sa_stage]).cls.numpy())
-    return {k: np.concatenate(v) for k, v in out.items()}
-
-
 def organ_probe(enc, probe_path: str) -> dict[str, float]:
-    """k-NN (k = 20) balanced accuracy of the probe set's test crops, per feature kind."""
-    from sklearn.metrics import balanced_accuracy_score
+    """k-NN (k = 20) balanced accuracy of the probe set's test crops: the trainer's probe
+    (:func:`dagman.train.probe.probe_network`) on every stage's mean tokens (``s0``..``s4``) and the SA [CLS]
+    token (``sa``, when the encoder has an SA block)."""
+    from dagman.train.probe import load_probe_set, probe_network
 
-    from dagman.tasks.knn import knn_predict
-    from dagman.train.probe import PROBE_K, load_probe_set
-
-    probe = load_probe_set(probe_path)
-    test, y = np.asarray(probe.is_test, bool), np.asarray(probe.class_ids, np.int64)
-    out = {}
-    for kind, x in stage_features(enc, probe.inputs).items():
-        pred = knn_predict(x[~test], y[~test], x[test], k=PROBE_K, num_classes=len(probe.class_names))
-        out[kind] = float(balanced_accuracy_score(y[test], pred))
-    return out
+    scores = probe_network(enc, load_probe_set(probe_path), stages=True)
+    # "mean" is s4 again; keep the stage names and "sa"
+    return {k.removeprefix("probe/knn_"): v for k, v in scores.items()
+            if k.startswith("probe/knn_") and k != "probe/knn_mean"}
 
 
 def training_pool(nodules: Path, crop_size: int = 32):
-    """compare_methods' nodule split with the test nodules removed before any input is read: the training pool
-    as a cohort with its inputs loaded, and how many test nodules were left out."""
-    from dagman.tasks.classify import cohort_from_table, load_inputs, read_label_table
-    from dagman.tasks.splits import stratified_group_folds
-
-    cohort = cohort_from_table(read_label_table(nodules / "labels.csv"))
-    folds = stratified_group_folds(cohort.labels, cohort.groups, k=4, seed=12345)  # = compare_methods.NoduleData
-    keep = np.flatnonzero(folds != 0)
+    """compare_methods' nodule split (:func:`compare_methods.split_nodules`) with the test nodules removed before
+    any input is read: the training pool as a cohort with its inputs loaded, and how many test nodules were left
+    out."""
     import dataclasses
 
-    pool = dataclasses.replace(cohort, images=[cohort.images[i] for i in keep], groups=cohort.groups[keep],
-                               labels=cohort.labels[keep], fold=None)
-    pool = dataclasses.replace(pool, inputs=load_inputs(pool.images, 1.0, (-750.0, 1750.0), crop_size,
-                                                        progress=False))
-    return pool, int(len(cohort) - len(keep))
+    from compare_methods import split_nodules
+
+    from dagman.tasks.classify import cohort_from_table, load_inputs, read_label_table
+
+    cohort = cohort_from_table(read_label_table(nodules / "labels.csv"))
+    keep, test = split_nodules(cohort)
+    images = [cohort.images[i] for i in keep]
+    pool = dataclasses.replace(cohort, images=images, groups=cohort.groups[keep], labels=cohort.labels[keep],
+                               fold=None, inputs=load_inputs(images, 1.0, (-750.0, 1750.0), crop_size, progress=False))
+    return pool, int(len(test))
 
 
 def nodule_cv(ckpt: str, size: str, pool, fractions, ft_fractions, seeds: int, seed: int = 0,
@@ -109,17 +90,16 @@ def nodule_cv(ckpt: str, size: str, pool, fractions, ft_fractions, seeds: int, s
         aucs = [r["cv"]["auc"] for r in res["per_seed"]]
         out[key] = {"mean": float(np.mean(aucs)), "std": float(np.std(aucs, ddof=1)) if len(aucs) > 1 else 0.0}
 
-    kinds = [("mean", False)]
-    if ckpt != "none" and encoder(ckpt, size, None).sa is not None:
-        kinds.append(("own", None))
-    for name, use_sa in kinds:
-        enc = encoder(ckpt, size, use_sa, seed)
+    mean, own = encoder(ckpt, size, False, seed), encoder(ckpt, size, None, seed)
+    for name, enc in (("mean", mean), ("own", own if own.sa is not None else None)):
+        if enc is None:
+            continue
         feats = encode(enc, pool.inputs, progress=False)
         for f in fractions:
             proto = Protocol(mode="lp", fraction=f, folds=3, seeds=seeds, seed=0, n_boot=200)
             record(f"lp-{name}@{f}", run_classification(pool, enc, proto, features=feats, progress=False))
+    enc = own if ft_features == "own" else mean  # run_classification fine-tunes a copy: the encoder stays as built
     for f in ft_fractions:
-        enc = encoder(ckpt, size, None if ft_features == "own" else False, seed)
         torch.manual_seed(0)
         proto = Protocol(mode="ft", fraction=f, folds=2, seeds=seeds, seed=0, n_boot=200, epochs=4, lr=1e-4,
                          batch_size=16)

@@ -61,8 +61,8 @@ def test_training_pool_is_compare_methods_split_without_its_test_nodules(rv, cm,
     np.testing.assert_array_equal(pool.inputs, data.inputs[data.train_idx])
 
 
-def test_stage_features_and_the_probe_of_a_random_encoder(rv, tmp_path):
-    from dagman.train.probe import ProbeSet
+def test_per_stage_probe_of_a_random_encoder(rv, tmp_path):
+    from dagman.train.probe import ProbeSet, probe_features
 
     rng = np.random.default_rng(0)
     n = 24
@@ -72,16 +72,19 @@ def test_stage_features_and_the_probe_of_a_random_encoder(rv, tmp_path):
                      class_names=["dark", "bright"], spacing_mm=2.0, hu_window=(-750.0, 1750.0))
     path = probe.save(tmp_path / "p.npz")
     enc = rv.encoder("none", "tiny", None)
-    feats = rv.stage_features(enc, inputs[:4])
-    assert sorted(feats) == ["s0", "s1", "s2", "s3", "s4"]  # random init: no SA block
+    feats = probe_features(enc, inputs[:4], stages=True)
+    assert sorted(feats) == ["mean", "s0", "s1", "s2", "s3", "s4"]  # random init: no SA block
     assert [feats[f"s{i}"].shape[1] for i in range(5)] == list(enc.backbone.stage_widths)
+    np.testing.assert_array_equal(feats["s4"], feats["mean"])
+    assert sorted(probe_features(enc, inputs[:4])) == ["mean"]  # stages only when asked
     scores = rv.organ_probe(enc, str(path))
+    assert sorted(scores) == ["s0", "s1", "s2", "s3", "s4"]
     assert scores["s4"] == 1.0  # bright vs dark crops: any feature that keeps the intensity separates them
     # the same random draw every time (seeded), a different one for another seed
-    again = rv.stage_features(rv.encoder("none", "tiny", None), inputs[:4])
-    other = rv.stage_features(rv.encoder("none", "tiny", None, seed=1), inputs[:4])
-    np.testing.assert_array_equal(feats["s4"], again["s4"])
-    assert not np.allclose(feats["s4"], other["s4"])
+    again = probe_features(rv.encoder("none", "tiny", None), inputs[:4])
+    other = probe_features(rv.encoder("none", "tiny", None, seed=1), inputs[:4])
+    np.testing.assert_array_equal(feats["mean"], again["mean"])
+    assert not np.allclose(feats["mean"], other["mean"])
 
 
 def test_histogram_features_by_hand():

@@ -18,8 +18,8 @@ cpu      12    (1,1,2,1)    (2,2,4,8)    4      64         2        1024  256/64
 ``cpu`` is tiny's network set up to learn on a 2-core CPU (issue 14, docs/RESULTS.md "Why the tiny runs
 collapse"): stage-2 mask units (8^3 voxels, 512 per crop) scored by an SA block on stage 2 (LayerScale 1,
 class-attention temperature 0.01: the first setting whose importance map passes issue 14's S <= 0.9 ln N on the
-held-out CT, run d4) and reconstructed by the AMIP head from the stage-2 map; Sinkhorn-Knopp teacher targets with a 256-row queue for
-the image-level terms (temperature 0.005) and patch temperature 0.02.
+held-out CT, run d4) and reconstructed by the AMIP head from the stage-2 map; Sinkhorn-Knopp teacher targets
+with a 256-row queue for the image-level terms (temperature 0.005) and patch temperature 0.02.
 Warm-ups scale with the length: paper 80 lr-warm-up / 30 teacher-temperature epochs of 800; small 10 / 10
 of 100; tiny 1 / 2 of 10.
 

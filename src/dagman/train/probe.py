@@ -144,10 +144,12 @@ def build_probe_set(train_cases: Sequence[tuple], test_case: tuple, *, spacing: 
 
 @torch.no_grad()
 def probe_features(net: torch.nn.Module, inputs: np.ndarray, *, batch_size: int = 16,
-                   device: torch.device | str | None = None) -> dict[str, np.ndarray]:
-    """Features of ``inputs`` ``(N, S, S, S)`` from a pretraining network (an ``SSLNetwork``, e.g. the teacher):
-    ``"mean"`` (mean of the last stage's tokens) and, when it has an SA block, ``"sa"`` (the SA [CLS] token).
-    Runs in eval mode without heads; the network's training flag is restored."""
+                   device: torch.device | str | None = None, stages: bool = False) -> dict[str, np.ndarray]:
+    """Features of ``inputs`` ``(N, S, S, S)`` from a network with a backbone (an ``SSLNetwork``, e.g. the teacher,
+    or a :class:`~dagman.tasks.encoder.TaskEncoder`): ``"mean"`` (mean of the last stage's tokens) and, when it has
+    an SA block, ``"sa"`` (the SA [CLS] token); with ``stages`` also ``"s0"``, ``"s1"``, ... (mean of each stage's
+    tokens; the last equals ``"mean"``). Runs in eval mode without heads; the network's training flag is
+    restored."""
     from dagman.ssl.diversity import find_backbone
 
     backbone = find_backbone(net)
@@ -164,6 +166,8 @@ def probe_features(net: torch.nn.Module, inputs: np.ndarray, *, batch_size: int 
             x = torch.as_tensor(np.asarray(inputs[start:start + batch_size], dtype=np.float32)).unsqueeze(1)
             feats = backbone.forward_features(x.to(device))
             out["mean"].append(feats.tokens[-1].mean(1).float().cpu().numpy())
+            for i, tokens in enumerate(feats.tokens if stages else ()):
+                out.setdefault(f"s{i}", []).append(tokens.mean(1).float().cpu().numpy())
             if sa is not None:
                 out["sa"].append(sa(feats.tokens[net.sa_stage]).cls.float().cpu().numpy())
     finally:
@@ -172,14 +176,15 @@ def probe_features(net: torch.nn.Module, inputs: np.ndarray, *, batch_size: int 
 
 
 def probe_network(net: torch.nn.Module, probe: ProbeSet, *, k: int = PROBE_K, batch_size: int = 16,
-                  device: torch.device | str | None = None) -> dict[str, float]:
-    """The probe's metrics for ``net``: ``probe/knn_mean``, ``probe/knn_sa`` (if SA) = balanced accuracy of the
-    k-NN vote of the test crops, and ``probe/chance``."""
+                  device: torch.device | str | None = None, stages: bool = False) -> dict[str, float]:
+    """The probe's metrics for ``net``: ``probe/knn_mean``, ``probe/knn_sa`` (if SA) and, with ``stages``,
+    ``probe/knn_s0`` ... (see :func:`probe_features`) = balanced accuracy of the k-NN vote of the test crops, and
+    ``probe/chance``."""
     from sklearn.metrics import balanced_accuracy_score
 
     from dagman.tasks.knn import knn_predict
 
-    feats = probe_features(net, probe.inputs, batch_size=batch_size, device=device)
+    feats = probe_features(net, probe.inputs, batch_size=batch_size, device=device, stages=stages)
     test = np.asarray(probe.is_test, dtype=bool)
     y = np.asarray(probe.class_ids, dtype=np.int64)
     metrics = {"probe/chance": 1.0 / len(probe.class_names)}
