@@ -11,7 +11,8 @@ per recipe, never tuned on):
 1. **Organ probe within the training patients** (``--probe``, a ``dagman data probe`` set built from
    *training* volumes, e.g. ``totalseg_abdomen`` vs ``totalseg_abdomen_crop``): the k-NN vote the trainer's
    ``train.probe`` runs (k = 20, balanced accuracy), on the mean of each stage's tokens (s0..s4) and on the
-   method's own features (SA [CLS] when the encoder has an SA block).
+   method's own features (SA [CLS] when the encoder has an SA block); beside it the effective rank of each of
+   those features over the probe's crops (RankMe; a falling rank is dimensional collapse).
 2. **Nodule malignancy, training pool only** (``--nodules``, a ``dagman data nodules`` folder, e.g. the one
    ``compare_methods.py`` builds): ``compare_methods.py``'s fixed patient-grouped split is made, the held-out
    test nodules are dropped *before anything is encoded*, and ``dagman classify``'s cross-validation runs on
@@ -45,16 +46,18 @@ def encoder(ckpt: str, size: str, use_sa: bool | None, seed: int = 0):
     return build_task_encoder(None if ckpt == "none" else ckpt, size=size, use_sa=use_sa).eval()
 
 
-def organ_probe(enc, probe_path: str) -> dict[str, float]:
-    """k-NN (k = 20) balanced accuracy of the probe set's test crops: the trainer's probe
-    (:func:`dagman.train.probe.probe_network`) on every stage's mean tokens (``s0``..``s4``) and the SA [CLS]
-    token (``sa``, when the encoder has an SA block)."""
+def organ_probe(enc, probe_path: str) -> dict[str, dict[str, float]]:
+    """The trainer's probe (:func:`dagman.train.probe.probe_network`) on every stage's mean tokens (``s0``..``s4``)
+    and the SA [CLS] token (``sa``, when the encoder has an SA block): ``"knn"``, the k-NN (k = 20) balanced
+    accuracy of the probe set's test crops, and ``"rank"``, the effective rank of each feature over all its crops
+    (of ``"dim"`` dimensions)."""
     from dagman.train.probe import load_probe_set, probe_network
 
     scores = probe_network(enc, load_probe_set(probe_path), stages=True)
     # "mean" is s4 again; keep the stage names and "sa"
-    return {k.removeprefix("probe/knn_"): v for k, v in scores.items()
-            if k.startswith("probe/knn_") and k != "probe/knn_mean"}
+    return {part: {k.removeprefix(f"probe/{part}_"): v for k, v in scores.items()
+                   if k.startswith(f"probe/{part}_") and k != f"probe/{part}_mean"}
+            for part in ("knn", "rank", "dim")}
 
 
 def training_pool(nodules: Path, crop_size: int = 32):
@@ -142,7 +145,9 @@ def main(argv=None) -> int:
             row: dict = {"encoder": name}
             if args.probe:
                 row["probe"] = organ_probe(encoder(ckpt, args.size, None, seed), args.probe)
-                print(name, "probe k-NN20:", " ".join(f"{k} {v:.3f}" for k, v in row["probe"].items()), flush=True)
+                knn, rank, dim = row["probe"]["knn"], row["probe"]["rank"], row["probe"]["dim"]
+                print(name, "probe k-NN20:", " ".join(f"{k} {v:.3f}" for k, v in knn.items()), flush=True)
+                print(name, "effective rank:", " ".join(f"{k} {rank[k]:.1f}/{dim[k]:.0f}" for k in rank), flush=True)
             if pool is not None:
                 row["nodules_cv"] = nodule_cv(ckpt, args.size, pool, args.fractions, args.ft_fractions, args.seeds,
                                               seed, args.ft_features)

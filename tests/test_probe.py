@@ -13,7 +13,7 @@ from dagman.errors import ConfigError, DataError
 from dagman.ssl.method import SSLNetwork
 from dagman.ssl.monitor import learning_summary
 from dagman.train.logging import read_metrics
-from dagman.train.probe import ProbeSet, load_probe_set, probe_features, probe_network
+from dagman.train.probe import ProbeSet, effective_rank, load_probe_set, probe_features, probe_network
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -128,6 +128,8 @@ def test_data_probe_command_then_pretraining_logs_the_probe(tmp_path, capsys):
     for step in (4, 6):
         assert logged[step]["probe/knn_mean"] >= 0.75  # the two structures differ by 500 HU
         assert "probe/knn_sa" in logged[step] and logged[step]["probe/chance"] == 0.5
+        # tiny's last stage: 12 * 2**4 channels
+        assert 1.0 <= logged[step]["probe/rank_mean"] <= logged[step]["probe/dim_mean"] == 192
     assert "probe/knn_mean" not in logged[5]
     assert f"k-NN probe balanced accuracy {logged[6]['probe/knn_mean']:.3f} (mean tokens)" in printed
 
@@ -139,3 +141,17 @@ def test_data_probe_command_then_pretraining_logs_the_probe(tmp_path, capsys):
 def test_learning_summary_shows_the_probe():
     line = learning_summary({"probe/knn_mean": 0.4, "probe/knn_sa": 0.3, "probe/chance": 0.1})
     assert line == "k-NN probe balanced accuracy 0.400 (mean tokens), SA [CLS] 0.300, chance 0.100"
+    line = learning_summary({"probe/knn_mean": 0.4, "probe/chance": 0.1, "probe/rank_mean": 29.24,
+                             "probe/dim_mean": 192})
+    assert line.endswith("chance 0.100; effective rank of the probe's mean tokens 29.2 of 192")
+
+
+def test_effective_rank_by_hand():
+    # centred rows with singular values 3 and 1 (orthogonal directions): p = (3/4, 1/4)
+    x = np.array([[3.0, 0, 0], [-3.0, 0, 0], [0, 1.0, 0], [0, -1.0, 0]]) / np.sqrt(2)
+    p = np.array([0.75, 0.25])
+    assert effective_rank(x + 5.0) == pytest.approx(np.exp(-(p * np.log(p)).sum()))  # the mean is removed
+    assert effective_rank(np.eye(4) * 2.0) == pytest.approx(3.0)  # 4 points of a simplex span 3 equal directions
+    line = np.outer(np.arange(6.0), [1.0, -2.0, 0.5])
+    assert effective_rank(line) == pytest.approx(1.0)  # every point on one line
+    assert effective_rank(np.ones((5, 3))) == 0.0  # all rows equal: no variation at all

@@ -78,8 +78,11 @@ def test_per_stage_probe_of_a_random_encoder(rv, tmp_path):
     np.testing.assert_array_equal(feats["s4"], feats["mean"])
     assert sorted(probe_features(enc, inputs[:4])) == ["mean"]  # stages only when asked
     scores = rv.organ_probe(enc, str(path))
-    assert sorted(scores) == ["s0", "s1", "s2", "s3", "s4"]
-    assert scores["s4"] == 1.0  # bright vs dark crops: any feature that keeps the intensity separates them
+    assert sorted(scores) == ["dim", "knn", "rank"]
+    assert sorted(scores["knn"]) == sorted(scores["rank"]) == ["s0", "s1", "s2", "s3", "s4"]
+    assert scores["knn"]["s4"] == 1.0  # bright vs dark crops: any feature that keeps the intensity separates them
+    assert [scores["dim"][f"s{i}"] for i in range(5)] == list(enc.backbone.stage_widths)
+    assert all(1.0 <= scores["rank"][k] <= scores["dim"][k] for k in scores["rank"])
     # the same random draw every time (seeded), a different one for another seed
     again = probe_features(rv.encoder("none", "tiny", None), inputs[:4])
     other = probe_features(rv.encoder("none", "tiny", None, seed=1), inputs[:4])

@@ -14,6 +14,8 @@ spacing and HU window and grouped into classes (--groups totalseg: liver, spleen
 accuracy of DINO's k-NN vote (k = 20) of the test crops against the training crops (probe/knn_mean: mean of
 the last stage's tokens; probe/knn_sa: the SA [CLS] token), beside chance (probe/chance). A curve that rises
 above chance says the features learn what the labels separate; one that stays at chance says they do not.
+It also logs the effective rank of those features over all the crops (probe/rank_mean of probe/dim_mean
+dimensions): a rank falling below the untrained network's is dimensional collapse.
 
 Build it from training volumes or a separate validation patient, not from the patients you will evaluate on:
 a recipe chosen by its probe curve is tuned on the probe's patients.

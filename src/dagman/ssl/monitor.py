@@ -104,6 +104,9 @@ def learning_summary(metrics: dict) -> str:
         sa = f", SA [CLS] {metrics['probe/knn_sa']:.3f}" if metrics.get("probe/knn_sa") is not None else ""
         parts.append(f"k-NN probe balanced accuracy {metrics['probe/knn_mean']:.3f} (mean tokens){sa}, chance "
                      f"{metrics.get('probe/chance', float('nan')):.3f}")
+        if metrics.get("probe/rank_mean") is not None:
+            parts.append(f"effective rank of the probe's mean tokens {metrics['probe/rank_mean']:.1f} of "
+                         f"{metrics.get('probe/dim_mean', float('nan')):.0f}")
     return "; ".join(parts)
 
 

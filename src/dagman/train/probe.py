@@ -7,7 +7,11 @@ no gradient, clean crops) and scores DINO's weighted k-NN vote (:func:`dagman.ta
 test crops against the training crops: balanced accuracy, logged as ``probe/knn_mean`` (mean of the last stage's
 tokens, the feature every encoder has) and ``probe/knn_sa`` (the SA [CLS] token, when the network has an SA block),
 with ``probe/chance`` (1 / classes). No training, no tuning: a rising curve means the features are learning what the
-labels separate; a flat one at chance means they are not.
+labels separate; a flat one at chance means they are not. Beside it, ``probe/rank_mean`` (``probe/rank_sa``): the
+effective rank of those features over all the probe's crops (:func:`effective_rank`, RankMe), of ``probe/dim_mean``
+(``probe/dim_sa``) dimensions. A rank that falls while the k-NN falls is *dimensional* collapse: the targets need
+not be uniform, and the entropies of :mod:`dagman.ssl.monitor` do not see it (docs/RESULTS.md: the `cpu` preset's
+four losses take the last stage from rank 57 of 192 at random init to 20-29).
 
 File format (``.npz``, written atomically): ``inputs`` ``(N, S, S, S) float16`` in [0, 1], ``class_ids`` ``(N,)``,
 ``is_test`` ``(N,) bool``, ``class_names``, ``spacing_mm``, ``hu_window``, ``format_version``. Choose the probe's
@@ -27,7 +31,7 @@ import torch
 
 from dagman.errors import ConfigError, DataError
 
-__all__ = ["ProbeSet", "build_probe_set", "load_probe_set", "probe_network", "PROBE_K"]
+__all__ = ["ProbeSet", "build_probe_set", "effective_rank", "load_probe_set", "probe_network", "PROBE_K"]
 
 PROBE_FORMAT_VERSION = 1
 #: the k of the probe's k-NN vote
@@ -175,11 +179,25 @@ def probe_features(net: torch.nn.Module, inputs: np.ndarray, *, batch_size: int 
     return {k: np.concatenate(v) for k, v in out.items()}
 
 
+def effective_rank(x: np.ndarray) -> float:
+    """Effective rank of the features ``x`` ``(N, D)`` (RankMe, Garrido et al. 2023): exp of the Shannon entropy of
+    the singular values of the centred ``x`` normalised to sum 1. Between 1 (all variation along one direction) and
+    min(N, D) (equal variance along every direction); 0 when the rows are all equal."""
+    x = np.asarray(x, dtype=np.float64)
+    sv = np.linalg.svd(x - x.mean(0, keepdims=True), compute_uv=False)
+    if sv.sum() <= 1e-12 * max(1.0, float(np.abs(x).max(initial=0.0))):
+        return 0.0
+    p = sv / sv.sum()
+    p = p[p > 0]
+    return float(np.exp(-(p * np.log(p)).sum()))
+
+
 def probe_network(net: torch.nn.Module, probe: ProbeSet, *, k: int = PROBE_K, batch_size: int = 16,
                   device: torch.device | str | None = None, stages: bool = False) -> dict[str, float]:
     """The probe's metrics for ``net``: ``probe/knn_mean``, ``probe/knn_sa`` (if SA) and, with ``stages``,
-    ``probe/knn_s0`` ... (see :func:`probe_features`) = balanced accuracy of the k-NN vote of the test crops, and
-    ``probe/chance``."""
+    ``probe/knn_s0`` ... (see :func:`probe_features`) = balanced accuracy of the k-NN vote of the test crops;
+    ``probe/rank_*`` and ``probe/dim_*`` = effective rank (:func:`effective_rank`) and width of each feature over
+    all the probe's crops; ``probe/chance``."""
     from sklearn.metrics import balanced_accuracy_score
 
     from dagman.tasks.knn import knn_predict
@@ -191,4 +209,6 @@ def probe_network(net: torch.nn.Module, probe: ProbeSet, *, k: int = PROBE_K, ba
     for kind, x in feats.items():
         pred = knn_predict(x[~test], y[~test], x[test], k=k, num_classes=len(probe.class_names))
         metrics[f"probe/knn_{kind}"] = float(balanced_accuracy_score(y[test], pred))
+        metrics[f"probe/rank_{kind}"] = effective_rank(x)
+        metrics[f"probe/dim_{kind}"] = float(x.shape[1])
     return metrics
