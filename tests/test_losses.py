@@ -352,6 +352,7 @@ def test_a_sinkhorn_queue_run_resumes_bitwise(tmp_path):
     from dagman.train.checkpoint import load_checkpoint, save_run_checkpoint
     from dagman.train.distributed import DistInfo
     from dagman.train.loop import build_state, checkpoint_state, restore_state, train_step
+    from dagman.config import plan_steps
     from dagman.train.schedules import Schedules
 
     cfg = load_config("tiny", "dagman", overrides=[
@@ -376,3 +377,59 @@ def test_a_sinkhorn_queue_run_resumes_bitwise(tmp_path):
     assert la == lb
     for k, t in a.method.state_dict().items():
         assert torch.equal(t, b.method.state_dict()[k]), k
+
+
+def test_koleo_hand_values_and_gradient():
+    from dagman.ssl.losses import koleo_loss
+
+    # three unit vectors at 0, 90 and 180 degrees: every nearest neighbour is sqrt(2) away
+    x = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]]) * torch.tensor([[2.0], [0.5], [3.0]])  # norms removed
+    assert float(koleo_loss(x)) == pytest.approx(-math.log(math.sqrt(2.0)), abs=1e-6)
+    # angles 0, 60, 180 degrees: neighbours 1, 1 (0 and 60 are 2 sin 30 = 1 apart) and sqrt(3) (180 to 60)
+    a = torch.tensor([0.0, 60.0, 180.0]) * math.pi / 180
+    x = torch.stack([a.cos(), a.sin()], 1)
+    assert float(koleo_loss(x)) == pytest.approx(-(0 + 0 + math.log(math.sqrt(3.0))) / 3, abs=1e-6)
+    # the gradient pushes the two close rows apart (their distance grows after a small step against it)
+    x = torch.tensor([[1.0, 0.0], [0.99, 0.14], [-1.0, 0.0]], requires_grad=True)
+    koleo_loss(x).backward()
+    moved = torch.nn.functional.normalize(x.detach() - 0.01 * x.grad, dim=1)
+    before = torch.nn.functional.normalize(x.detach(), dim=1)
+    assert (moved[0] - moved[1]).norm() > (before[0] - before[1]).norm()
+    with pytest.raises(ValueError, match="R >= 2"):
+        koleo_loss(torch.ones(1, 4))
+
+
+def test_koleo_weight_enters_the_total_and_is_off_by_default():
+    from dagman.ssl.method import StudentNetwork, make_teacher
+    from dagman.config import plan_steps
+    from dagman.train.schedules import Schedules
+
+    assert load_config("paper", "dagman").loss.koleo_weight == 0.0  # method.md has no such term
+
+    def step(weight):
+        cfg = load_config("tiny", "dagman", overrides=[f"loss.koleo_weight={weight}", "train.total_steps=100"])
+        torch.manual_seed(0)
+        student = StudentNetwork(cfg)
+        teacher = make_teacher(student)
+        views = torch.rand(2, 2, 1, 64, 64, 64, generator=torch.Generator().manual_seed(1))
+        values = Schedules.from_config(cfg, plan_steps(cfg, num_volumes=10)).at(30)
+        torch.manual_seed(3)  # drop-path draws
+        out = SSLMethod(cfg)(student, teacher, views[0], views[1], values, torch.Generator().manual_seed(2))
+        out.loss.backward()
+        last = torch.cat([q.grad.flatten() for q in student.net.backbone.layers4.parameters()])
+        return out, last
+
+    out, grad = step(0.5)
+    assert set(out.parts) == {"amip", "ampd", "aitd", "gitd", "koleo"}
+    p = {k: float(v) for k, v in out.parts.items()}
+    assert float(out.loss) == pytest.approx(p["amip"] + 0.1 * (p["ampd"] + p["aitd"] + p["gitd"]) + 0.5 * p["koleo"],
+                                            rel=1e-6)
+    out_off, grad_off = step(0.0)
+    assert "koleo" not in out_off.parts
+    same = {k: v for k, v in p.items() if k != "koleo"}
+    assert {k: float(v) for k, v in out_off.parts.items()} == pytest.approx(same)
+    assert not torch.allclose(grad, grad_off)  # KoLeo's gradient reaches the backbone's last stage
+    with pytest.raises(ConfigError, match="batch_size >= 2"):
+        load_config("tiny", "dagman", overrides=["loss.koleo_weight=0.1", "data.batch_size=1"])
+    with pytest.raises(ConfigError, match="koleo_weight"):
+        load_config("tiny", "dagman", overrides=["loss.koleo_weight=-1"])

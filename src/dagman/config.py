@@ -209,7 +209,8 @@ class HeadsConfig:
 @dataclass(frozen=True)
 class LossConfig:
     """Which losses, their weights, temperatures and centring.
-    Total: ``amip_weight*L_AMIP + ampd_weight*L_AMPD + aitd_weight*L_AITD + gitd_weight*L_GITD``."""
+    Total: ``amip_weight*L_AMIP + ampd_weight*L_AMPD + aitd_weight*L_AITD + gitd_weight*L_GITD``
+    (+ ``koleo_weight*L_KoLeo`` when set; not part of method.md)."""
 
     amip: bool = _opt(True, "AMIP: L1 masked-voxel reconstruction")
     ampd: bool = _opt(True, "AMPD: masked stage-3 patch-token distillation")
@@ -237,6 +238,10 @@ class LossConfig:
         0, "image-level terms (AITD, GITD) under Sinkhorn-Knopp: past teacher logits per process that join the "
         "batch being normalised (SwAV's queue for small batches; 0 = none)")
     global_token_stage: Literal[3, 4] = _opt(4, "GITD token = avg-pool of this stage's merged output")
+    koleo_weight: float = _opt(
+        0.0, "KoLeo regulariser (DINOv2): -mean log nearest-neighbour distance of the student's pooled "
+        "global_token_stage tokens (L2-normalised) within each view's local batch, against dimensional collapse "
+        "(needs data.batch_size >= 2; 0 = off, method.md)")
     distill_start_epochs: float = _opt(
         0.0, "AMPD, AITD and GITD weighted 0 before this epoch, so the AMIP reconstruction trains alone first "
         "(0 = all four losses from the first step, method.md; epochs)")
@@ -822,6 +827,10 @@ def validate(cfg: Config) -> Config:
     lo, hi = d.intensity_shift_range
     _require(lo <= hi, f"data.intensity_shift_range must satisfy lo <= hi, got {_show(d.intensity_shift_range)}")
     _positive("data.batch_size", d.batch_size)
+    _positive("loss.koleo_weight", cfg.loss.koleo_weight, zero=True)
+    _require(cfg.loss.koleo_weight == 0 or d.batch_size >= 2,
+             f"loss.koleo_weight={cfg.loss.koleo_weight:g} needs data.batch_size >= 2 (a nearest neighbour in the "
+             f"batch), got {d.batch_size}")
     if d.samples_per_volume is not None:
         _positive("data.samples_per_volume", d.samples_per_volume)
     _positive("data.num_workers", d.num_workers, zero=True)

@@ -19,7 +19,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["DistillationLoss", "MaskedReconstructionLoss", "TEACHER_NORMS", "sinkhorn_knopp"]
+__all__ = ["DistillationLoss", "MaskedReconstructionLoss", "TEACHER_NORMS", "koleo_loss", "sinkhorn_knopp"]
 
 TEACHER_NORMS = ("centering", "sinkhorn_knopp")
 
@@ -58,6 +58,22 @@ def sinkhorn_knopp(logits: torch.Tensor, temp: float, iterations: int = 3) -> to
         q = q / col.clamp_min(torch.finfo(q.dtype).tiny) * (rows / k)
         q = q / q.sum(dim=1, keepdim=True).clamp_min(torch.finfo(q.dtype).tiny)
     return q
+
+
+def koleo_loss(x: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """The KoLeo regulariser of DINOv2 (Sablayrolles et al.'s Kozachenko-Leonenko entropy estimator, up to
+    constants) for ``(R, D)`` rows, R >= 2: ``-mean_i log ||u_i - u_nn(i)||`` with ``u = x / ||x||`` and nn(i)
+    the nearest other row. Lowest when the rows are spread evenly over the sphere; it rises without bound as
+    two rows meet. Float32; the gradient flows into ``x``."""
+    if x.dim() != 2 or x.shape[0] < 2:
+        raise ValueError(f"koleo_loss takes (R, D) rows with R >= 2, got {tuple(x.shape)}")
+    u = F.normalize(x.float(), dim=1, eps=eps)
+    with torch.no_grad():  # the neighbour is chosen, not differentiated through
+        sim = u @ u.t()
+        sim.fill_diagonal_(-2.0)
+        nearest = sim.argmax(dim=1)
+    dist2 = (u - u[nearest]).pow(2).sum(dim=1)
+    return -0.5 * torch.log(dist2 + eps).mean()
 
 
 class DistillationLoss(nn.Module):

@@ -35,7 +35,7 @@ from dagman.models.heads import (
 )
 from dagman.models.semantic_attention import SemanticAttention
 from dagman.models.swin import DropPath, MaskTokenEncoder, SwinFeatures, build_backbone
-from dagman.ssl.losses import DistillationLoss, MaskedReconstructionLoss
+from dagman.ssl.losses import DistillationLoss, MaskedReconstructionLoss, koleo_loss
 from dagman.ssl.masking import student_mask_from_config, teacher_drop_mask
 from dagman.ssl.monitor import entropy_ratio, teacher_monitor
 
@@ -160,6 +160,8 @@ class StudentNetwork(nn.Module):
         self.net = SSLNetwork(cfg)
         self.reconstruction = None
         self.reconstruction_stage = cfg.heads.reconstruction_stage
+        # the map KoLeo (loss.koleo_weight) pools, needed even when GITD is off
+        self.koleo_stage = cfg.loss.global_token_stage if cfg.loss.koleo_weight > 0 else None
         if cfg.loss.amip:
             width = self.net.backbone.stage_widths[self.reconstruction_stage]
             self.reconstruction = ReconstructionHead(width, cfg.model.in_chans,
@@ -168,7 +170,8 @@ class StudentNetwork(nn.Module):
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> NetworkOutput:
         stage = self.reconstruction_stage
-        out = self.net(x, mask, outputs=(stage,) if self.reconstruction is not None else ())
+        outputs = (stage,) if self.reconstruction is not None else ()
+        out = self.net(x, mask, outputs=outputs + ((self.koleo_stage,) if self.koleo_stage is not None else ()))
         if self.reconstruction is not None:
             out.reconstruction = self.reconstruction(out.features.maps[stage])
         return out
@@ -291,10 +294,14 @@ class SSLMethod(nn.Module):
             targets["ampd"] = torch.cat([p_u, p_v])[w]  # the masked tokens' targets
         if self.amip_loss is not None:
             parts["amip"] = self.amip_loss(s_out.reconstruction, x, s_mask)
+        if cfg.loss.koleo_weight > 0:  # each view's rows apart from one another (DINOv2: per global crop)
+            pooled = s_out.features.tokens[cfg.loss.global_token_stage].mean(1)
+            parts["koleo"] = koleo_loss(pooled[:b]) + koleo_loss(pooled[b:])
         # before loss.distill_start_epochs the distillation terms are computed (the monitor reads them) but weigh 0
         distill = 1.0 if getattr(values, "distill_on", True) else 0.0
         weights = {"amip": cfg.loss.amip_weight, "ampd": distill * cfg.loss.ampd_weight,
-                   "aitd": distill * cfg.loss.aitd_weight, "gitd": distill * cfg.loss.gitd_weight}
+                   "aitd": distill * cfg.loss.aitd_weight, "gitd": distill * cfg.loss.gitd_weight,
+                   "koleo": cfg.loss.koleo_weight}
         total = sum(weights[name] * value for name, value in parts.items())
 
         stats = {"student_mask_fraction": s_mask.float().mean()}
