@@ -429,6 +429,12 @@ def test_koleo_weight_enters_the_total_and_is_off_by_default():
     same = {k: v for k, v in p.items() if k != "koleo"}
     assert {k: float(v) for k, v in out_off.parts.items()} == pytest.approx(same)
     assert not torch.allclose(grad, grad_off)  # KoLeo's gradient reaches the backbone's last stage
+    cfg = load_config("tiny", "dagman", overrides=["loss.koleo_weight=0.5", "train.total_steps=100"])
+    student = StudentNetwork(cfg)
+    one = torch.rand(1, 1, 64, 64, 64)
+    values = Schedules.from_config(cfg, plan_steps(cfg, num_volumes=10)).at(30)
+    single = SSLMethod(cfg)(student, make_teacher(student), one, one, values, torch.Generator().manual_seed(2))
+    assert "koleo" not in single.parts  # one crop per view: no neighbour, no term (held-out measures, attention)
     with pytest.raises(ConfigError, match="batch_size >= 2"):
         load_config("tiny", "dagman", overrides=["loss.koleo_weight=0.1", "data.batch_size=1"])
     with pytest.raises(ConfigError, match="koleo_weight"):

@@ -241,7 +241,7 @@ class LossConfig:
     koleo_weight: float = _opt(
         0.0, "KoLeo regulariser (DINOv2): -mean log nearest-neighbour distance of the student's pooled "
         "global_token_stage tokens (L2-normalised) within each view's local batch, against dimensional collapse "
-        "(needs data.batch_size >= 2; 0 = off, method.md)")
+        "(needs data.batch_size >= 2; a forward pass of one crop has no term; 0 = off, method.md)")
     distill_start_epochs: float = _opt(
         0.0, "AMPD, AITD and GITD weighted 0 before this epoch, so the AMIP reconstruction trains alone first "
         "(0 = all four losses from the first step, method.md; epochs)")

@@ -294,7 +294,9 @@ class SSLMethod(nn.Module):
             targets["ampd"] = torch.cat([p_u, p_v])[w]  # the masked tokens' targets
         if self.amip_loss is not None:
             parts["amip"] = self.amip_loss(s_out.reconstruction, x, s_mask)
-        if cfg.loss.koleo_weight > 0:  # each view's rows apart from one another (DINOv2: per global crop)
+        # each view's rows apart from one another (DINOv2: per global crop); a batch of one crop (the held-out
+        # measures, `dagman attention`) has no neighbour, and no KoLeo term
+        if cfg.loss.koleo_weight > 0 and b >= 2:
             pooled = s_out.features.tokens[cfg.loss.global_token_stage].mean(1)
             parts["koleo"] = koleo_loss(pooled[:b]) + koleo_loss(pooled[b:])
         # before loss.distill_start_epochs the distillation terms are computed (the monitor reads them) but weigh 0
