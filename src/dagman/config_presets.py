@@ -10,16 +10,19 @@ size     embed depths       heads        SA hd  crop (vox) batch/pr protos hidde
 paper    48    (2,2,8,2)    (4,4,8,16)   8      128        2        8192  2048/256 800      bf16
 small    24    (2,2,2,2)    (3,6,12,24)  8      96         4        4096  1024/256 100      bf16
 tiny     12    (1,1,2,1)    (2,2,4,8)    4      64         2        1024  256/64   10       fp32
-cpu      12    (1,1,2,1)    (2,2,4,8)    4      64         2        1024  256/64   10       fp32
+cpu      12    (1,1,2,1)    (2,2,4,8)    4      32         8        1024  256/64   10       fp32
 ======== ===== ============ ============ ====== ========== ======== ===== ======== ======== ==========
 
 ``paper`` is method.md verbatim (4 processes x batch 2 = the reference global batch 8, so lr 8e-4);
 ``small`` trains on one GPU in hours; ``tiny`` runs a step in about a second on 2 CPU cores (tests, demo).
 ``cpu`` is tiny's network set up to learn on a 2-core CPU (issue 14, docs/RESULTS.md "Why the tiny runs
-collapse"): stage-2 mask units (8^3 voxels, 512 per crop) scored by an SA block on stage 2 (LayerScale 1,
-class-attention temperature 0.01: the first setting whose importance map passes issue 14's S <= 0.9 ln N on the
-held-out CT, run d4) and reconstructed by the AMIP head from the stage-2 map; Sinkhorn-Knopp teacher targets
-with a 256-row queue for the image-level terms (temperature 0.005) and patch temperature 0.02.
+collapse" and "Dimensional collapse"): 32^3 crops (the evaluations' input size) in batches of 8, stage-2 mask
+units (8^3 voxels, 64 per crop) scored by an SA block on stage 2 (LayerScale 1, class-attention temperature
+0.01: the first setting whose importance map passes issue 14's S <= 0.9 ln N on the held-out CT, run d4) and
+reconstructed by the AMIP head from the stage-2 map; Sinkhorn-Knopp teacher targets with a 256-row queue for
+the image-level terms (temperature 0.005) and patch temperature 0.02; and DINOv2's KoLeo term (weight 0.1) on
+the pooled last stage, without which GITD collapses the features' rank and takes the organ information away
+(runs s1, s12, s12b).
 Warm-ups scale with the length: paper 80 lr-warm-up / 30 teacher-temperature epochs of 800; small 10 / 10
 of 100; tiny 1 / 2 of 10.
 
@@ -67,16 +70,17 @@ SIZE_PRESETS: dict[str, dict[str, dict[str, Any]]] = {
             "diversity_every_epochs": 10,
         },
     },
-    # what learns on a 2-core CPU (issue 14; docs/RESULTS.md "Why the tiny runs collapse"): tiny's network with
-    # 8^3-voxel mask units (stage 2: 512 per 64^3 crop) that the SA block scores and the AMIP head reconstructs
-    # from the same map, the SA gammas at 1, and Sinkhorn-Knopp teacher targets with a queue for the batch of 2
+    # what learns on a 2-core CPU (issue 14; docs/RESULTS.md "Why the tiny runs collapse", "Dimensional
+    # collapse"): tiny's network on 32^3 crops in batches of 8, 8^3-voxel mask units (stage 2: 64 per crop) that
+    # the SA block scores and the AMIP head reconstructs from the same map, the SA gammas at 1, Sinkhorn-Knopp
+    # teacher targets with a queue for the image-level terms, and KoLeo against the rank collapse GITD causes
     "cpu": {
         "model": {"embed_dim": 12, "depths": [1, 1, 2, 1], "num_heads": [2, 2, 4, 8]},
         "sa": {"num_heads": 4, "stage": 2, "layerscale_init": 1.0, "temperature": 0.01},
         "mask": {"unit_stage": 2},
-        "data": {"crop_size": 64, "batch_size": 2, "num_workers": 1},
+        "data": {"crop_size": 32, "batch_size": 8, "num_workers": 1},
         "heads": {"num_prototypes": 1024, "hidden_dim": 256, "bottleneck_dim": 64, "reconstruction_stage": 2},
-        "loss": {"teacher_norm": "sinkhorn_knopp", "sinkhorn_queue": 256,
+        "loss": {"teacher_norm": "sinkhorn_knopp", "sinkhorn_queue": 256, "koleo_weight": 0.1,
                  "teacher_temp_start": 0.005, "teacher_temp_end": 0.005,
                  "patch_teacher_temp_start": 0.02, "patch_teacher_temp_end": 0.02,
                  "teacher_temp_warmup_epochs": 2, "patch_teacher_temp_hold_epochs": 2},
