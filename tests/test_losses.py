@@ -422,8 +422,8 @@ def test_koleo_weight_enters_the_total_and_is_off_by_default():
     out, grad = step(0.5)
     assert set(out.parts) == {"amip", "ampd", "aitd", "gitd", "koleo"}
     p = {k: float(v) for k, v in out.parts.items()}
-    assert float(out.loss) == pytest.approx(p["amip"] + 0.1 * (p["ampd"] + p["aitd"] + p["gitd"]) + 0.5 * p["koleo"],
-                                            rel=1e-6)
+    total = p["amip"] + 0.1 * (p["ampd"] + p["aitd"] + p["gitd"]) + 0.5 * p["koleo"]
+    assert float(out.loss.detach()) == pytest.approx(total, rel=1e-6)
     out_off, grad_off = step(0.0)
     assert "koleo" not in out_off.parts
     same = {k: v for k, v in p.items() if k != "koleo"}
@@ -439,3 +439,34 @@ def test_koleo_weight_enters_the_total_and_is_off_by_default():
         load_config("tiny", "dagman", overrides=["loss.koleo_weight=0.1", "data.batch_size=1"])
     with pytest.raises(ConfigError, match="koleo_weight"):
         load_config("tiny", "dagman", overrides=["loss.koleo_weight=-1"])
+
+
+def test_koleo_on_the_sa_cls_token():
+    from dagman.config import plan_steps
+    from dagman.ssl.losses import koleo_loss
+    from dagman.ssl.method import StudentNetwork, make_teacher
+    from dagman.train.schedules import Schedules
+
+    cfg = load_config("tiny", "dagman", overrides=["loss.koleo_cls_weight=0.3", "train.total_steps=100"])
+    torch.manual_seed(0)
+    student = StudentNetwork(cfg)
+    teacher = make_teacher(student)
+    views = torch.rand(2, 2, 1, 64, 64, 64, generator=torch.Generator().manual_seed(1))
+    values = Schedules.from_config(cfg, plan_steps(cfg, num_volumes=10)).at(30)
+    torch.manual_seed(3)
+    out = SSLMethod(cfg)(student, teacher, views[0], views[1], values, torch.Generator().manual_seed(2))
+    assert set(out.parts) == {"amip", "ampd", "aitd", "gitd", "koleo_cls"}
+    # the term is KoLeo of the student's SA [CLS] rows of each view: recompute it from the same masked forward
+    torch.manual_seed(3)
+    x = torch.cat([views[0], views[1]])
+    s_out = student(x, mask=out.masks["student"])
+    expected = koleo_loss(s_out.cls[:2]) + koleo_loss(s_out.cls[2:])
+    assert float(out.parts["koleo_cls"]) == pytest.approx(float(expected), rel=1e-5)
+    p = {k: float(v) for k, v in out.parts.items()}
+    total = p["amip"] + 0.1 * (p["ampd"] + p["aitd"] + p["gitd"]) + 0.3 * p["koleo_cls"]
+    assert float(out.loss.detach()) == pytest.approx(total, rel=1e-6)
+    assert load_config("paper", "dagman").loss.koleo_cls_weight == 0.0
+    with pytest.raises(ConfigError, match="sa.enabled"):
+        load_config("tiny", "smit", overrides=["loss.koleo_cls_weight=0.1"])
+    with pytest.raises(ConfigError, match="koleo_cls_weight=0.1 needs data.batch_size >= 2"):
+        load_config("tiny", "dagman", overrides=["loss.koleo_cls_weight=0.1", "data.batch_size=1"])

@@ -210,7 +210,7 @@ class HeadsConfig:
 class LossConfig:
     """Which losses, their weights, temperatures and centring.
     Total: ``amip_weight*L_AMIP + ampd_weight*L_AMPD + aitd_weight*L_AITD + gitd_weight*L_GITD``
-    (+ ``koleo_weight*L_KoLeo`` when set; not part of method.md)."""
+    (+ ``koleo_weight*L_KoLeo`` + ``koleo_cls_weight*L_KoLeo(SA [CLS])`` when set; not part of method.md)."""
 
     amip: bool = _opt(True, "AMIP: L1 masked-voxel reconstruction")
     ampd: bool = _opt(True, "AMPD: masked stage-3 patch-token distillation")
@@ -242,6 +242,8 @@ class LossConfig:
         0.0, "KoLeo regulariser (DINOv2): -mean log nearest-neighbour distance of the student's pooled "
         "global_token_stage tokens (L2-normalised) within each view's local batch, against dimensional collapse "
         "(needs data.batch_size >= 2; a forward pass of one crop has no term; 0 = off, method.md)")
+    koleo_cls_weight: float = _opt(
+        0.0, "the same KoLeo term on the student's SA [CLS] token (needs sa.enabled; 0 = off, method.md)")
     distill_start_epochs: float = _opt(
         0.0, "AMPD, AITD and GITD weighted 0 before this epoch, so the AMIP reconstruction trains alone first "
         "(0 = all four losses from the first step, method.md; epochs)")
@@ -827,10 +829,14 @@ def validate(cfg: Config) -> Config:
     lo, hi = d.intensity_shift_range
     _require(lo <= hi, f"data.intensity_shift_range must satisfy lo <= hi, got {_show(d.intensity_shift_range)}")
     _positive("data.batch_size", d.batch_size)
-    _positive("loss.koleo_weight", cfg.loss.koleo_weight, zero=True)
-    _require(cfg.loss.koleo_weight == 0 or d.batch_size >= 2,
-             f"loss.koleo_weight={cfg.loss.koleo_weight:g} needs data.batch_size >= 2 (a nearest neighbour in the "
-             f"batch), got {d.batch_size}")
+    for key in ("koleo_weight", "koleo_cls_weight"):
+        weight = getattr(cfg.loss, key)
+        _positive(f"loss.{key}", weight, zero=True)
+        _require(weight == 0 or d.batch_size >= 2,
+                 f"loss.{key}={weight:g} needs data.batch_size >= 2 (a nearest neighbour in the batch), got "
+                 f"{d.batch_size}")
+    _require(cfg.loss.koleo_cls_weight == 0 or cfg.sa.enabled,
+             "loss.koleo_cls_weight needs the SA block (sa.enabled=true): it spreads the SA [CLS] tokens")
     if d.samples_per_volume is not None:
         _positive("data.samples_per_volume", d.samples_per_volume)
     _positive("data.num_workers", d.num_workers, zero=True)

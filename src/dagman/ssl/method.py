@@ -294,16 +294,21 @@ class SSLMethod(nn.Module):
             targets["ampd"] = torch.cat([p_u, p_v])[w]  # the masked tokens' targets
         if self.amip_loss is not None:
             parts["amip"] = self.amip_loss(s_out.reconstruction, x, s_mask)
-        # each view's rows apart from one another (DINOv2: per global crop); a batch of one crop (the held-out
-        # measures, `dagman attention`) has no neighbour, and no KoLeo term
-        if cfg.loss.koleo_weight > 0 and b >= 2:
-            pooled = s_out.features.tokens[cfg.loss.global_token_stage].mean(1)
-            parts["koleo"] = koleo_loss(pooled[:b]) + koleo_loss(pooled[b:])
+        # KoLeo on the pooled global-stage token and/or the SA [CLS] token: each view's rows apart from one
+        # another (DINOv2: per global crop); a batch of one crop (the held-out measures, `dagman attention`) has
+        # no neighbour, and no KoLeo term
+        stage = cfg.loss.global_token_stage
+        koleo_rows = {"koleo": (cfg.loss.koleo_weight, lambda: s_out.features.tokens[stage].mean(1)),
+                      "koleo_cls": (cfg.loss.koleo_cls_weight, lambda: s_out.cls)}
+        for name, (weight, rows_of) in koleo_rows.items():
+            if weight > 0 and b >= 2:
+                feats = rows_of()
+                parts[name] = koleo_loss(feats[:b]) + koleo_loss(feats[b:])
         # before loss.distill_start_epochs the distillation terms are computed (the monitor reads them) but weigh 0
         distill = 1.0 if getattr(values, "distill_on", True) else 0.0
         weights = {"amip": cfg.loss.amip_weight, "ampd": distill * cfg.loss.ampd_weight,
                    "aitd": distill * cfg.loss.aitd_weight, "gitd": distill * cfg.loss.gitd_weight,
-                   "koleo": cfg.loss.koleo_weight}
+                   "koleo": cfg.loss.koleo_weight, "koleo_cls": cfg.loss.koleo_cls_weight}
         total = sum(weights[name] * value for name, value in parts.items())
 
         stats = {"student_mask_fraction": s_mask.float().mean()}
