@@ -160,8 +160,11 @@ class StudentNetwork(nn.Module):
         self.net = SSLNetwork(cfg)
         self.reconstruction = None
         self.reconstruction_stage = cfg.heads.reconstruction_stage
-        # the map KoLeo (loss.koleo_weight) pools, needed even when GITD is off
-        self.koleo_stage = cfg.loss.global_token_stage if cfg.loss.koleo_weight > 0 else None
+        # backbone maps the student needs beyond the SA block's and the heads': the one the AMIP head reads, and
+        # the one KoLeo (loss.koleo_weight) pools, needed even when GITD is off
+        self.extra_outputs = tuple(stage for stage, used in ((self.reconstruction_stage, cfg.loss.amip),
+                                                             (cfg.loss.global_token_stage, cfg.loss.koleo_weight > 0))
+                                   if used)
         if cfg.loss.amip:
             width = self.net.backbone.stage_widths[self.reconstruction_stage]
             self.reconstruction = ReconstructionHead(width, cfg.model.in_chans,
@@ -169,11 +172,9 @@ class StudentNetwork(nn.Module):
                                                                              self.reconstruction_stage))
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> NetworkOutput:
-        stage = self.reconstruction_stage
-        outputs = (stage,) if self.reconstruction is not None else ()
-        out = self.net(x, mask, outputs=outputs + ((self.koleo_stage,) if self.koleo_stage is not None else ()))
+        out = self.net(x, mask, outputs=self.extra_outputs)
         if self.reconstruction is not None:
-            out.reconstruction = self.reconstruction(out.features.maps[stage])
+            out.reconstruction = self.reconstruction(out.features.maps[self.reconstruction_stage])
         return out
 
 
