@@ -24,9 +24,9 @@ is refused rather than mixing two recipes in one table):
      (25% of patients); on the rest, ``dagman classify``'s protocol (3-fold CV grouped by patient for model
      choice and the threshold; the training part cut to 5/10/25/100% of its patients -- the label-fraction
      curve; ``--seeds`` seeds changing folds and subsets); the test score is the mean of the fold models'
-     scores. Linear probe on frozen features (the method's own features: SA [CLS] when the encoder has an SA
-     block, else mean of the last-stage tokens; and the mean of the last-stage tokens for every encoder) and
-     fine-tuning. Reported: test AUC mean +- std over seeds and a 95% CI of that seed-mean from a stratified
+     scores. Linear probe on frozen features and fine-tuning. Every evaluation reads every encoder through the
+     mean of its last stage's tokens (the library's feature, chosen on validation data: docs/RESULTS.md); the
+     encoders pretrained with an SA block also get a linear-probe row on their SA [CLS] token. Reported: test AUC mean +- std over seeds and a 95% CI of that seed-mean from a stratified
      bootstrap over test nodules (all seeds resampled jointly).
    - organ recognition across patients (real CT, ``dagman recognize``'s code): structure crops of one
      TotalSegmentator abdomen CT train a cosine k-NN (k = 10, 20) and a linear probe, tested on the other
@@ -67,6 +67,9 @@ from pathlib import Path
 import numpy as np
 
 PRESETS = ("dagman", "dagman-no-nt", "dagman-no-sa", "smit", "ibot", "attmask")
+# what every evaluation reads from an encoder, recorded in OUT/presets.json: the units of a comparison computed
+# when the SA encoders were read through their SA [CLS] token are not mixed with these
+FEATURES = "mean of the last stage's tokens (SA [CLS]: an extra linear-probe row)"
 RANDOM = "random-init"
 ENCODERS = (RANDOM,) + PRESETS
 CLUSTER_CASES = ("totalseg_abdomen", "totalseg_abdomen_crop", "totalseg_dicom_abdomen")
@@ -112,14 +115,15 @@ class Budget:
 
 def check_presets(out: Path, budget: Budget) -> None:
     """The stored units are keyed on the size preset's *name*: record the contents of the size preset and of
-    the method presets in ``OUT/presets.json`` the first time, and refuse to mix recipes in one table when the
-    presets of this checkout differ from the recorded ones (before anything is computed; --report-only, which
-    computes nothing, does not check)."""
+    the method presets, and what the evaluations read (``FEATURES``), in ``OUT/presets.json`` the first time,
+    and refuse to mix recipes in one table when those of this checkout differ from the recorded ones (before
+    anything is computed; --report-only, which computes nothing, does not check)."""
     from dagman.config_presets import METHOD_PRESETS, SIZE_PRESETS
 
     path = out / "presets.json"
     now = json.loads(json.dumps({"size": budget.size, "size_preset": SIZE_PRESETS.get(budget.size, {}),
-                                 "method_presets": {m: METHOD_PRESETS[m] for m in PRESETS}}))
+                                 "method_presets": {m: METHOD_PRESETS[m] for m in PRESETS},
+                                 "features": FEATURES}))
     try:
         before = json.loads(path.read_text())
     except (OSError, ValueError):  # first run, a comparison begun before the record, or a torn file
@@ -262,15 +266,23 @@ def pretrain(out: Path, cache: Path, budget: Budget, method: str, seed: int) -> 
     say(f"  pretrain {method}: {time.perf_counter() - t0:.0f} s")
 
 
-def open_encoder(ckpt: str, budget: Budget, use_sa: bool | None = None):
-    """The task encoder of a run folder, or of random init ('none') with weights drawn from seed 0, so that
-    every unit of work (and every rerun) sees the same random network."""
+def open_encoder(ckpt: str, size: str, use_sa: bool = False, seed: int = 0):
+    """The task encoder of a run folder or encoder file, or of random init ('none') of ``size`` with
+    weights drawn from torch seed ``seed``, so that every unit of work (and every rerun) sees the same random
+    network. Its feature: the mean of the last stage's tokens, or the SA [CLS] token with ``use_sa``."""
     import torch
 
     from dagman.tasks.encoder import build_task_encoder
 
-    torch.manual_seed(0)
-    return build_task_encoder(None if ckpt == "none" else ckpt, size=budget.size, use_sa=use_sa)
+    torch.manual_seed(seed)
+    return build_task_encoder(None if ckpt == "none" else ckpt, size=size, use_sa=use_sa)
+
+
+def has_sa_block(encoder: str, size: str) -> bool:
+    """Whether ``encoder`` (a method preset, or random init) is pretrained with an SA block."""
+    from dagman.config import load_config
+
+    return encoder != RANDOM and load_config(size=size, method=encoder).sa.enabled
 
 
 def checkpoint_of(out: Path, encoder: str, seed: int) -> str:
@@ -350,14 +362,14 @@ class NoduleData:
 
 
 def nodule_lp(data: NoduleData, encoder_name: str, ckpt: str, budget: Budget, features_mode: str) -> dict:
-    """Linear probe on an encoder's frozen features at every label fraction; ``encoder_name`` a reference row
-    (diameter-only, shape-only) probes those features instead, on the same folds, subsets and seeds."""
+    """Linear probe on an encoder's frozen features (``features_mode``: ``mean``, the mean of the last stage's
+    tokens; ``sa``, the SA [CLS] token) at every label fraction; ``encoder_name`` a reference row (diameter-only,
+    shape-only) probes those features instead, on the same folds, subsets and seeds."""
     from dagman.tasks.classify import REFERENCES, encode
 
     if encoder_name in REFERENCES:
         return lp_curve(data, None, data.references[encoder_name], budget, REFERENCES[encoder_name][1])
-    use_sa = None if features_mode == "auto" else False
-    enc = open_encoder(ckpt, budget, use_sa)
+    enc = open_encoder(ckpt, budget.size, use_sa=features_mode == "sa")
     return lp_curve(data, enc, encode(enc, data.inputs, progress=False), budget, enc.feature_source)
 
 
@@ -379,7 +391,7 @@ def nodule_ft(data: NoduleData, ckpt: str, budget: Budget, frac: float) -> dict:
 
     from dagman.tasks.classify import Protocol, run_classification
 
-    enc = open_encoder(ckpt, budget)
+    enc = open_encoder(ckpt, budget.size)
     torch.manual_seed(0)
     train, test = data.part(data.train_idx, True), data.part(data.test_idx, True)
     proto = Protocol(mode="ft", fraction=frac, folds=budget.ft_folds, seeds=budget.seeds, seed=0, n_boot=200,
@@ -447,7 +459,7 @@ def recognition(manifest: dict, ckpt: str, budget: Budget) -> dict:
 
     root = examples.default_examples_dir()
     vols = {v["case"]: v for v in manifest["volumes"]}
-    enc = open_encoder(ckpt, budget)
+    enc = open_encoder(ckpt, budget.size)
     crops = [make_structure_crops(root / vols[c]["image"], root / vols[c]["label"], spacing=2.0, size=32,
                                   crops_per_structure=budget.recognition_crops, names=root / "manifest.json",
                                   groups="totalseg", seed=0, progress=False) for c in RECOGNITION_PAIR]
@@ -498,7 +510,7 @@ def clustering(manifest: dict, ckpt: str, budget: Budget) -> dict:
     from dagman.tasks.cluster import kmeans_labels, umap_embedding
     from dagman.tasks.encoder import extract_features
 
-    enc = open_encoder(ckpt, budget)
+    enc = open_encoder(ckpt, budget.size)
     per_seed = []
     for s in range(budget.seeds):
         inputs, cls, names = cluster_crops(manifest, budget, seed=s)
@@ -518,7 +530,7 @@ def clustering(manifest: dict, ckpt: str, budget: Budget) -> dict:
 def diversity(cache: Path, ckpt: str, budget: Budget) -> dict:
     from dagman.ssl.diversity import eval_crops, head_diversity
 
-    enc = open_encoder(ckpt, budget)
+    enc = open_encoder(ckpt, budget.size)
     crops = eval_crops(cache, budget.diversity_crops, 64, seed=0)
     per_crop = [head_diversity(enc.backbone, crops[i:i + 1]) for i in range(crops.shape[0])]
     rng = np.random.default_rng(0)
@@ -636,15 +648,17 @@ def write_tables(out: Path, budget: Budget, res: dict, meta: dict) -> str:
              "features, same folds, subsets and seeds).", ""]
     fr = [f"{f:.0%}" for f in budget.fractions]
     for nset, ntitle in NODULE_SETS:
-        n_test = next((r["fractions"][str(budget.fractions[-1])]["n_test"] for r in res[nset]["lp"]["auto"].values()
+        n_test = next((r["fractions"][str(budget.fractions[-1])]["n_test"] for r in res[nset]["lp"]["mean"].values()
                        if r), None)
-        for feat, title in (("auto", "method's own features (SA [CLS] if present)"),
-                            ("mean", "mean of last-stage tokens")):
+        for feat, title in (("mean", "mean of last-stage tokens (every encoder's feature)"),
+                            ("sa", "SA [CLS] token (encoders pretrained with an SA block)")):
             lines += [f"## Nodule malignancy, {ntitle}: linear probe, test AUC — {title}", "",
                       f"Test nodules: {n_test}. Columns: share of the training pool's patients used.", "",
                       "| encoder | features | " + " | ".join(fr) + " |", "|---|---|" + "---|" * len(fr)]
             for e in ENCODERS + REFS:
-                r = res[nset]["lp"]["ref" if e in REFS else feat].get(e)
+                if feat == "sa" and e in PRESETS and not has_sa_block(e, budget.size):
+                    continue
+                r = res[nset]["lp"]["ref" if e in REFS else "mean" if e == RANDOM else feat].get(e)
                 name = f"{e} (reference)" if e in REFS or e == RANDOM else e
                 lines.append(f"| {name} | {r['feature_source'] if r else ''} | " +
                              " | ".join(_frac_cells(r["fractions"] if r else None, budget.fractions)) + " |")
@@ -733,10 +747,10 @@ def curves_figure(out: Path, budget: Budget, res: dict) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = [("nodule LP AUC (all)", budget.fractions, lambda e: (res["unmatched"]["lp"]["ref" if e in REFS else "auto"]
+    panels = [("nodule LP AUC (all)", budget.fractions, lambda e: (res["unmatched"]["lp"]["ref" if e in REFS else "mean"]
                                                                   .get(e) or {}).get("fractions"), "test_auc"),
               ("nodule LP AUC (size-matched)", budget.fractions,
-               lambda e: (res["matched"]["lp"]["ref" if e in REFS else "auto"].get(e) or {}).get("fractions"), "test_auc"),
+               lambda e: (res["matched"]["lp"]["ref" if e in REFS else "mean"].get(e) or {}).get("fractions"), "test_auc"),
               ("nodule fine-tune AUC (all)", budget.ft_fractions, lambda e: None if e in REFS else res["unmatched"]["ft"].get(e),
                "test_auc"),
               ("organ k-NN (k=20) balanced acc.", budget.fractions,
@@ -810,7 +824,7 @@ def main(argv=None) -> int:
 
     seed = budget.pretrain_seeds[0]
     ckpts = {e: checkpoint_of(out, e, seed) for e in ENCODERS}
-    res: dict = {nset: {"lp": {"auto": {}, "mean": {}, "ref": {}}, "ft": {}} for nset, _ in NODULE_SETS}
+    res: dict = {nset: {"lp": {"mean": {}, "sa": {}, "ref": {}}, "ft": {}} for nset, _ in NODULE_SETS}
     res.update(recognition={}, cluster={}, diversity={}, seg={})
     if args.report_only:
         cache, nodules = out / "cache", out / "nodules"
@@ -825,14 +839,14 @@ def main(argv=None) -> int:
     for nset, _ in NODULE_SETS:
         for e in REFS:
             res[nset]["lp"]["ref"][e] = results.get(f"lp{tags[nset]}_ref_{e}",
-                                                    lambda e=e: nodule_lp(data[nset], e, "", budget, "auto"))
+                                                    lambda e=e: nodule_lp(data[nset], e, "", budget, "mean"))
 
     def evaluate(e: str) -> None:
         """Every unit of one encoder (done units are read back): a run cut short leaves whole columns."""
         for nset, _ in NODULE_SETS:
             say(f"evaluate {e} on the {nset} nodules")
             tag, r = tags[nset], res[nset]
-            for feat in ("auto", "mean"):
+            for feat in ("mean", "sa") if has_sa_block(e, budget.size) else ("mean",):
                 r["lp"][feat][e] = results.get(f"lp{tag}_{feat}_{e}",
                                                lambda feat=feat: nodule_lp(data[nset], e, ckpts[e], budget, feat))
             ffr = budget.ft_fractions if nset == "unmatched" else budget.ft_matched_fractions

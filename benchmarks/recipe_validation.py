@@ -11,13 +11,13 @@ per recipe, never tuned on):
 1. **Organ probe within the training patients** (``--probe``, a ``dagman data probe`` set built from
    *training* volumes, e.g. ``totalseg_abdomen`` vs ``totalseg_abdomen_crop``): the k-NN vote the trainer's
    ``train.probe`` runs (k = 20, balanced accuracy), on the mean of each stage's tokens (s0..s4) and on the
-   method's own features (SA [CLS] when the encoder has an SA block); beside it the effective rank of each of
+   SA [CLS] token (``sa``, encoders pretrained with an SA block); beside it the effective rank of each of
    those features over the probe's crops (RankMe; a falling rank is dimensional collapse).
 2. **Nodule malignancy, training pool only** (``--nodules``, a ``dagman data nodules`` folder, e.g. the one
    ``compare_methods.py`` builds): ``compare_methods.py``'s fixed patient-grouped split is made, the held-out
    test nodules are dropped *before anything is encoded*, and ``dagman classify``'s cross-validation runs on
-   the training pool alone: linear probe on frozen features (mean of the last stage's tokens, and the
-   method's own) at ``--fractions`` and fine-tuning (compare_methods' protocol: 2 folds, 4 epochs, lr 1e-4)
+   the training pool alone: linear probe on frozen features (the mean of the last stage's tokens, and the
+   SA [CLS] token of an encoder with an SA block) at ``--fractions`` and fine-tuning (compare_methods' protocol: 2 folds, 4 epochs, lr 1e-4)
    at ``--ft-fractions``. Reported: CV AUC, mean +- std over ``--seeds`` seeds.
 
 Random init is drawn from torch seed 0 (as in compare_methods); ``--random-seeds N`` adds N-1 more random
@@ -37,13 +37,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 def encoder(ckpt: str, size: str, use_sa: bool | None, seed: int = 0):
-    """The task encoder of ``ckpt`` ('none': random init of ``size`` drawn from torch seed ``seed``)."""
-    import torch
+    """compare_methods' task encoder of ``ckpt`` ('none': random init of ``size`` drawn from torch seed ``seed``),
+    in eval mode; ``use_sa=None``: the SA [CLS] token when the weights have an SA block, else the mean tokens."""
+    from compare_methods import open_encoder
 
-    from dagman.tasks.encoder import build_task_encoder
+    from dagman.tasks.encoder import open_encoder as encoder_source
 
-    torch.manual_seed(seed)
-    return build_task_encoder(None if ckpt == "none" else ckpt, size=size, use_sa=use_sa).eval()
+    if use_sa is None:
+        use_sa = ckpt != "none" and encoder_source(ckpt, size=size).sa is not None
+    return open_encoder(ckpt, size, use_sa=use_sa, seed=seed).eval()
 
 
 def organ_probe(enc, probe_path: str) -> dict[str, dict[str, float]]:
@@ -79,10 +81,9 @@ def training_pool(nodules: Path, crop_size: int = 32):
 
 
 def nodule_cv(ckpt: str, size: str, pool, fractions, ft_fractions, seeds: int, seed: int = 0,
-              ft_features: str = "own") -> dict[str, dict]:
-    """CV AUC on the training pool: ``lp-mean@f``, ``lp-own@f`` (encoders with an SA block) and ``ft@f`` (the
-    fine-tuned head on the method's own feature, or on the mean of the last stage's tokens with
-    ``ft_features="mean"``)."""
+              ft_features: str = "mean") -> dict[str, dict]:
+    """CV AUC on the training pool: ``lp-mean@f``, ``lp-sa@f`` (encoders with an SA block) and ``ft@f`` (the
+    fine-tuned head on the mean of the last stage's tokens, or on the SA [CLS] token with ``ft_features="sa"``)."""
     import torch
 
     from dagman.tasks.classify import Protocol, encode, run_classification
@@ -93,15 +94,15 @@ def nodule_cv(ckpt: str, size: str, pool, fractions, ft_fractions, seeds: int, s
         aucs = [r["cv"]["auc"] for r in res["per_seed"]]
         out[key] = {"mean": float(np.mean(aucs)), "std": float(np.std(aucs, ddof=1)) if len(aucs) > 1 else 0.0}
 
-    mean, own = encoder(ckpt, size, False, seed), encoder(ckpt, size, None, seed)
-    for name, enc in (("mean", mean), ("own", own if own.sa is not None else None)):
+    mean, sa = encoder(ckpt, size, False, seed), encoder(ckpt, size, None, seed)
+    for name, enc in (("mean", mean), ("sa", sa if sa.sa is not None else None)):
         if enc is None:
             continue
         feats = encode(enc, pool.inputs, progress=False)
         for f in fractions:
             proto = Protocol(mode="lp", fraction=f, folds=3, seeds=seeds, seed=0, n_boot=200)
             record(f"lp-{name}@{f}", run_classification(pool, enc, proto, features=feats, progress=False))
-    enc = own if ft_features == "own" else mean  # run_classification fine-tunes a copy: the encoder stays as built
+    enc = sa if ft_features == "sa" else mean  # run_classification fine-tunes a copy: the encoder stays as built
     for f in ft_fractions:
         torch.manual_seed(0)
         proto = Protocol(mode="ft", fraction=f, folds=2, seeds=seeds, seed=0, n_boot=200, epochs=4, lr=1e-4,
@@ -119,9 +120,9 @@ def main(argv=None) -> int:
     p.add_argument("--nodules", type=Path, help="a `dagman data nodules` folder (its test split is never read)")
     p.add_argument("--fractions", type=float, nargs="+", default=[0.05, 0.25, 1.0])
     p.add_argument("--ft-fractions", type=float, nargs="+", default=[0.05, 0.25])
-    p.add_argument("--ft-features", choices=["own", "mean"], default="own",
-                   help="fine-tuned head on the method's own feature (SA [CLS] if any; default, as compare_methods) "
-                        "or on the mean of the last stage's tokens")
+    p.add_argument("--ft-features", choices=["mean", "sa"], default="mean",
+                   help="fine-tuned head on the mean of the last stage's tokens (default, as compare_methods) or on "
+                        "the SA [CLS] token (sa: encoders with an SA block)")
     p.add_argument("--seeds", type=int, default=3, help="CV seeds (default 3)")
     p.add_argument("--random-seeds", type=int, default=1, help="random-init draws for 'none' (default 1)")
     p.add_argument("--threads", type=int, default=None)

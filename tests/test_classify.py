@@ -264,7 +264,7 @@ def test_cli_end_to_end_with_a_pretrained_run(blobs, pretrained_run, tmp_path, c
     out = tmp_path / "out"
     rc = cli_main(["classify", "--labels", str(blobs["csv"]), "--checkpoint", str(pretrained_run), "--spacing", "1",
                    "--crop-size", "32", "--fraction", "0.5", "--n-boot", "100", "--test", str(blobs["test_csv"]),
-                   "--out", str(out)])
+                   "--features", "sa", "--out", str(out)])  # the SA [CLS] token on request (default: mean tokens)
     assert rc == 0
     text = capsys.readouterr().out
     last = text.strip().splitlines()[-1]

@@ -103,6 +103,18 @@ def test_a_changed_preset_is_refused_instead_of_mixing_recipes(cm, tmp_path, mon
     with pytest.raises(SystemExit, match="size_preset of this checkout differ"):
         cm.check_presets(tmp_path, budget)
     assert json.loads((tmp_path / "presets.json").read_text()) == recorded  # the record is never overwritten
+    # a comparison whose units read the SA encoders through their SA [CLS] token (recorded before "features")
+    monkeypatch.undo()
+    older = tmp_path / "older"
+    older.mkdir()
+    (older / "presets.json").write_text(json.dumps({k: v for k, v in recorded.items() if k != "features"}))
+    with pytest.raises(SystemExit, match="features of this checkout differ"):
+        cm.check_presets(older, budget)
+
+
+def test_the_sa_rows_belong_to_the_presets_with_an_sa_block(cm):
+    with_sa = [m for m in cm.PRESETS if cm.has_sa_block(m, "cpu")]
+    assert with_sa == ["dagman", "dagman-no-nt", "attmask"] and not cm.has_sa_block(cm.RANDOM, "cpu")
 
 
 def test_the_report_names_the_command_as_given(cm):

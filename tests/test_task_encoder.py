@@ -35,16 +35,21 @@ def run(tmp_path_factory):
 
 
 def test_run_folder_gives_teacher_backbone_and_sa_cls(run):
+    """By default the feature is the mean of the teacher backbone's last-stage tokens, also for a run with an SA
+    block; use_sa=True gives the teacher's SA [CLS] token."""
     enc = build_task_encoder(run)
-    assert enc.feature_source.startswith("SA [CLS]")
+    assert enc.feature_source == "mean of the last stage's tokens" and enc.sa is None
+    sa = build_task_encoder(run, use_sa=True)
+    assert sa.feature_source.startswith("SA [CLS]")
     pre = load_pretrained(run)
     teacher = build_networks(pre, ("teacher",))["teacher"]
     x = torch.rand(2, 1, 32, 32, 32)
     with torch.no_grad():
-        ref = teacher(x, heads=False).cls
-        got = enc.eval()(x)
-    assert got.shape == (2, enc.feature_dim)
-    torch.testing.assert_close(got, ref)
+        out = teacher(x, heads=False)
+        got_sa, got_mean = sa.eval()(x), enc.eval()(x)
+    assert got_sa.shape == (2, sa.feature_dim) and got_mean.shape == (2, enc.feature_dim)
+    torch.testing.assert_close(got_sa, out.cls)
+    torch.testing.assert_close(got_mean, teacher.backbone.forward_features(x).tokens[-1].mean(1))
     assert enc.source.method == "dagman" and enc.source.step == 2
 
 

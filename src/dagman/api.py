@@ -116,12 +116,13 @@ def _to_ras(point: Sequence[float], space: str) -> np.ndarray:
     return p * np.array([-1.0, -1.0, 1.0]) if space == "lps" else p
 
 
-def load_encoder(source: str | os.PathLike | None = "none", *, size: str = "cpu", use_sa: bool | None = None,
+def load_encoder(source: str | os.PathLike | None = "none", *, size: str = "cpu", use_sa: bool = False,
                  crop_size: int | None = None, seed: int = 0, device: str | None = None) -> Encoder:
     """An :class:`Encoder` from a run folder, a checkpoint ``.pt``, an encoder ``.safetensors`` (e.g.
     ``RUN/encoder.safetensors`` or ``dagman export``), or ``"none"``: random init of the ``size`` architecture
     (weights from ``seed``). ``size`` also names the architecture of an encoder file that carries no config.
-    ``use_sa=False`` takes the mean of the last stage's tokens even when the weights have an SA block."""
+    The feature is the mean of the last stage's tokens; ``use_sa=True`` takes the SA [CLS] token instead
+    (weights pretrained with an SA block only)."""
     import torch
 
     from dagman.tasks.encoder import build_task_encoder

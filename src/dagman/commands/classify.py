@@ -57,9 +57,9 @@ def add_encoder_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--size", default="tiny", choices=SIZES,
                         help="architecture of a random-init encoder (and of an encoder file without config); "
                              "default tiny")
-    parser.add_argument("--features", default="auto", choices=("auto", "sa", "mean"),
-                        help="image feature: the SA [CLS] token (sa), the mean of the last stage's tokens (mean), "
-                             "or sa when the encoder has an SA block (auto, default)")
+    parser.add_argument("--features", default="mean", choices=("mean", "sa"),
+                        help="image feature: the mean of the last stage's tokens (mean, default, for every encoder) "
+                             "or the SA [CLS] token of an encoder pretrained with an SA block (sa)")
     parser.add_argument("--spacing", type=float, metavar="MM",
                         help="resample images to this isotropic spacing (default: the encoder's data.spacing_mm)")
     parser.add_argument("--hu-window", type=float, nargs=2, metavar=("LO", "HI"),

@@ -16,8 +16,8 @@ DESCRIPTION = """\
 Unsupervised organ clustering (the paper's fourth downstream task). From a CT and its label map (same voxel
 grid), take --crops-per-structure cubic crops of --crop-size voxels at the encoder's spacing around random
 voxels of every structure with at least --min-voxels voxels, window them as in pretraining (--mode masked:
-voxels outside the structure set to 0), and embed them with the encoder (SA [CLS] token when the checkpoint
-has the SA block, else the mean of the last stage's tokens).
+voxels outside the structure set to 0), and embed them with the encoder (the mean of the last stage's tokens,
+for every encoder).
 
 Classes: one per structure, or the organ classes of --groups: 'totalseg' (built-in grouping of
 TotalSegmentator names: liver, spleen, kidney, stomach, pancreas, gallbladder, bowel, bladder, lung, heart,

@@ -20,9 +20,10 @@ folder), and per row one place:
                       --pool masked averages the tokens inside the mask
 
 Each image is read once, resampled to the encoder's spacing and HU window (stored with its weights), and a
---crop-size cube around each place is embedded. Features: the encoder's own (SA [CLS] token if it has an SA
-block, else the mean of the last stage's tokens; --pool mean: that mean for any encoder; --pool masked: the
-mean of the tokens of the deepest stage with >= 4 tokens per side, each weighted by its share inside the mask).
+--crop-size cube around each place is embedded. Features: the mean of the last stage's tokens (--pool default
+or mean; every encoder, DAGMaN's included: its SA [CLS] token was the weaker feature on validation data,
+docs/RESULTS.md); --pool masked: the mean of the tokens of the deepest stage with >= 4 tokens per side, each
+weighted by its share inside the mask.
 
 A row that cannot be used (missing or unreadable image, point outside the image, empty mask, a cell that is
 not a number) is reported in one line and written with its `error`; the other rows go on and the exit status is
@@ -47,8 +48,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--table", required=True, metavar="CSV", help="the table of images and places (see above)")
     parser.add_argument("--out", required=True, metavar="OUT", help="output folder")
     parser.add_argument("--space", choices=SPACES, default="lps", help="frame of x,y,z points (default lps)")
-    parser.add_argument("--pool", choices=POOLS, default="default", help="which feature (default: the encoder's "
-                        "own)")
+    parser.add_argument("--pool", choices=POOLS, default="default", help="which feature (default and mean: the "
+                        "mean of the last stage's tokens; masked: the tokens inside each row's mask)")
     parser.add_argument("--crop-size", type=int, default=None, metavar="S", help="crop edge in voxels at the "
                         "encoder's spacing, a multiple of patch size * 16 (default: the smallest covering 64 mm)")
     parser.add_argument("--size", choices=SIZES, default="tiny", help="architecture of a random-init encoder and "

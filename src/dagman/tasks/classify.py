@@ -362,19 +362,19 @@ def load_inputs(images: Sequence[str | os.PathLike], spacing: float, hu_window: 
     return out
 
 
-FEATURE_CHOICES = {"auto": None, "sa": True, "mean": False}  # the image feature -> build_task_encoder's use_sa
+FEATURE_CHOICES = {"mean": False, "sa": True}  # the image feature -> build_task_encoder's use_sa
 
 
 def open_encoder_and_inputs(checkpoint: str | os.PathLike, cohorts: Sequence[Cohort | None], *, size: str = "tiny",
-                            features: str = "auto", spacing: float | None = None,
+                            features: str = "mean", spacing: float | None = None,
                             hu_window: Sequence[float] | None = None, crop_size: int | None = None,
                             seed: int = 0, progress: bool = True) -> tuple[object, dict]:
     """Build the encoder (``checkpoint``: run folder, checkpoint ``.pt``, encoder ``.safetensors`` or ``"none"``:
     random init of the ``size`` architecture, weights from ``seed``), settle the input settings (``spacing`` mm and
     ``hu_window`` default to the encoder's ``data.spacing_mm`` / ``data.hu_window``; ``crop_size`` to the smallest
     valid edge covering 64 mm) and load every cohort's ``inputs`` (None entries are skipped). ``features``:
-    ``sa`` (the SA [CLS] token), ``mean`` (the mean of the last stage's tokens) or ``auto`` (``sa`` when the
-    encoder has an SA block). Returns ``(encoder, {"spacing_mm", "hu_window", "crop_size"})``; shared by
+    ``mean`` (the mean of the last stage's tokens, default) or ``sa`` (the SA [CLS] token of an encoder pretrained
+    with an SA block). Returns ``(encoder, {"spacing_mm", "hu_window", "crop_size"})``; shared by
     :func:`classify_table` and ``dagman outcome``."""
     from dagman.errors import ConfigError
     from dagman.tasks.encoder import build_task_encoder, default_input_size
@@ -660,7 +660,7 @@ def run_classification(cohort: Cohort, encoder=None, protocol: Protocol | None =
 
 def classify_table(labels: str | os.PathLike, checkpoint: str | os.PathLike, out: str | os.PathLike, *,
                    protocol: Protocol | None = None, label_col: str = "label", positive: str | None = None,
-                   test: str | os.PathLike | None = None, size: str = "tiny", features: str = "auto",
+                   test: str | os.PathLike | None = None, size: str = "tiny", features: str = "mean",
                    spacing: float | None = None, hu_window: Sequence[float] | None = None,
                    crop_size: int | None = None, device=None, progress: bool = True) -> dict:
     """``dagman classify`` from Python: the label CSV ``labels`` (columns image,label; optional patient, fold;

@@ -300,8 +300,9 @@ def compute_features(encoder, table: FeatureTable, *, pool: str = "default", cro
                      progress: bool = True,
                      on_error: Callable[[int, str], None] | None = None) -> FeatureResult:
     """Features of every row of ``table`` with ``encoder`` (a :class:`~dagman.tasks.encoder.TaskEncoder`).
-    ``pool``: ``default`` (the encoder's own feature: SA [CLS] if it has one, else the mean of the last stage's
-    tokens), ``mean`` (that mean for any encoder) or ``masked`` (mask rows only; see the module docstring).
+    ``pool``: ``default`` (the encoder's feature: the mean of the last stage's tokens, or the SA [CLS] token of a
+    TaskEncoder built with ``use_sa=True``), ``mean`` (that mean for any encoder) or ``masked`` (mask rows only; see
+    the module docstring).
     ``crop_size`` (voxels at the encoder's spacing): default the smallest valid size covering 64 mm.
     ``on_error(row_index, message)`` is called for each bad row; ``strict`` raises a one-line
     :class:`DagmanError` at the first instead."""
