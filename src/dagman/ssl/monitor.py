@@ -69,18 +69,25 @@ def collapse_kind(metrics: dict, term: str) -> str | None:
     return None
 
 
-_ADVICE = {
-    "uniform": "the teacher's targets are uniform, so the term sits at 2 ln K and teaches nothing; try "
-               "loss.teacher_norm=sinkhorn_knopp, a lower loss.teacher_temp_end, fewer heads.num_prototypes, or "
-               "a larger batch",
-    "one-prototype": "every input gets the same prototype; try loss.teacher_norm=sinkhorn_knopp, a lower "
-                     "loss.center_momentum (faster centring) or a higher teacher temperature",
+SINKHORN = "loss.teacher_norm=sinkhorn_knopp"
+_ADVICE = {  # kind -> (what it means, what to try)
+    "uniform": ("the teacher's targets are uniform, so the term sits at 2 ln K and teaches nothing",
+                (SINKHORN, "a lower loss.teacher_temp_end", "fewer heads.num_prototypes", "a larger batch")),
+    "one-prototype": ("every input gets the same prototype",
+                      (SINKHORN, "a lower loss.center_momentum (faster centring)", "a higher teacher temperature")),
+    "no-input": ("the distillation terms on them teach nothing", (SINKHORN, "a larger batch", "more data")),
 }
 
 
-def collapse_advice(kind: str) -> str:
-    """One sentence: what the collapse ``kind`` means and what to try."""
-    return _ADVICE[kind]
+def collapse_advice(kind: str, teacher_norm: str | None = None) -> str:
+    """One sentence: what the collapse ``kind`` (or ``"no-input"``: the teacher's outputs do not depend on the
+    input) means and what to try. ``teacher_norm``: the run's ``loss.teacher_norm``; Sinkhorn-Knopp is not
+    suggested to a run that already uses it, and the sentence says it is on."""
+    meaning, tries = _ADVICE[kind]
+    on = teacher_norm == "sinkhorn_knopp"
+    tries = [t for t in tries if not (on and t == SINKHORN)]
+    return (f"{meaning}{' under Sinkhorn-Knopp' if on else ''}; try {', '.join(tries[:-1])}"
+            f"{',' if len(tries) > 2 else ''} or {tries[-1]}")
 
 
 def learning_summary(metrics: dict) -> str:

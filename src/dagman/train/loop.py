@@ -306,12 +306,12 @@ def window_mean(window: Sequence[dict]) -> dict[str, float]:
     return {k: sum(m[k] for m in window) / len(window) for k in window[-1] if all(k in m for m in window)}
 
 
-def _warn_if_collapsed(step: int, metrics: dict, total_steps: int = 0) -> bool:
+def _warn_if_collapsed(step: int, metrics: dict, total_steps: int = 0, teacher_norm: str | None = None) -> bool:
     """Print one warning line when the teacher's targets carry no information about the input: its [CLS] or
     global logits do not depend on the input (``teacher_*_spread`` below ``COLLAPSE_SPREAD``), or a term's
     targets are uniform or all on one prototype (:func:`dagman.ssl.monitor.collapse_kind`). Only at a step
     >= ``COLLAPSE_AFTER_STEPS`` and >= a tenth of ``total_steps``. The line says which kind of collapse and
-    what to try. Returns whether it warned."""
+    what to try (not the run's own ``teacher_norm``). Returns whether it warned."""
     if step < max(COLLAPSE_AFTER_STEPS, total_steps // 10):
         return False
     flat = {k: metrics[k] for k in ("teacher_cls_spread", "teacher_global_spread")
@@ -329,10 +329,10 @@ def _warn_if_collapsed(step: int, metrics: dict, total_steps: int = 0) -> bool:
         said.append(f"the teacher's outputs are the same for every input ({which})")
     for kind, terms in kinds.items():
         entropy = ", ".join(f"{t} H {metrics[f'teacher_{t}_entropy']:.2f}" for t in terms)
-        said.append(f"{kind} collapse of {'/'.join(terms)} ({entropy} of ln K): {collapse_advice(kind)}")
+        said.append(f"{kind} collapse of {'/'.join(terms)} ({entropy} of ln K): "
+                    f"{collapse_advice(kind, teacher_norm)}")
     if not kinds:
-        said.append("the distillation terms on them teach nothing; try loss.teacher_norm=sinkhorn_knopp, a larger "
-                    "batch or more data")
+        said.append(collapse_advice("no-input", teacher_norm))
     log.warning(f"dagman: warning: step {step}: " + "; ".join(said) + " (metrics.jsonl logs the learning monitor)")
     return True
 
@@ -543,7 +543,8 @@ def pretrain(cfg: Config, out: str | os.PathLike, *, resume: bool = False, progr
             if info.is_main and not collapse_warned and len(recent) == recent.maxlen:
                 # judged on the mean of the last SUMMARY_STEPS steps: one batch of 2 can put both samples on
                 # one prototype by chance (r12 in docs/RESULTS.md: 0.8% of healthy steps), 20 in a row cannot
-                collapse_warned = _warn_if_collapsed(state.step, window_mean(recent), total)
+                collapse_warned = _warn_if_collapsed(state.step, window_mean(recent), total,
+                                                     cfg.loss.teacher_norm)
             if state.step % max(1, cfg.train.log_every_steps) == 0 or state.step == total or measured:
                 logger.log(state.step, metrics)
             if bar is not None:
