@@ -18,6 +18,8 @@ as in training), at step 0 (the initial weights) and after training:
   (``importance_entropy_clean_view``: whether S looks at the anatomy or only at the tokens the teacher kept).
 
 `--measure-only` measures the checkpoint already in `WORK/run` with the config it was trained with (no training).
+`--heads` adds where an image-level collapse sits (:func:`head_geometry`): the teacher's pooled token, each
+image-level projection output z and its logits over the prototypes, at step 0 and after training.
 
     python benchmarks/learning_check.py --steps 300
     python benchmarks/learning_check.py --size cpu --steps 4000 --crops 64 loss.teacher_norm=sinkhorn_knopp
@@ -41,6 +43,7 @@ from dagman.data.views import TwoViewDataset
 from dagman.models.swin import upsample_mask
 from dagman.ssl.monitor import entropy_ratio, mean_predictor_l1
 from dagman.train.checkpoint import load_checkpoint
+from dagman.train.probe import effective_rank
 from dagman.train.distributed import DistInfo
 from dagman.train.loop import build_state, pretrain, restore_state
 from dagman.train.schedules import Schedules
@@ -137,6 +140,53 @@ def heldout_measures(state, cache: Path, crops: int, seed: int) -> dict:
     return out
 
 
+def _mean_cosine(x: torch.Tensor) -> float:
+    """Mean cosine similarity between the distinct rows of ``x`` ``(N, D)``, N >= 2."""
+    x = torch.nn.functional.normalize(x.double(), dim=-1)
+    n = x.shape[0]
+    return float(((x @ x.T).sum() - n) / (n * (n - 1)))
+
+
+@torch.no_grad()
+def head_geometry(state, cache: Path, crops: int, seed: int) -> dict:
+    """Where an image-level collapse sits (docs/RESULTS.md, "Where the collapse at length sits"), on the clean view
+    1 of ``crops`` crops of ``cache`` through the teacher: for the pooled last-stage token (GITD's input) and for
+    each image-level projection output z (``gitd``, ``aitd``), the mean cosine between crops and the effective rank
+    (1 and ~1: every crop the same); per term the logits' std over the K prototypes (about 1/sqrt(bottleneck) for
+    random prototypes, ~0 when z points away from every prototype: uniform targets whatever the temperature) and
+    over the crops (~0: the targets do not depend on the input); and the image prototype layer's effective rank."""
+    ds = TwoViewDataset(cache, state.cfg.data.crop_size, seed=seed)
+    net = state.teacher.eval()
+    pooled, z, logits = [], {"gitd": [], "aitd": []}, {"gitd": [], "aitd": []}
+    parts = {"gitd": (net.global_mlp, net.global_prototypes), "aitd": (net.cls_mlp, net.cls_prototypes)}
+    for i in range(crops):
+        out = net(ds.batch([(i, i % len(ds))])["view1"], mask=None, heads=False, outputs=(net.global_stage,))
+        inputs = {"gitd": out.features.tokens[net.global_stage].mean(1), "aitd": out.cls}
+        pooled.append(inputs["gitd"])
+        for name, (mlp, prototypes) in parts.items():
+            if mlp is not None and inputs[name] is not None:
+                z[name].append(mlp(inputs[name]))
+                logits[name].append(prototypes(z[name][-1]))
+    x = torch.cat(pooled)
+    out = {"pooled_cosine": _mean_cosine(x), "pooled_rank": effective_rank(x.double().numpy())}
+    layer = net.global_prototypes if net.global_prototypes is not None else net.cls_prototypes
+    if layer is not None:
+        out["prototype_rank"] = effective_rank(layer.effective_weight().double().numpy())
+    for name in parts:
+        if z[name]:
+            zs, ls = torch.cat(z[name]), torch.cat(logits[name]).double()
+            out.update({f"{name}_z_cosine": _mean_cosine(zs), f"{name}_z_rank": effective_rank(zs.double().numpy()),
+                        f"{name}_logit_std_over_K": float(ls.std(1).mean()),
+                        f"{name}_logit_std_over_crops": float(ls.std(0).mean())})
+    return out
+
+
+def _print_heads(before: dict, after: dict, label: str) -> None:
+    print(f"teacher head geometry, clean view 1 (step 0 -> {label}):")
+    for key, value in after.items():
+        print(f"  {key:26s} {before.get(key, float('nan')):8.4f} -> {value:8.4f}")
+
+
 def verdicts(measures: dict) -> list[str]:
     """One line per measured target: the value, the target and PASS/FAIL."""
     lines = []
@@ -167,6 +217,9 @@ def main(argv=None) -> int:
     p.add_argument("--holdout", default=None, help="id prefix of the held-out volume (default: the last one)")
     p.add_argument("--measure-only", action="store_true",
                    help="measure the checkpoint in WORK/run with its own config; no training")
+    p.add_argument("--heads", action="store_true",
+                   help="also print where an image-level collapse sits (teacher pooled token, projection output z, "
+                        "logits over the prototypes), step 0 against the end")
     p.add_argument("overrides", nargs="*", help="config key=value overrides, as for dagman pretrain")
     args = p.parse_args(argv)
     work = Path(args.work)
@@ -188,20 +241,29 @@ def main(argv=None) -> int:
         measures = heldout_measures(state, held_cache, args.crops, args.seed)
         print("\n".join(verdicts(measures)))
         _print_info(measures)
+        if args.heads:
+            initial = build_state(cfg, info, Schedules.from_config(cfg, plan_steps(cfg, len(train_ids))))
+            _print_heads(head_geometry(initial, held_cache, args.crops, args.seed),
+                         head_geometry(state, held_cache, args.crops, args.seed), f"step {state.step}")
         return 0
     schedules = Schedules.from_config(cfg, plan_steps(cfg, len(train_ids)))
-    before = heldout_measures(build_state(cfg, info, schedules), held_cache, args.crops, args.seed)
+    initial = build_state(cfg, info, schedules)
+    heads_before = head_geometry(initial, held_cache, args.crops, args.seed) if args.heads else None
+    before = heldout_measures(initial, held_cache, args.crops, args.seed)
     t0 = time.perf_counter()
     summary = pretrain(cfg, work / "run", progress=True)
     seconds = time.perf_counter() - t0
     state = build_state(cfg, info, schedules)
     restore_state(state, load_checkpoint(path), path)
     after = heldout_measures(state, held_cache, args.crops, args.seed)
+    heads_after = head_geometry(state, held_cache, args.crops, args.seed) if args.heads else None
     result = {"method": args.method, "size": args.size, "steps": args.steps, "overrides": args.overrides,
               "train_volumes": train_ids, "heldout_volume": held_id, "heldout_crops": args.crops,
               "step0": before, "final": after, "train_seconds": seconds,
               "learning_monitor_last_steps": summary.get("learning", {}),
               "final_train_losses": {k: v for k, v in summary["final"].items() if k.startswith("loss")}}
+    if args.heads:
+        result["head_geometry"] = {"step0": heads_before, "final": heads_after}
     (work / "result.json").write_text(json.dumps(result, indent=2))
     print(f"held-out learning measures ({held_id}, {args.crops} crop pairs, fixed masks), "
           f"{args.method}/{args.size} {' '.join(args.overrides)}")
@@ -210,6 +272,8 @@ def main(argv=None) -> int:
         for line in verdicts(measures):
             print(line)
         _print_info(measures)
+    if args.heads:
+        _print_heads(heads_before, heads_after, f"step {summary['steps']}")
     if "l1" in after:
         print(f"masked L1 {before['l1']:.4f} -> {after['l1']:.4f}; mean-of-visible predictor {after['mean_predictor_l1']:.4f}")
     print(f"trained on {len(train_ids)} real CT volumes, {seconds:.0f} s on {torch.get_num_threads()} threads")

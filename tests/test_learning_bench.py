@@ -93,3 +93,39 @@ def test_learning_check_trains_then_measure_only_repeats_the_final_numbers(scrip
         line = next(x for x in printed.splitlines() if x.split() and x.split()[0] == key)
         assert float(line.split()[1]) == pytest.approx(final[key], abs=1e-4)
     assert f"{final['importance_entropy_clean_view']:8.4f}" in printed
+
+
+def test_head_geometry_sees_both_routes_of_an_image_level_collapse(scripts, cache):
+    """head_geometry on constructed teachers: a GITD projection that ignores its input gives the same z for every
+    crop (cosine 1, rank 0, logits that do not vary over the crops); a z orthogonal to every prototype gives
+    logits that do not vary over K (the uniform corner of docs/RESULTS.md), while AITD keeps its spread."""
+    learning_check, _ = scripts
+    from dagman.config import load_config, plan_steps
+    from dagman.train.distributed import DistInfo
+    from dagman.train.loop import build_state
+    from dagman.train.schedules import Schedules
+
+    cfg = load_config("cpu", "dagman", overrides=[*SMALLEST, "sa.stage=2", "mask.unit_stage=2"])
+    state = build_state(cfg, DistInfo(0, 1, 0, torch.device("cpu"), False), Schedules.from_config(cfg, plan_steps(cfg, 3)))
+    g = learning_check.head_geometry(state, cache, crops=4, seed=0)
+    for key in ("pooled_cosine", "gitd_z_cosine", "aitd_z_cosine"):
+        assert -1.0 <= g[key] <= 1.0 + 1e-9
+    assert g["pooled_rank"] > 1.0 and g["gitd_z_rank"] > 1.0 and g["prototype_rank"] > 1.0
+    assert g["gitd_logit_std_over_K"] > 0.05 and g["gitd_logit_std_over_crops"] > 0.0
+
+    net = state.teacher
+    last = net.global_mlp.mlp[-1]
+    with torch.no_grad():
+        last.weight.zero_()  # z = bias, the same for every crop ...
+        last.bias.zero_()
+        last.bias[0] = 1.0  # ... pointing along the first axis
+    g = learning_check.head_geometry(state, cache, crops=4, seed=0)
+    assert g["gitd_z_cosine"] == pytest.approx(1.0, abs=1e-9)
+    assert g["gitd_z_rank"] == 0.0
+    assert g["gitd_logit_std_over_crops"] == pytest.approx(0.0, abs=1e-9)
+    assert g["gitd_logit_std_over_K"] > 0.05  # the prototypes still see that one z
+    with torch.no_grad():
+        net.global_prototypes.weight[:, 0] = 0.0  # every prototype orthogonal to z
+    g = learning_check.head_geometry(state, cache, crops=4, seed=0)
+    assert g["gitd_logit_std_over_K"] == pytest.approx(0.0, abs=1e-9)
+    assert g["aitd_logit_std_over_crops"] > 0.0  # the other term's z still depends on the crop
