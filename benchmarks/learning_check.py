@@ -158,21 +158,19 @@ def head_geometry(state, cache: Path, crops: int, seed: int) -> dict:
     ds = TwoViewDataset(cache, state.cfg.data.crop_size, seed=seed)
     net = state.teacher.eval()
     pooled, z, logits = [], {"gitd": [], "aitd": []}, {"gitd": [], "aitd": []}
-    parts = {"gitd": (net.global_mlp, net.global_prototypes), "aitd": (net.cls_mlp, net.cls_prototypes)}
     for i in range(crops):
-        out = net(ds.batch([(i, i % len(ds))])["view1"], mask=None, heads=False, outputs=(net.global_stage,))
-        inputs = {"gitd": out.features.tokens[net.global_stage].mean(1), "aitd": out.cls}
-        pooled.append(inputs["gitd"])
-        for name, (mlp, prototypes) in parts.items():
-            if mlp is not None and inputs[name] is not None:
-                z[name].append(mlp(inputs[name]))
-                logits[name].append(prototypes(z[name][-1]))
+        out = net(ds.batch([(i, i % len(ds))])["view1"], mask=None, outputs=(net.global_stage,))
+        pooled.append(out.features.tokens[net.global_stage].mean(1))
+        for name, (zs, ls) in {"gitd": (out.global_z, out.global_logits), "aitd": (out.cls_z, out.cls_logits)}.items():
+            if zs is not None:
+                z[name].append(zs)
+                logits[name].append(ls)
     x = torch.cat(pooled)
     out = {"pooled_cosine": _mean_cosine(x), "pooled_rank": effective_rank(x.double().numpy())}
     layer = net.global_prototypes if net.global_prototypes is not None else net.cls_prototypes
     if layer is not None:
         out["prototype_rank"] = effective_rank(layer.effective_weight().double().numpy())
-    for name in parts:
+    for name in z:
         if z[name]:
             zs, ls = torch.cat(z[name]), torch.cat(logits[name]).double()
             out.update({f"{name}_z_cosine": _mean_cosine(zs), f"{name}_z_rank": effective_rank(zs.double().numpy()),

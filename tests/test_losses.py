@@ -441,13 +441,14 @@ def test_koleo_weight_enters_the_total_and_is_off_by_default():
         load_config("tiny", "dagman", overrides=["loss.koleo_weight=-1"])
 
 
-def test_koleo_on_the_sa_cls_token():
+def _koleo_step(weight_key: str, weight: float):
+    """One tiny DAGMaN step with ``loss.{weight_key}=weight``: (student, step output, the student's output
+    recomputed from the same masked forward)."""
     from dagman.config import plan_steps
-    from dagman.ssl.losses import koleo_loss
     from dagman.ssl.method import StudentNetwork, make_teacher
     from dagman.train.schedules import Schedules
 
-    cfg = load_config("tiny", "dagman", overrides=["loss.koleo_cls_weight=0.3", "train.total_steps=100"])
+    cfg = load_config("tiny", "dagman", overrides=[f"loss.{weight_key}={weight}", "train.total_steps=100"])
     torch.manual_seed(0)
     student = StudentNetwork(cfg)
     teacher = make_teacher(student)
@@ -455,18 +456,44 @@ def test_koleo_on_the_sa_cls_token():
     values = Schedules.from_config(cfg, plan_steps(cfg, num_volumes=10)).at(30)
     torch.manual_seed(3)
     out = SSLMethod(cfg)(student, teacher, views[0], views[1], values, torch.Generator().manual_seed(2))
-    assert set(out.parts) == {"amip", "ampd", "aitd", "gitd", "koleo_cls"}
-    # the term is KoLeo of the student's SA [CLS] rows of each view: recompute it from the same masked forward
     torch.manual_seed(3)
-    x = torch.cat([views[0], views[1]])
-    s_out = student(x, mask=out.masks["student"])
-    expected = koleo_loss(s_out.cls[:2]) + koleo_loss(s_out.cls[2:])
-    assert float(out.parts["koleo_cls"]) == pytest.approx(float(expected), rel=1e-5)
+    s_out = student(torch.cat([views[0], views[1]]), mask=out.masks["student"])
+    return student, out, s_out
+
+
+def _total_with(out, name: str, weight: float) -> float:
     p = {k: float(v) for k, v in out.parts.items()}
-    total = p["amip"] + 0.1 * (p["ampd"] + p["aitd"] + p["gitd"]) + 0.3 * p["koleo_cls"]
-    assert float(out.loss.detach()) == pytest.approx(total, rel=1e-6)
+    return p["amip"] + 0.1 * (p["ampd"] + p["aitd"] + p["gitd"]) + weight * p[name]
+
+
+def test_koleo_on_the_sa_cls_token():
+    from dagman.ssl.losses import koleo_loss
+
+    _, out, s_out = _koleo_step("koleo_cls_weight", 0.3)
+    assert set(out.parts) == {"amip", "ampd", "aitd", "gitd", "koleo_cls"}
+    # the term is KoLeo of the student's SA [CLS] rows of each view
+    expected = koleo_loss(s_out.cls[:2]) + koleo_loss(s_out.cls[2:])
+    assert float(out.parts["koleo_cls"]) == pytest.approx(float(expected.detach()), rel=1e-5)
+    assert float(out.loss.detach()) == pytest.approx(_total_with(out, "koleo_cls", 0.3), rel=1e-6)
     assert load_config("paper", "dagman").loss.koleo_cls_weight == 0.0
     with pytest.raises(ConfigError, match="sa.enabled"):
         load_config("tiny", "smit", overrides=["loss.koleo_cls_weight=0.1"])
     with pytest.raises(ConfigError, match="koleo_cls_weight=0.1 needs data.batch_size >= 2"):
         load_config("tiny", "dagman", overrides=["loss.koleo_cls_weight=0.1", "data.batch_size=1"])
+
+
+def test_koleo_on_the_image_level_projection_outputs():
+    """loss.koleo_head_weight: KoLeo of the student's GITD and AITD projection outputs z, each view's rows, one
+    term per projection, summed; refused without an image-level term."""
+    from dagman.ssl.losses import koleo_loss
+
+    student, out, s_out = _koleo_step("koleo_head_weight", 0.2)
+    assert set(out.parts) == {"amip", "ampd", "aitd", "gitd", "koleo_head"}
+    # z is what the prototype layers read: their logits recomputed from it are the network's
+    assert torch.allclose(student.net.global_prototypes(s_out.global_z), s_out.global_logits)
+    expected = sum(koleo_loss(z[:2]) + koleo_loss(z[2:]) for z in (s_out.global_z, s_out.cls_z))
+    assert float(out.parts["koleo_head"]) == pytest.approx(float(expected.detach()), rel=1e-5)
+    assert float(out.loss.detach()) == pytest.approx(_total_with(out, "koleo_head", 0.2), rel=1e-6)
+    assert load_config("paper", "dagman").loss.koleo_head_weight == 0.0
+    with pytest.raises(ConfigError, match="koleo_head_weight needs loss.gitd or loss.aitd"):
+        load_config("tiny", "dagman", overrides=["loss.koleo_head_weight=0.1", "loss.gitd=false", "loss.aitd=false"])

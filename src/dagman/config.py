@@ -210,7 +210,8 @@ class HeadsConfig:
 class LossConfig:
     """Which losses, their weights, temperatures and centring.
     Total: ``amip_weight*L_AMIP + ampd_weight*L_AMPD + aitd_weight*L_AITD + gitd_weight*L_GITD``
-    (+ ``koleo_weight*L_KoLeo`` + ``koleo_cls_weight*L_KoLeo(SA [CLS])`` when set; not part of method.md)."""
+    (+ ``koleo_weight*L_KoLeo`` + ``koleo_cls_weight*L_KoLeo(SA [CLS])`` + ``koleo_head_weight*L_KoLeo(z)`` when
+    set; not part of method.md)."""
 
     amip: bool = _opt(True, "AMIP: L1 masked-voxel reconstruction")
     ampd: bool = _opt(True, "AMPD: masked stage-3 patch-token distillation")
@@ -244,6 +245,10 @@ class LossConfig:
         "(needs data.batch_size >= 2; a forward pass of one crop has no term; 0 = off, method.md)")
     koleo_cls_weight: float = _opt(
         0.0, "the same KoLeo term on the student's SA [CLS] token (needs sa.enabled; 0 = off, method.md)")
+    koleo_head_weight: float = _opt(
+        0.0, "the same KoLeo term on the student's image-level projection outputs z (GITD's and AITD's, each "
+        "its own term), against the projection collapse of docs/RESULTS.md (needs loss.gitd or loss.aitd; "
+        "0 = off, method.md)")
     distill_start_epochs: float = _opt(
         0.0, "AMPD, AITD and GITD weighted 0 before this epoch, so the AMIP reconstruction trains alone first "
         "(0 = all four losses from the first step, method.md; epochs)")
@@ -829,7 +834,7 @@ def validate(cfg: Config) -> Config:
     lo, hi = d.intensity_shift_range
     _require(lo <= hi, f"data.intensity_shift_range must satisfy lo <= hi, got {_show(d.intensity_shift_range)}")
     _positive("data.batch_size", d.batch_size)
-    for key in ("koleo_weight", "koleo_cls_weight"):
+    for key in ("koleo_weight", "koleo_cls_weight", "koleo_head_weight"):
         weight = getattr(cfg.loss, key)
         _positive(f"loss.{key}", weight, zero=True)
         _require(weight == 0 or d.batch_size >= 2,
@@ -837,6 +842,8 @@ def validate(cfg: Config) -> Config:
                  f"{d.batch_size}")
     _require(cfg.loss.koleo_cls_weight == 0 or cfg.sa.enabled,
              "loss.koleo_cls_weight needs the SA block (sa.enabled=true): it spreads the SA [CLS] tokens")
+    _require(cfg.loss.koleo_head_weight == 0 or cfg.loss.gitd or cfg.loss.aitd,
+             "loss.koleo_head_weight needs loss.gitd or loss.aitd: it spreads their projection outputs")
     if d.samples_per_volume is not None:
         _positive("data.samples_per_volume", d.samples_per_volume)
     _positive("data.num_workers", d.num_workers, zero=True)

@@ -71,7 +71,8 @@ class NetworkOutput:
 
     ``features``: the backbone's :class:`SwinFeatures`; ``cls`` ``(B, C_sa)`` SA [CLS] token;
     ``importance`` ``(B, N)`` SA importance map (sums to 1); ``cls_logits``, ``global_logits`` ``(B, K)``;
-    ``patch_logits`` ``(B, N, K)``; ``reconstruction`` ``(B, 1, D, H, W)``.
+    ``patch_logits`` ``(B, N, K)``; ``reconstruction`` ``(B, 1, D, H, W)``; ``cls_z``, ``global_z``
+    ``(B, bottleneck)``: the image-level projection outputs that the prototype layer reads (not normalised).
     """
 
     features: SwinFeatures
@@ -81,6 +82,8 @@ class NetworkOutput:
     global_logits: torch.Tensor | None = None
     patch_logits: torch.Tensor | None = None
     reconstruction: torch.Tensor | None = None
+    cls_z: torch.Tensor | None = None
+    global_z: torch.Tensor | None = None
 
 
 class SSLNetwork(nn.Module):
@@ -142,9 +145,11 @@ class SSLNetwork(nn.Module):
         if not heads:
             return out
         if self.cls_mlp is not None:
-            out.cls_logits = self.cls_prototypes(self.cls_mlp(out.cls))
+            out.cls_z = self.cls_mlp(out.cls)
+            out.cls_logits = self.cls_prototypes(out.cls_z)
         if self.global_mlp is not None:
-            out.global_logits = self.global_prototypes(self.global_mlp(feats.tokens[self.global_stage].mean(1)))
+            out.global_z = self.global_mlp(feats.tokens[self.global_stage].mean(1))
+            out.global_logits = self.global_prototypes(out.global_z)
         if self.patch_mlp is not None:
             out.patch_logits = self.patch_prototypes(self.patch_mlp(feats.tokens[self.unit_stage]))
         return out
@@ -295,21 +300,23 @@ class SSLMethod(nn.Module):
             targets["ampd"] = torch.cat([p_u, p_v])[w]  # the masked tokens' targets
         if self.amip_loss is not None:
             parts["amip"] = self.amip_loss(s_out.reconstruction, x, s_mask)
-        # KoLeo on the pooled global-stage token and/or the SA [CLS] token: each view's rows apart from one
-        # another (DINOv2: per global crop); a batch of one crop (the held-out measures, `dagman attention`) has
-        # no neighbour, and no KoLeo term
+        # KoLeo on the pooled global-stage token, the SA [CLS] token and/or the image-level projection outputs z
+        # (GITD's and AITD's, each its own term): each view's rows apart from one another (DINOv2: per global
+        # crop); a batch of one crop (the held-out measures, `dagman attention`) has no neighbour, and no KoLeo term
         stage = cfg.loss.global_token_stage
-        koleo_rows = {"koleo": (cfg.loss.koleo_weight, lambda: s_out.features.tokens[stage].mean(1)),
-                      "koleo_cls": (cfg.loss.koleo_cls_weight, lambda: s_out.cls)}
+        koleo_rows = {"koleo": (cfg.loss.koleo_weight, lambda: [s_out.features.tokens[stage].mean(1)]),
+                      "koleo_cls": (cfg.loss.koleo_cls_weight, lambda: [s_out.cls]),
+                      "koleo_head": (cfg.loss.koleo_head_weight,
+                                     lambda: [z for z in (s_out.global_z, s_out.cls_z) if z is not None])}
         for name, (weight, rows_of) in koleo_rows.items():
             if weight > 0 and b >= 2:
-                feats = rows_of()
-                parts[name] = koleo_loss(feats[:b]) + koleo_loss(feats[b:])
+                parts[name] = sum(koleo_loss(feats[:b]) + koleo_loss(feats[b:]) for feats in rows_of())
         # before loss.distill_start_epochs the distillation terms are computed (the monitor reads them) but weigh 0
         distill = 1.0 if getattr(values, "distill_on", True) else 0.0
         weights = {"amip": cfg.loss.amip_weight, "ampd": distill * cfg.loss.ampd_weight,
                    "aitd": distill * cfg.loss.aitd_weight, "gitd": distill * cfg.loss.gitd_weight,
-                   "koleo": cfg.loss.koleo_weight, "koleo_cls": cfg.loss.koleo_cls_weight}
+                   "koleo": cfg.loss.koleo_weight, "koleo_cls": cfg.loss.koleo_cls_weight,
+                   "koleo_head": cfg.loss.koleo_head_weight}
         total = sum(weights[name] * value for name, value in parts.items())
 
         stats = {"student_mask_fraction": s_mask.float().mean()}
