@@ -233,15 +233,15 @@ def main(argv=None) -> int:
     if args.measure_only:
         ckpt = load_checkpoint(path)
         cfg = from_dict(ckpt["config"])
-        state = build_state(cfg, info, Schedules.from_config(cfg, plan_steps(cfg, len(train_ids))))
+        schedules = Schedules.from_config(cfg, plan_steps(cfg, len(train_ids)))
+        state = build_state(cfg, info, schedules)
         restore_state(state, ckpt, path)
         print(f"held-out learning measures ({held_id}, {args.crops} crop pairs), {path} at step {state.step}:")
         measures = heldout_measures(state, held_cache, args.crops, args.seed)
         print("\n".join(verdicts(measures)))
         _print_info(measures)
         if args.heads:
-            initial = build_state(cfg, info, Schedules.from_config(cfg, plan_steps(cfg, len(train_ids))))
-            _print_heads(head_geometry(initial, held_cache, args.crops, args.seed),
+            _print_heads(head_geometry(build_state(cfg, info, schedules), held_cache, args.crops, args.seed),
                          head_geometry(state, held_cache, args.crops, args.seed), f"step {state.step}")
         return 0
     schedules = Schedules.from_config(cfg, plan_steps(cfg, len(train_ids)))

@@ -34,15 +34,20 @@ def cache(tmp_path_factory):
     return make_synthetic_cache(tmp_path_factory.mktemp("syn") / "cache", n_volumes=3, shape=(40, 40, 40))
 
 
-def test_heldout_measures_and_verdicts(scripts, cache):
-    learning_check, _ = scripts
+def _smallest_state():
+    """The untrained training state of the smallest `cpu`-preset DAGMaN (SA block and mask units at stage 2)."""
     from dagman.config import load_config, plan_steps
     from dagman.train.distributed import DistInfo
     from dagman.train.loop import build_state
     from dagman.train.schedules import Schedules
 
     cfg = load_config("cpu", "dagman", overrides=[*SMALLEST, "sa.stage=2", "mask.unit_stage=2"])
-    state = build_state(cfg, DistInfo(0, 1, 0, torch.device("cpu"), False), Schedules.from_config(cfg, plan_steps(cfg, 3)))
+    return build_state(cfg, DistInfo(0, 1, 0, torch.device("cpu"), False), Schedules.from_config(cfg, plan_steps(cfg, 3)))
+
+
+def test_heldout_measures_and_verdicts(scripts, cache):
+    learning_check, _ = scripts
+    state = _smallest_state()
     m = learning_check.heldout_measures(state, cache, crops=3, seed=0)
     assert m["l1_ratio"] == pytest.approx(m["l1"] / m["mean_predictor_l1"])
     for key in ("aitd_teacher_entropy", "gitd_teacher_entropy", "importance_entropy"):
@@ -100,13 +105,7 @@ def test_head_geometry_sees_both_routes_of_an_image_level_collapse(scripts, cach
     crop (cosine 1, rank 0, logits that do not vary over the crops); a z orthogonal to every prototype gives
     logits that do not vary over K (the uniform corner of docs/RESULTS.md), while AITD keeps its spread."""
     learning_check, _ = scripts
-    from dagman.config import load_config, plan_steps
-    from dagman.train.distributed import DistInfo
-    from dagman.train.loop import build_state
-    from dagman.train.schedules import Schedules
-
-    cfg = load_config("cpu", "dagman", overrides=[*SMALLEST, "sa.stage=2", "mask.unit_stage=2"])
-    state = build_state(cfg, DistInfo(0, 1, 0, torch.device("cpu"), False), Schedules.from_config(cfg, plan_steps(cfg, 3)))
+    state = _smallest_state()
     g = learning_check.head_geometry(state, cache, crops=4, seed=0)
     for key in ("pooled_cosine", "gitd_z_cosine", "aitd_z_cosine"):
         assert -1.0 <= g[key] <= 1.0 + 1e-9

@@ -315,8 +315,7 @@ class SSLMethod(nn.Module):
         distill = 1.0 if getattr(values, "distill_on", True) else 0.0
         weights = {"amip": cfg.loss.amip_weight, "ampd": distill * cfg.loss.ampd_weight,
                    "aitd": distill * cfg.loss.aitd_weight, "gitd": distill * cfg.loss.gitd_weight,
-                   "koleo": cfg.loss.koleo_weight, "koleo_cls": cfg.loss.koleo_cls_weight,
-                   "koleo_head": cfg.loss.koleo_head_weight}
+                   **{name: weight for name, (weight, _) in koleo_rows.items()}}
         total = sum(weights[name] * value for name, value in parts.items())
 
         stats = {"student_mask_fraction": s_mask.float().mean()}
