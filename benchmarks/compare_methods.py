@@ -4,6 +4,7 @@
     python benchmarks/compare_methods.py --quick          # minutes: checks the whole path, numbers meaningless
     python benchmarks/compare_methods.py --out DIR        # resumable: rerun the same command after a kill
     python benchmarks/compare_methods.py --size cpu --steps 3000   # the cpu preset (issue 14)
+    python benchmarks/compare_methods.py --size cpu --methods dagman --pretrain-seed 1   # a replication
 
 What it does (every unit of work writes its own JSON under OUT/results and is skipped on a rerun with the
 same budget, so an interrupted run resumes where it stopped; pretraining resumes from its checkpoint; the
@@ -49,6 +50,11 @@ is refused rather than mixing two recipes in one table):
    whole columns, and ``--report-only`` writes them with the rest marked pending.
 4. ``OUT/comparison.md`` and ``OUT/comparison.json`` (every number, the budget, the machine, the commands)
    and ``OUT/figures/*.png``.
+
+Replication: ``--pretrain-seed K`` (K > 0) pretrains the presets again with seed K into ``OUT/runs/M_sK`` and
+evaluates them with the same evaluation seeds, folds and subsets; their units are stored beside seed 0's (keys
+ending ``_pK``), random init and the reference rows are shared, and the tables go to ``OUT/comparison_pK.md``
+/ ``.json`` and ``OUT/figures/label_fraction_curves_pK.png``. ``--methods`` limits a run to some presets.
 """
 
 from __future__ import annotations
@@ -108,8 +114,11 @@ class Budget:
                    ft_matched_fractions=(), seg_nodules=12, seg_steps=4, seg_fractions=(1.0,), cluster_crops=2,
                    recognition_crops=3, diversity_crops=3, n_boot=200)
 
-    def fingerprint(self, *parts) -> str:
-        text = json.dumps([dataclasses.asdict(self), *parts], sort_keys=True, default=str)
+    def fingerprint(self, *parts, pretrained: bool = True) -> str:
+        """``pretrained=False``: a unit that reads no pretrained weights (random init, the references) does not
+        depend on the pretraining seed, so every seed's run shares it."""
+        budget = self if pretrained else dataclasses.replace(self, pretrain_seeds=(0,))
+        text = json.dumps([dataclasses.asdict(budget), *parts], sort_keys=True, default=str)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -160,11 +169,11 @@ class Results:
         self.budget = budget
         self.compute = compute  # False (--report-only): missing units stay None, nothing is run
 
-    def get(self, key: str, compute, *parts):
+    def get(self, key: str, compute, *parts, pretrained: bool = True):
         from dagman.fileio import atomic_write
 
         path = self.dir / f"{key}.json"
-        fp = self.budget.fingerprint(key, *parts)
+        fp = self.budget.fingerprint(key, *parts, pretrained=pretrained)
         if path.is_file():
             try:
                 data = json.loads(path.read_text())
@@ -637,6 +646,12 @@ def _frac_cells(r: dict | None, fractions, key: str = "test_auc") -> list[str]:
     return [fmt(r[str(f)][key], r[str(f)][key + "_ci"]) if r.get(str(f)) else "pending" for f in fractions]
 
 
+def output_suffix(budget: Budget) -> str:
+    """'' for pretraining seed 0 (the comparison), '_pK' for a replication with seed K."""
+    seed = budget.pretrain_seeds[0]
+    return f"_p{seed}" if seed else ""
+
+
 def write_tables(out: Path, budget: Budget, res: dict, meta: dict) -> str:
     lines = [f"# Method comparison ({budget.size}, {budget.steps} pretraining steps, CPU)", "",
              f"Machine: {meta['machine']}. Evaluation units took {meta['evaluation_seconds_recorded'] / 3600:.2f} h "
@@ -733,8 +748,8 @@ def write_tables(out: Path, budget: Budget, res: dict, meta: dict) -> str:
         lines.append(f"| {e + ' (reference)' if e == RANDOM else e} | " +
                      " | ".join(f"{real[c]:.3f}" if c in real else "n/a" for c in REAL_LESIONS) + " |")
     text = "\n".join(lines) + "\n"
-    (out / "comparison.md").write_text(text)
-    (out / "comparison.json").write_text(json.dumps({"budget": dataclasses.asdict(budget), "meta": meta,
+    (out / f"comparison{output_suffix(budget)}.md").write_text(text)
+    (out / f"comparison{output_suffix(budget)}.json").write_text(json.dumps({"budget": dataclasses.asdict(budget), "meta": meta,
                                                      "results": res}, indent=1, default=_jsonable))
     return text
 
@@ -780,7 +795,7 @@ def curves_figure(out: Path, budget: Budget, res: dict) -> Path:
     axes[0].legend(fontsize=7)
     fig.tight_layout()
     (out / "figures").mkdir(exist_ok=True)
-    path = out / "figures" / "label_fraction_curves.png"
+    path = out / "figures" / f"label_fraction_curves{output_suffix(budget)}.png"
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
@@ -801,7 +816,14 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's)")
     p.add_argument("--report-only", action="store_true",
                    help="write the tables from the results stored so far (missing units: 'pending'); run nothing")
+    p.add_argument("--methods", nargs="+", choices=PRESETS, default=list(PRESETS), metavar="PRESET",
+                   help=f"presets to pretrain and evaluate, in this order (default all six: {' '.join(PRESETS)})")
+    p.add_argument("--pretrain-seed", type=int, default=0, metavar="K",
+                   help="pretraining seed (default 0). K > 0 is a replication: runs/M_sK, result units beside seed "
+                        "0's, random init shared, tables in comparison_pK.md")
     args = p.parse_args(argv)
+    if args.pretrain_seed < 0:
+        p.error(f"--pretrain-seed must be >= 0, got {args.pretrain_seed}")
 
     import torch
 
@@ -814,6 +836,8 @@ def main(argv=None) -> int:
         budget = dataclasses.replace(budget, steps=args.steps)
     if args.size:
         budget = dataclasses.replace(budget, size=args.size)
+    if args.pretrain_seed:
+        budget = dataclasses.replace(budget, pretrain_seeds=(args.pretrain_seed,))
     out = Path(args.out).resolve()
     (out / "logs").mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
@@ -839,38 +863,49 @@ def main(argv=None) -> int:
     for nset, _ in NODULE_SETS:
         for e in REFS:
             res[nset]["lp"]["ref"][e] = results.get(f"lp{tags[nset]}_ref_{e}",
-                                                    lambda e=e: nodule_lp(data[nset], e, "", budget, "mean"))
+                                                    lambda e=e: nodule_lp(data[nset], e, "", budget, "mean"),
+                                                    pretrained=False)
 
     def evaluate(e: str) -> None:
         """Every unit of one encoder (done units are read back): a run cut short leaves whole columns."""
+        pretrained = e != RANDOM
+        suffix = output_suffix(budget) if pretrained else ""
+
+        def unit(key: str, compute):
+            return results.get(key + suffix, compute, pretrained=pretrained)
+
         for nset, _ in NODULE_SETS:
             say(f"evaluate {e} on the {nset} nodules")
             tag, r = tags[nset], res[nset]
             for feat in ("mean", "sa") if has_sa_block(e, budget.size) else ("mean",):
-                r["lp"][feat][e] = results.get(f"lp{tag}_{feat}_{e}",
-                                               lambda feat=feat: nodule_lp(data[nset], e, ckpts[e], budget, feat))
+                r["lp"][feat][e] = unit(f"lp{tag}_{feat}_{e}",
+                                        lambda feat=feat: nodule_lp(data[nset], e, ckpts[e], budget, feat))
             ffr = budget.ft_fractions if nset == "unmatched" else budget.ft_matched_fractions
-            r["ft"][e] = {str(f): results.get(f"ft{tag}_{e}_{f}", lambda f=f: nodule_ft(data[nset], ckpts[e], budget, f))
+            r["ft"][e] = {str(f): unit(f"ft{tag}_{e}_{f}", lambda f=f: nodule_ft(data[nset], ckpts[e], budget, f))
                           for f in ffr}
         say(f"evaluate {e}: organs, heads, segmentation")
-        res["recognition"][e] = results.get(f"recognition_{e}", lambda: recognition(manifest, ckpts[e], budget))
-        res["cluster"][e] = results.get(f"cluster_{e}", lambda: clustering(manifest, ckpts[e], budget))
-        res["diversity"][e] = results.get(f"diversity_{e}", lambda: diversity(cache, ckpts[e], budget))
+        res["recognition"][e] = unit(f"recognition_{e}", lambda: recognition(manifest, ckpts[e], budget))
+        res["cluster"][e] = unit(f"cluster_{e}", lambda: clustering(manifest, ckpts[e], budget))
+        res["diversity"][e] = unit(f"diversity_{e}", lambda: diversity(cache, ckpts[e], budget))
         res["seg"][e] = {}
         for f in budget.seg_fractions:
-            runs = [results.get(f"seg_{e}_{f}_{s}", lambda s=s, f=f: segmentation(
-                seg_data, ckpts[e], budget, f, s, out / "seg" / f"{e}_{f}_{s}")) for s in range(budget.seg_seeds)]
+            runs = [unit(f"seg_{e}_{f}_{s}", lambda s=s, f=f: segmentation(
+                seg_data, ckpts[e], budget, f, s, out / "seg" / f"{e}{suffix}_{f}_{s}")) for s in range(budget.seg_seeds)]
             runs = [r for r in runs if r is not None]
             res["seg"][e][str(f)] = seg_summary(runs, budget.n_boot) if len(runs) == budget.seg_seeds else None
 
     evaluate(RANDOM)  # needs no pretraining; its segmentation checks that the protocol trains at all
-    for method in PRESETS:  # pretrain, then evaluate, one preset at a time
+    for method in args.methods:  # pretrain, then evaluate, one preset at a time
         if not args.report_only:
             pretrain(out, cache, budget, method, seed)
         evaluate(method)
+    compute, results.compute = results.compute, False
+    for method in (m for m in PRESETS if m not in args.methods):  # not asked for: what is stored, else pending
+        evaluate(method)
+    results.compute = compute
     if not args.report_only:
         for s in budget.pretrain_seeds[1:]:  # further pretraining seeds: trained for their checkpoints only
-            for method in PRESETS:
+            for method in args.methods:
                 pretrain(out, cache, budget, method, s)
     hours = (time.perf_counter() - t_start) / 3600
     seconds_total = sum(json.loads(p.read_text()).get("seconds", 0) for p in (out / "results").glob("*.json"))
@@ -880,8 +915,9 @@ def main(argv=None) -> int:
     text = write_tables(out, budget, res, meta)
     curves_figure(out, budget, res)
     print(text)
-    say(f"done in {hours:.2f} h -> {out / 'comparison.md'}, {out / 'comparison.json'}, "
-        f"{out / 'figures' / 'label_fraction_curves.png'}")
+    sfx = output_suffix(budget)
+    say(f"done in {hours:.2f} h -> {out / f'comparison{sfx}.md'}, {out / f'comparison{sfx}.json'}, "
+        f"{out / 'figures' / f'label_fraction_curves{sfx}.png'}")
     return 0
 
 

@@ -79,6 +79,21 @@ def test_results_are_reused_only_under_the_same_budget(cm, tmp_path):
     assert not [p for p in (tmp_path / "results").iterdir() if p.name.endswith(".tmp")]
 
 
+def test_a_replication_seed_shares_random_init_but_not_pretrained_units(cm, tmp_path):
+    """--pretrain-seed K: units that read no pretrained weights keep seed 0's fingerprint (reused), the
+    pretrained ones do not; the tables of seed K go to their own files."""
+    base = cm.Budget.quick()
+    rep = dataclasses.replace(base, pretrain_seeds=(1,))
+    assert base.fingerprint("u", pretrained=False) == rep.fingerprint("u", pretrained=False)
+    assert base.fingerprint("u") != rep.fingerprint("u")
+    assert base.fingerprint("u") == base.fingerprint("u", pretrained=False)  # seed 0: earlier stores stay valid
+    calls = []
+    cm.Results(tmp_path, base).get("recognition_random-init", lambda: calls.append(1) or 0.1, pretrained=False)
+    cm.Results(tmp_path, rep).get("recognition_random-init", lambda: calls.append(1) or 0.2, pretrained=False)
+    assert len(calls) == 1
+    assert cm.output_suffix(base) == "" and cm.output_suffix(rep) == "_p1"
+
+
 def test_default_budget_covers_the_issue(cm):
     b = cm.Budget()
     assert cm.PRESETS == ("dagman", "dagman-no-nt", "dagman-no-sa", "smit", "ibot", "attmask")
