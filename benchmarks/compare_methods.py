@@ -55,6 +55,11 @@ Replication: ``--pretrain-seed K`` (K > 0) pretrains the presets again with seed
 evaluates them with the same evaluation seeds, folds and subsets; their units are stored beside seed 0's (keys
 ending ``_pK``), random init and the reference rows are shared, and the tables go to ``OUT/comparison_pK.md``
 / ``.json`` and ``OUT/figures/label_fraction_curves_pK.png``. ``--methods`` limits a run to some presets.
+
+Random init is one draw of weights; its cells move between draws. ``--random-draws N`` (default 10) draws it N
+times (torch seeds 0..N-1) for the cheap units -- nodule linear probes on the mean tokens, organ recognition --
+and the tables show, under its reference row, the mean of each cell over the draws and its lowest and highest
+draw. Draw 0 stays the reference row (its CIs are over test cases only, not over weight draws).
 """
 
 from __future__ import annotations
@@ -370,15 +375,17 @@ class NoduleData:
                                    fold=None, inputs=self.inputs[idx] if with_inputs else None)
 
 
-def nodule_lp(data: NoduleData, encoder_name: str, ckpt: str, budget: Budget, features_mode: str) -> dict:
+def nodule_lp(data: NoduleData, encoder_name: str, ckpt: str, budget: Budget, features_mode: str,
+              draw: int = 0) -> dict:
     """Linear probe on an encoder's frozen features (``features_mode``: ``mean``, the mean of the last stage's
     tokens; ``sa``, the SA [CLS] token) at every label fraction; ``encoder_name`` a reference row (diameter-only,
-    shape-only) probes those features instead, on the same folds, subsets and seeds."""
+    shape-only) probes those features instead, on the same folds, subsets and seeds. ``draw``: the torch seed of
+    random init's weights."""
     from dagman.tasks.classify import REFERENCES, encode
 
     if encoder_name in REFERENCES:
         return lp_curve(data, None, data.references[encoder_name], budget, REFERENCES[encoder_name][1])
-    enc = open_encoder(ckpt, budget.size, use_sa=features_mode == "sa")
+    enc = open_encoder(ckpt, budget.size, use_sa=features_mode == "sa", seed=draw)
     return lp_curve(data, enc, encode(enc, data.inputs, progress=False), budget, enc.feature_source)
 
 
@@ -454,11 +461,12 @@ RECOGNITION_PAIR = ("totalseg_abdomen", "totalseg_dicom_abdomen")  # (training p
 RECOGNITION_PROBES = (("knn_10", "k-NN k=10"), ("knn_20", "k-NN k=20"), ("linear_probe", "linear probe"))
 
 
-def recognition(manifest: dict, ckpt: str, budget: Budget) -> dict:
+def recognition(manifest: dict, ckpt: str, budget: Budget, draw: int = 0) -> dict:
     """Organ recognition across patients (``dagman recognize``'s code): structure crops of the training patient
     and of the held-out one, frozen features, k-NN and linear probe at every label fraction of the training
     crops (class-stratified subsets; ``seeds`` subsets below 100%), and the test patient's own CV ceiling.
-    Balanced accuracy: mean ± std over subsets, CI by a stratified bootstrap over test crops of the subset-mean."""
+    Balanced accuracy: mean ± std over subsets, CI by a stratified bootstrap over test crops of the subset-mean.
+    ``draw``: the torch seed of random init's weights (ignored for a checkpoint)."""
     from sklearn.metrics import balanced_accuracy_score
 
     from dagman.data import examples
@@ -468,7 +476,7 @@ def recognition(manifest: dict, ckpt: str, budget: Budget) -> dict:
 
     root = examples.default_examples_dir()
     vols = {v["case"]: v for v in manifest["volumes"]}
-    enc = open_encoder(ckpt, budget.size)
+    enc = open_encoder(ckpt, budget.size, seed=draw)
     crops = [make_structure_crops(root / vols[c]["image"], root / vols[c]["label"], spacing=2.0, size=32,
                                   crops_per_structure=budget.recognition_crops, names=root / "manifest.json",
                                   groups="totalseg", seed=0, progress=False) for c in RECOGNITION_PAIR]
@@ -646,6 +654,20 @@ def _frac_cells(r: dict | None, fractions, key: str = "test_auc") -> list[str]:
     return [fmt(r[str(f)][key], r[str(f)][key + "_ci"]) if r.get(str(f)) else "pending" for f in fractions]
 
 
+def draws_row(draws: list | None, fractions, cell) -> str | None:
+    """The row under random init's reference row: for each column, the mean of random init's cell over its
+    weight draws and [the lowest, the highest] draw; ``cell(result, fraction)`` reads one draw's value (None:
+    missing). None when fewer than two draws are stored."""
+    draws = [d for d in draws or [] if d]
+    if len(draws) < 2:
+        return None
+    cells = []
+    for f in fractions:
+        v = [x for x in (cell(d, f) for d in draws) if x is not None]
+        cells.append(f"{np.mean(v):.3f} [{min(v):.3f}, {max(v):.3f}]" if v else "n/a")
+    return f"| random init, {len(draws)} weight draws: mean [lowest, highest] | " + " | ".join(cells) + " |"
+
+
 def output_suffix(budget: Budget) -> str:
     """'' for pretraining seed 0 (the comparison), '_pK' for a replication with seed K."""
     seed = budget.pretrain_seeds[0]
@@ -660,7 +682,9 @@ def write_tables(out: Path, budget: Budget, res: dict, meta: dict) -> str:
              f"mean ± std over {budget.seeds} evaluation seeds [95% bootstrap CI of that mean]. Pretraining seed(s): "
              f"{', '.join(map(str, budget.pretrain_seeds))}. Reference rows: random-init (the same architecture, "
              "untrained), diameter-only and shape-only (logistic regression on the nodule's diameter / 9 mask shape "
-             "features, same folds, subsets and seeds).", ""]
+             "features, same folds, subsets and seeds). Where random init was drawn several times (--random-draws), "
+             "the row under it gives the spread of its cell over the weight draws: a pretrained encoder whose "
+             "interval sits inside that range is not told apart from random init by this instrument.", ""]
     fr = [f"{f:.0%}" for f in budget.fractions]
     for nset, ntitle in NODULE_SETS:
         n_test = next((r["fractions"][str(budget.fractions[-1])]["n_test"] for r in res[nset]["lp"]["mean"].values()
@@ -677,6 +701,10 @@ def write_tables(out: Path, budget: Budget, res: dict, meta: dict) -> str:
                 name = f"{e} (reference)" if e in REFS or e == RANDOM else e
                 lines.append(f"| {name} | {r['feature_source'] if r else ''} | " +
                              " | ".join(_frac_cells(r["fractions"] if r else None, budget.fractions)) + " |")
+                row = draws_row(res["draws"]["lp"].get(nset), budget.fractions,
+                                lambda d, f: (d["fractions"].get(str(f)) or {}).get("test_auc", {}).get("mean"))
+                if e == RANDOM and row:
+                    lines.append(row.replace(" | ", " | mean tokens | ", 1))
             lines.append("")
         ffr = budget.ft_fractions if nset == "unmatched" else budget.ft_matched_fractions
         if ffr:
@@ -712,6 +740,10 @@ def write_tables(out: Path, budget: Budget, res: dict, meta: dict) -> str:
             c = r.get("ceiling")
             cells.append(f"{c['value']:.3f} [{c['ci'][0]:.3f}, {c['ci'][1]:.3f}]" if c else "n/a")
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
+            row = draws_row(res["draws"]["recognition"], budget.fractions,
+                            lambda d, f, probe=probe: (d["fractions"].get(str(f)) or {}).get(probe, {}).get("mean"))
+            if e == RANDOM and row:
+                lines.append(row + " |")
         lines.append("")
     lines += ["## Organ clustering (TotalSegmentator CTs; UMAP of features)", "",
               "| encoder | crops | classes | UMAP intra ↓ | UMAP inter ↑ | k-means NMI ↑ | ARI ↑ |", "|---|---|---|---|---|---|---|"]
@@ -821,7 +853,13 @@ def main(argv=None) -> int:
     p.add_argument("--pretrain-seed", type=int, default=0, metavar="K",
                    help="pretraining seed (default 0). K > 0 is a replication: runs/M_sK, result units beside seed "
                         "0's, random init shared, tables in comparison_pK.md")
+    p.add_argument("--random-draws", type=int, default=None, metavar="N",
+                   help="draw random init's weights N times (torch seeds 0..N-1) for the cheap units -- the nodule "
+                        "linear probes and organ recognition -- and show the spread under its row (default 10; "
+                        "quick 2; 1 = the single reference draw)")
     args = p.parse_args(argv)
+    if args.random_draws is not None and args.random_draws < 1:
+        p.error(f"--random-draws must be >= 1, got {args.random_draws}")
     if args.pretrain_seed < 0:
         p.error(f"--pretrain-seed must be >= 0, got {args.pretrain_seed}")
 
@@ -849,7 +887,7 @@ def main(argv=None) -> int:
     seed = budget.pretrain_seeds[0]
     ckpts = {e: checkpoint_of(out, e, seed) for e in ENCODERS}
     res: dict = {nset: {"lp": {"mean": {}, "sa": {}, "ref": {}}, "ft": {}} for nset, _ in NODULE_SETS}
-    res.update(recognition={}, cluster={}, diversity={}, seg={})
+    res.update(recognition={}, cluster={}, diversity={}, seg={}, draws={"lp": {}, "recognition": []})
     if args.report_only:
         cache, nodules = out / "cache", out / "nodules"
         manifest, seg_data = {}, None
@@ -895,6 +933,17 @@ def main(argv=None) -> int:
             res["seg"][e][str(f)] = seg_summary(runs, budget.n_boot) if len(runs) == budget.seg_seeds else None
 
     evaluate(RANDOM)  # needs no pretraining; its segmentation checks that the protocol trains at all
+    n_draws = args.random_draws or (2 if args.quick else 10)
+    if n_draws > 1:  # further weight draws of random init, cheap units only (draw 0 is the reference row)
+        say(f"random init: {n_draws - 1} further weight draws (nodule linear probes, organ recognition)")
+        for nset, _ in NODULE_SETS:
+            res["draws"]["lp"][nset] = [res[nset]["lp"]["mean"][RANDOM]] + [results.get(
+                f"lp{tags[nset]}_mean_{RANDOM}_d{k}", lambda k=k: nodule_lp(data[nset], RANDOM, "none", budget, "mean",
+                                                                         draw=k), pretrained=False)
+                for k in range(1, n_draws)]
+        res["draws"]["recognition"] = [res["recognition"][RANDOM]] + [results.get(
+            f"recognition_{RANDOM}_d{k}", lambda k=k: recognition(manifest, "none", budget, draw=k), pretrained=False)
+            for k in range(1, n_draws)]
     for method in args.methods:  # pretrain, then evaluate, one preset at a time
         if not args.report_only:
             pretrain(out, cache, budget, method, seed)

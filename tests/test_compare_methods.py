@@ -136,3 +136,11 @@ def test_the_report_names_the_command_as_given(cm):
     argv = ["--size", "cpu", "--steps", "3000", "--threads", "1", "--out", "/work/compare cpu", "--report-only"]
     assert cm.command_line(argv) == ("python benchmarks/compare_methods.py --size cpu --steps 3000 --threads 1 "
                                      "--out '/work/compare cpu'")
+
+
+def test_random_init_draws_row_gives_mean_lowest_and_highest_per_column(cm):
+    draws = [{"fractions": {"0.25": {"knn_10": {"mean": v}}, "1.0": {"knn_10": {"mean": w}}}}
+             for v, w in ((0.10, 0.20), (0.16, 0.30), (0.13, 0.25))] + [None]  # a missing draw is left out
+    row = cm.draws_row(draws, (0.25, 1.0), lambda d, f: (d["fractions"].get(str(f)) or {}).get("knn_10", {}).get("mean"))
+    assert row == "| random init, 3 weight draws: mean [lowest, highest] | 0.130 [0.100, 0.160] | 0.250 [0.200, 0.300] |"
+    assert cm.draws_row(draws[:1], (0.25,), lambda d, f: 0.1) is None  # one draw: no spread to show
