@@ -55,11 +55,11 @@ def test_summary_names_the_collapse_and_advice_says_what_to_try():
     line = learning_summary(m)
     assert "aitd 0.999x uniform" in line and "(uniform collapse)" in line and "S entropy 1.000 of ln N" in line
     assert "sinkhorn_knopp" in collapse_advice("uniform") and "sinkhorn_knopp" in collapse_advice("one-prototype")
-    assert collapse_advice("uniform", "centering").endswith("shows where it sits), or a larger batch")
+    assert collapse_advice("uniform", "centering").endswith("collapse at length sits'), or a larger batch")
     assert collapse_advice("uniform", "sinkhorn_knopp") == (
         "the teacher's targets are uniform, so the term sits at 2 ln K and teaches nothing under Sinkhorn-Knopp; "
         "try loss.koleo_head_weight=0.01 for gitd/aitd (at length their projection outputs can turn away from "
-        "every prototype; benchmarks/learning_check.py --heads shows where it sits) or a larger batch")
+        "every prototype: docs/RESULTS.md, 'Where the collapse at length sits') or a larger batch")
     assert collapse_advice("no-input", "sinkhorn_knopp").endswith("try a larger batch or more data")
     assert learning_summary({"loss": 1.0}) == ""
 

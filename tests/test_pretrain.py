@@ -240,7 +240,7 @@ def test_collapse_monitor_logs_teacher_spread_and_warns_once_when_it_vanishes(ca
     # a run that already normalises with Sinkhorn-Knopp is told so, and is not told to switch it on
     assert _warn_if_collapsed(500, uniform, teacher_norm="sinkhorn_knopp")
     err = capsys.readouterr().err
-    assert "uniform collapse of aitd" in err and "under Sinkhorn-Knopp; try a lower loss.teacher_temp_end" in err
+    assert "uniform collapse of aitd" in err and "under Sinkhorn-Knopp; try loss.koleo_head_weight=0.01" in err
     assert "teacher_norm=sinkhorn_knopp" not in err
     assert _warn_if_collapsed(500, {"teacher_gitd_entropy": 0.01, "teacher_gitd_mean_entropy": 0.02})
     assert "one-prototype collapse of gitd" in capsys.readouterr().err

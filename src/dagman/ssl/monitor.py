@@ -73,7 +73,7 @@ SINKHORN = "loss.teacher_norm=sinkhorn_knopp"
 _ADVICE = {  # kind -> (what it means, what to try)
     "uniform": ("the teacher's targets are uniform, so the term sits at 2 ln K and teaches nothing",
                 (SINKHORN, "loss.koleo_head_weight=0.01 for gitd/aitd (at length their projection outputs can turn "
-                 "away from every prototype; benchmarks/learning_check.py --heads shows where it sits)",
+                 "away from every prototype: docs/RESULTS.md, 'Where the collapse at length sits')",
                  "a larger batch")),
     "one-prototype": ("every input gets the same prototype",
                       (SINKHORN, "a lower loss.center_momentum (faster centring)", "a higher teacher temperature")),
