@@ -279,4 +279,9 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from dagman.errors import DagmanError
+
+    try:
+        sys.exit(main())
+    except DagmanError as exc:  # a bad config, cache or probe set: one line, as the dagman commands say it
+        sys.exit(f"learning_check: error: {exc}")
