@@ -780,9 +780,10 @@ def write_tables(out: Path, budget: Budget, res: dict, meta: dict) -> str:
         lines.append(f"| {e + ' (reference)' if e == RANDOM else e} | " +
                      " | ".join(f"{real[c]:.3f}" if c in real else "n/a" for c in REAL_LESIONS) + " |")
     text = "\n".join(lines) + "\n"
-    (out / f"comparison{output_suffix(budget)}.md").write_text(text)
-    (out / f"comparison{output_suffix(budget)}.json").write_text(json.dumps({"budget": dataclasses.asdict(budget), "meta": meta,
-                                                     "results": res}, indent=1, default=_jsonable))
+    name = f"comparison{output_suffix(budget)}"
+    (out / f"{name}.md").write_text(text)
+    (out / f"{name}.json").write_text(json.dumps({"budget": dataclasses.asdict(budget), "meta": meta, "results": res},
+                                                 indent=1, default=_jsonable))
     return text
 
 
@@ -904,8 +905,9 @@ def main(argv=None) -> int:
                                                     lambda e=e: nodule_lp(data[nset], e, "", budget, "mean"),
                                                     pretrained=False)
 
-    def evaluate(e: str) -> None:
+    def evaluate(e: str, quiet: bool = False) -> None:
         """Every unit of one encoder (done units are read back): a run cut short leaves whole columns."""
+        tell = (lambda _msg: None) if quiet else say
         pretrained = e != RANDOM
         suffix = output_suffix(budget) if pretrained else ""
 
@@ -913,7 +915,7 @@ def main(argv=None) -> int:
             return results.get(key + suffix, compute, pretrained=pretrained)
 
         for nset, _ in NODULE_SETS:
-            say(f"evaluate {e} on the {nset} nodules")
+            tell(f"evaluate {e} on the {nset} nodules")
             tag, r = tags[nset], res[nset]
             for feat in ("mean", "sa") if has_sa_block(e, budget.size) else ("mean",):
                 r["lp"][feat][e] = unit(f"lp{tag}_{feat}_{e}",
@@ -921,7 +923,7 @@ def main(argv=None) -> int:
             ffr = budget.ft_fractions if nset == "unmatched" else budget.ft_matched_fractions
             r["ft"][e] = {str(f): unit(f"ft{tag}_{e}_{f}", lambda f=f: nodule_ft(data[nset], ckpts[e], budget, f))
                           for f in ffr}
-        say(f"evaluate {e}: organs, heads, segmentation")
+        tell(f"evaluate {e}: organs, heads, segmentation")
         res["recognition"][e] = unit(f"recognition_{e}", lambda: recognition(manifest, ckpts[e], budget))
         res["cluster"][e] = unit(f"cluster_{e}", lambda: clustering(manifest, ckpts[e], budget))
         res["diversity"][e] = unit(f"diversity_{e}", lambda: diversity(cache, ckpts[e], budget))
@@ -950,7 +952,7 @@ def main(argv=None) -> int:
         evaluate(method)
     compute, results.compute = results.compute, False
     for method in (m for m in PRESETS if m not in args.methods):  # not asked for: what is stored, else pending
-        evaluate(method)
+        evaluate(method, quiet=True)
     results.compute = compute
     if not args.report_only:
         for s in budget.pretrain_seeds[1:]:  # further pretraining seeds: trained for their checkpoints only
