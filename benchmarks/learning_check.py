@@ -244,6 +244,10 @@ def main(argv=None) -> int:
             _print_heads(head_geometry(build_state(cfg, info, schedules), held_cache, args.crops, args.seed),
                          head_geometry(state, held_cache, args.crops, args.seed), f"step {state.step}")
         return 0
+    if cfg.train.probe and cfg.train.probe_every_steps:  # refuse a mismatched probe set now, not after step 0
+        from dagman.train.probe import probe_set_for
+
+        probe_set_for(cfg)
     schedules = Schedules.from_config(cfg, plan_steps(cfg, len(train_ids)))
     initial = build_state(cfg, info, schedules)
     heads_before = head_geometry(initial, held_cache, args.crops, args.seed) if args.heads else None

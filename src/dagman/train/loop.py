@@ -504,10 +504,9 @@ def pretrain(cfg: Config, out: str | os.PathLike, *, resume: bool = False, progr
         crops = eval_crops(cfg.data.cache, cfg.train.diversity_crops, cfg.data.crop_size, seed=cfg.train.seed)
     probe_every, probe, last_probe = 0, None, {}
     if cfg.train.probe and cfg.train.probe_every_steps and info.is_main:
-        from dagman.train.probe import load_probe_set, probe_network
+        from dagman.train.probe import probe_network, probe_set_for
 
-        probe = load_probe_set(cfg.train.probe)
-        probe.check_matches(cfg.data.spacing_mm, cfg.data.hu_window, max(p * 16 for p in cfg.model.patch_size))
+        probe = probe_set_for(cfg)
         probe_every = cfg.train.probe_every_steps
     t_start = time.perf_counter()
     first_step = state.step

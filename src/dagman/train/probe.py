@@ -31,7 +31,8 @@ import torch
 
 from dagman.errors import ConfigError, DataError
 
-__all__ = ["ProbeSet", "build_probe_set", "effective_rank", "load_probe_set", "probe_network", "PROBE_K"]
+__all__ = ["ProbeSet", "build_probe_set", "effective_rank", "load_probe_set", "probe_network", "probe_set_for",
+           "PROBE_K"]
 
 PROBE_FORMAT_VERSION = 1
 #: the k of the probe's k-NN vote
@@ -107,6 +108,14 @@ def load_probe_set(path: str | os.PathLike) -> ProbeSet:
         raise
     except Exception as err:  # a zip that is not ours, a truncated file, missing arrays
         raise DataError(f"{path}: not a dagman probe set ({type(err).__name__}: {err})") from None
+
+
+def probe_set_for(cfg) -> ProbeSet:
+    """The run's probe set (``cfg.train.probe``), refused in one line when it was cut at another spacing or HU
+    window than the run trains at, or with crops the network cannot take."""
+    probe = load_probe_set(cfg.train.probe)
+    probe.check_matches(cfg.data.spacing_mm, cfg.data.hu_window, max(p * 16 for p in cfg.model.patch_size))
+    return probe
 
 
 def build_probe_set(train_cases: Sequence[tuple], test_case: tuple, *, spacing: float = 2.0,
