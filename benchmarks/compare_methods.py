@@ -654,10 +654,11 @@ def _frac_cells(r: dict | None, fractions, key: str = "test_auc") -> list[str]:
     return [fmt(r[str(f)][key], r[str(f)][key + "_ci"]) if r.get(str(f)) else "pending" for f in fractions]
 
 
-def draws_row(draws: list | None, fractions, cell) -> str | None:
+def draws_row(draws: list | None, fractions, cell, before: tuple = (), after: tuple = ()) -> str | None:
     """The row under random init's reference row: for each column, the mean of random init's cell over its
     weight draws and [the lowest, the highest] draw; ``cell(result, fraction)`` reads one draw's value (None:
-    missing). None when fewer than two draws are stored."""
+    missing); ``before`` / ``after``: the table's other cells around the fraction columns. None when fewer than
+    two draws are stored."""
     draws = [d for d in draws or [] if d]
     if len(draws) < 2:
         return None
@@ -665,7 +666,8 @@ def draws_row(draws: list | None, fractions, cell) -> str | None:
     for f in fractions:
         v = [x for x in (cell(d, f) for d in draws) if x is not None]
         cells.append(f"{np.mean(v):.3f} [{min(v):.3f}, {max(v):.3f}]" if v else "n/a")
-    return f"| random init, {len(draws)} weight draws: mean [lowest, highest] | " + " | ".join(cells) + " |"
+    return (f"| random init, {len(draws)} weight draws: mean [lowest, highest] | "
+            + " | ".join([*before, *cells, *after]) + " |")
 
 
 def output_suffix(budget: Budget) -> str:
@@ -701,10 +703,12 @@ def write_tables(out: Path, budget: Budget, res: dict, meta: dict) -> str:
                 name = f"{e} (reference)" if e in REFS or e == RANDOM else e
                 lines.append(f"| {name} | {r['feature_source'] if r else ''} | " +
                              " | ".join(_frac_cells(r["fractions"] if r else None, budget.fractions)) + " |")
-                row = draws_row(res["draws"]["lp"].get(nset), budget.fractions,
-                                lambda d, f: (d["fractions"].get(str(f)) or {}).get("test_auc", {}).get("mean"))
-                if e == RANDOM and row:
-                    lines.append(row.replace(" | ", " | mean tokens | ", 1))
+                row = e == RANDOM and draws_row(
+                    res["draws"]["lp"].get(nset), budget.fractions,
+                    lambda d, f: (d["fractions"].get(str(f)) or {}).get("test_auc", {}).get("mean"),
+                    before=("mean tokens",))
+                if row:
+                    lines.append(row)
             lines.append("")
         ffr = budget.ft_fractions if nset == "unmatched" else budget.ft_matched_fractions
         if ffr:
@@ -740,10 +744,11 @@ def write_tables(out: Path, budget: Budget, res: dict, meta: dict) -> str:
             c = r.get("ceiling")
             cells.append(f"{c['value']:.3f} [{c['ci'][0]:.3f}, {c['ci'][1]:.3f}]" if c else "n/a")
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
-            row = draws_row(res["draws"]["recognition"], budget.fractions,
-                            lambda d, f, probe=probe: (d["fractions"].get(str(f)) or {}).get(probe, {}).get("mean"))
-            if e == RANDOM and row:
-                lines.append(row + " |")
+            row = e == RANDOM and draws_row(
+                res["draws"]["recognition"], budget.fractions,
+                lambda d, f: (d["fractions"].get(str(f)) or {}).get(probe, {}).get("mean"), after=("",))
+            if row:
+                lines.append(row)
         lines.append("")
     lines += ["## Organ clustering (TotalSegmentator CTs; UMAP of features)", "",
               "| encoder | crops | classes | UMAP intra ↓ | UMAP inter ↑ | k-means NMI ↑ | ARI ↑ |", "|---|---|---|---|---|---|---|"]
@@ -905,14 +910,15 @@ def main(argv=None) -> int:
                                                     lambda e=e: nodule_lp(data[nset], e, "", budget, "mean"),
                                                     pretrained=False)
 
-    def evaluate(e: str, quiet: bool = False) -> None:
-        """Every unit of one encoder (done units are read back): a run cut short leaves whole columns."""
-        tell = (lambda _msg: None) if quiet else say
+    def evaluate(e: str, store: Results = results) -> None:
+        """Every unit of one encoder (done units are read back): a run cut short leaves whole columns. ``store``:
+        another store (one that computes nothing) reads a column back quietly."""
+        tell = say if store is results else (lambda _msg: None)
         pretrained = e != RANDOM
         suffix = output_suffix(budget) if pretrained else ""
 
         def unit(key: str, compute):
-            return results.get(key + suffix, compute, pretrained=pretrained)
+            return store.get(key + suffix, compute, pretrained=pretrained)
 
         for nset, _ in NODULE_SETS:
             tell(f"evaluate {e} on the {nset} nodules")
@@ -930,7 +936,8 @@ def main(argv=None) -> int:
         res["seg"][e] = {}
         for f in budget.seg_fractions:
             runs = [unit(f"seg_{e}_{f}_{s}", lambda s=s, f=f: segmentation(
-                seg_data, ckpts[e], budget, f, s, out / "seg" / f"{e}{suffix}_{f}_{s}")) for s in range(budget.seg_seeds)]
+                seg_data, ckpts[e], budget, f, s, out / "seg" / f"{e}{suffix}_{f}_{s}"))
+                for s in range(budget.seg_seeds)]
             runs = [r for r in runs if r is not None]
             res["seg"][e][str(f)] = seg_summary(runs, budget.n_boot) if len(runs) == budget.seg_seeds else None
 
@@ -950,14 +957,9 @@ def main(argv=None) -> int:
         if not args.report_only:
             pretrain(out, cache, budget, method, seed)
         evaluate(method)
-    compute, results.compute = results.compute, False
+    stored = Results(out, budget, compute=False)
     for method in (m for m in PRESETS if m not in args.methods):  # not asked for: what is stored, else pending
-        evaluate(method, quiet=True)
-    results.compute = compute
-    if not args.report_only:
-        for s in budget.pretrain_seeds[1:]:  # further pretraining seeds: trained for their checkpoints only
-            for method in args.methods:
-                pretrain(out, cache, budget, method, s)
+        evaluate(method, stored)
     hours = (time.perf_counter() - t_start) / 3600
     seconds_total = sum(json.loads(p.read_text()).get("seconds", 0) for p in (out / "results").glob("*.json"))
     meta = {"machine": describe_machine(), "hours": hours, "evaluation_seconds_recorded": seconds_total,

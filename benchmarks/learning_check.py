@@ -244,10 +244,9 @@ def main(argv=None) -> int:
             _print_heads(head_geometry(build_state(cfg, info, schedules), held_cache, args.crops, args.seed),
                          head_geometry(state, held_cache, args.crops, args.seed), f"step {state.step}")
         return 0
-    if cfg.train.probe and cfg.train.probe_every_steps:  # refuse a mismatched probe set now, not after step 0
-        from dagman.train.probe import probe_set_for
+    from dagman.train.probe import probe_set_for
 
-        probe_set_for(cfg)
+    probe_set_for(cfg)  # refuse a mismatched probe set now, not after the step-0 measures
     schedules = Schedules.from_config(cfg, plan_steps(cfg, len(train_ids)))
     initial = build_state(cfg, info, schedules)
     heads_before = head_geometry(initial, held_cache, args.crops, args.seed) if args.heads else None
@@ -283,9 +282,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    from dagman.errors import DagmanError
+    from dagman.errors import run_script
 
-    try:
-        sys.exit(main())
-    except DagmanError as exc:  # a bad config, cache or probe set: one line, as the dagman commands say it
-        sys.exit(f"learning_check: error: {exc}")
+    sys.exit(run_script(main))

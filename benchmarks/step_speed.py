@@ -519,15 +519,7 @@ def main(argv=None) -> int:
     return 0
 
 
-def _cli(argv=None) -> int:
-    from dagman.errors import DagmanError
-
-    try:
-        return main(argv)
-    except DagmanError as err:  # a bad --methods variant etc.: one line, as the dagman CLI does
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-
-
 if __name__ == "__main__":
-    raise SystemExit(_cli())
+    from dagman.errors import run_script
+
+    raise SystemExit(run_script(main))

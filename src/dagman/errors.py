@@ -8,6 +8,7 @@ named inside a message is written ``<<name>>``: ``str(err)`` shows ``name``, :me
 """
 
 import re
+import sys
 
 _NAMED = re.compile(r"<<([a-z][a-z0-9_]*)>>")
 
@@ -43,6 +44,16 @@ class DagmanError(Exception):
         if self.option and self.flag and text.startswith(self.option):
             return self.flag + text[len(self.option):]
         return text
+
+
+def run_script(main, argv=None) -> int:
+    """A benchmark script's exit status: ``main(argv)``, with a :class:`DagmanError` (a bad cache, config,
+    variant) printed as one line on stderr and status 2, as the dagman commands do, instead of a traceback."""
+    try:
+        return main(argv)
+    except DagmanError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
 
 
 class ConfigError(DagmanError):

@@ -502,12 +502,10 @@ def pretrain(cfg: Config, out: str | os.PathLike, *, resume: bool = False, progr
 
         diversity_every = max(1, plan.steps(cfg.train.diversity_every_epochs))
         crops = eval_crops(cfg.data.cache, cfg.train.diversity_crops, cfg.data.crop_size, seed=cfg.train.seed)
-    probe_every, probe, last_probe = 0, None, {}
-    if cfg.train.probe and cfg.train.probe_every_steps and info.is_main:
-        from dagman.train.probe import probe_network, probe_set_for
+    from dagman.train.probe import probe_network, probe_set_for
 
-        probe = probe_set_for(cfg)
-        probe_every = cfg.train.probe_every_steps
+    probe = probe_set_for(cfg) if info.is_main else None
+    probe_every, last_probe = (cfg.train.probe_every_steps if probe is not None else 0), {}
     t_start = time.perf_counter()
     first_step = state.step
     collapse_warned = False

@@ -110,9 +110,11 @@ def load_probe_set(path: str | os.PathLike) -> ProbeSet:
         raise DataError(f"{path}: not a dagman probe set ({type(err).__name__}: {err})") from None
 
 
-def probe_set_for(cfg) -> ProbeSet:
-    """The run's probe set (``cfg.train.probe``), refused in one line when it was cut at another spacing or HU
-    window than the run trains at, or with crops the network cannot take."""
+def probe_set_for(cfg) -> ProbeSet | None:
+    """The run's probe set (``cfg.train.probe``; None when the run probes nothing), refused in one line when it
+    was cut at another spacing or HU window than the run trains at, or with crops the network cannot take."""
+    if not (cfg.train.probe and cfg.train.probe_every_steps):
+        return None
     probe = load_probe_set(cfg.train.probe)
     probe.check_matches(cfg.data.spacing_mm, cfg.data.hu_window, max(p * 16 for p in cfg.model.patch_size))
     return probe
