@@ -93,6 +93,7 @@ class Budget:
     size: str = "tiny"
     steps: int = 1000                    # pretraining steps per preset
     pretrain_seeds: tuple[int, ...] = (0,)
+    overrides: tuple[str, ...] = ()      # KEY=VALUE on top of the size and method presets (--set), pretraining only
     seeds: int = 3                       # evaluation seeds
     fractions: tuple[float, ...] = (0.05, 0.1, 0.25, 1.0)   # label fractions of the linear probes
     nodules: int | None = None           # None: every nodule with >= 3 readers (1395)
@@ -121,10 +122,41 @@ class Budget:
 
     def fingerprint(self, *parts, pretrained: bool = True) -> str:
         """``pretrained=False``: a unit that reads no pretrained weights (random init, the references) does not
-        depend on the pretraining seed, so every seed's run shares it."""
-        budget = self if pretrained else dataclasses.replace(self, pretrain_seeds=(0,))
-        text = json.dumps([dataclasses.asdict(budget), *parts], sort_keys=True, default=str)
+        depend on the pretraining seed or the recipe's overrides, so every seed's run and every recipe of the same
+        size preset share it."""
+        budget = self if pretrained else dataclasses.replace(self, pretrain_seeds=(0,), overrides=())
+        fields = dataclasses.asdict(budget)
+        if not fields["overrides"]:  # the stores computed before --set existed stay valid
+            del fields["overrides"]
+        text = json.dumps([fields, *parts], sort_keys=True, default=str)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def check_overrides(overrides, size: str, methods) -> None:
+    """``--set`` must resolve with every preset it is given to, and leave the architecture alone: random init
+    (built from the size preset) is the reference of every column. Raises ValueError (one line)."""
+    from dagman.config import load_config
+    from dagman.errors import ConfigError
+
+    for item in overrides:
+        key = item.split("=", 1)[0].strip()
+        if "=" not in item:
+            raise ValueError(f"--set takes KEY=VALUE, got {item!r}")
+        if key == "model" or key.startswith("model."):
+            raise ValueError(f"--set {item}: the architecture comes from --size (random init must share it)")
+    for method in methods if overrides else ():
+        try:
+            load_config(size=size, method=method, overrides=overrides)
+        except ConfigError as e:
+            raise ValueError(f"--set with --method {method}: {e}") from None
+
+
+def recorded_overrides(out: Path) -> list[str]:
+    """The ``--set`` overrides recorded in ``OUT/presets.json`` (none when there is no record)."""
+    try:
+        return list(json.loads((out / "presets.json").read_text()).get("overrides", []))
+    except (OSError, ValueError):
+        return []
 
 
 def check_presets(out: Path, budget: Budget) -> None:
@@ -137,9 +169,10 @@ def check_presets(out: Path, budget: Budget) -> None:
     path = out / "presets.json"
     now = json.loads(json.dumps({"size": budget.size, "size_preset": SIZE_PRESETS.get(budget.size, {}),
                                  "method_presets": {m: METHOD_PRESETS[m] for m in PRESETS},
-                                 "features": FEATURES}))
+                                 "features": FEATURES, "overrides": list(budget.overrides)}))
     try:
         before = json.loads(path.read_text())
+        before.setdefault("overrides", [])  # recorded before --set existed: none
     except (OSError, ValueError):  # first run, a comparison begun before the record, or a torn file
         from dagman.fileio import atomic_write
 
@@ -147,7 +180,7 @@ def check_presets(out: Path, budget: Budget) -> None:
         return
     changed = sorted(k for k in now if before.get(k) != now[k])
     if changed:
-        raise SystemExit(f"compare_methods: the {' and '.join(changed)} of this checkout differ from those that "
+        raise SystemExit(f"compare_methods: the {' and '.join(changed)} of this checkout and command differ from those that "
                          f"computed {out} (recorded in {path}): one table would mix recipes. Use a new --out, or "
                          f"delete {out / 'results'} and {out / 'runs'}.")
 
@@ -272,7 +305,7 @@ def pretrain(out: Path, cache: Path, budget: Budget, method: str, seed: int) -> 
         return
     say(f"pretrain {method} (seed {seed}, {budget.steps} steps)" + (" [resume]" if found else ""))
     args = ["pretrain", "--size", budget.size, "--method", method, "--data", cache, "--out", run,
-            "--steps", budget.steps, "--seed", seed]
+            "--steps", budget.steps, "--seed", seed, *budget.overrides]
     if found is not None:
         args.append("--resume")
     t0 = time.perf_counter()
@@ -682,7 +715,10 @@ def write_tables(out: Path, budget: Budget, res: dict, meta: dict) -> str:
              f"(pretraining not included; see OUT/logs). Command: `{meta['command']}`.", "",
              "SEMI-SYNTHETIC nodules (real LIDC-IDRI shapes and malignancy ratings in real chest CTs). Every cell: "
              f"mean ± std over {budget.seeds} evaluation seeds [95% bootstrap CI of that mean]. Pretraining seed(s): "
-             f"{', '.join(map(str, budget.pretrain_seeds))}. Reference rows: random-init (the same architecture, "
+             f"{', '.join(map(str, budget.pretrain_seeds))}. "
+             + (f"Recipe: the {budget.size} size preset with {' '.join(budget.overrides)} for every pretraining. "
+                if budget.overrides else "")
+             + "Reference rows: random-init (the same architecture, "
              "untrained), diameter-only and shape-only (logistic regression on the nodule's diameter / 9 mask shape "
              "features, same folds, subsets and seeds). Where random init was drawn several times (--random-draws), "
              "the row under it gives the spread of its cell over the weight draws: a pretrained encoder whose "
@@ -863,7 +899,16 @@ def main(argv=None) -> int:
                    help="draw random init's weights N times (torch seeds 0..N-1) for the cheap units -- the nodule "
                         "linear probes and organ recognition -- and show the spread under its row (default 10; "
                         "quick 2; 1 = the single reference draw)")
+    p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", dest="overrides",
+                   help="config overrides for every pretraining, on top of the size and method presets (dagman "
+                        "pretrain's KEY=VALUE, e.g. loss.koleo_head_weight=0.01): a recipe to compare. Recorded in "
+                        "OUT/presets.json (one recipe per folder); random init and the reference rows do not depend "
+                        "on it. model.* keys are refused (random init must share the architecture)")
     args = p.parse_args(argv)
+    try:
+        check_overrides(args.overrides, args.size or Budget.size, args.methods)
+    except ValueError as e:
+        p.error(str(e))
     if args.random_draws is not None and args.random_draws < 1:
         p.error(f"--random-draws must be >= 1, got {args.random_draws}")
     if args.pretrain_seed < 0:
@@ -883,6 +928,10 @@ def main(argv=None) -> int:
     if args.pretrain_seed:
         budget = dataclasses.replace(budget, pretrain_seeds=(args.pretrain_seed,))
     out = Path(args.out).resolve()
+    if args.report_only and not args.overrides:  # the tables of a --set comparison, without repeating --set
+        args.overrides = recorded_overrides(out)
+    if args.overrides:
+        budget = dataclasses.replace(budget, overrides=tuple(args.overrides))
     (out / "logs").mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
     say(f"compare_methods: {describe_machine()}; budget {dataclasses.asdict(budget)}")

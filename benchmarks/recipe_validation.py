@@ -12,7 +12,9 @@ per recipe, never tuned on):
    *training* volumes, e.g. ``totalseg_abdomen`` vs ``totalseg_abdomen_crop``): the k-NN vote the trainer's
    ``train.probe`` runs (k = 20, balanced accuracy), on the mean of each stage's tokens (s0..s4) and on the
    SA [CLS] token (``sa``, encoders pretrained with an SA block); beside it the effective rank of each of
-   those features over the probe's crops (RankMe; a falling rank is dimensional collapse).
+   those features over the probe's crops (RankMe; a falling rank is dimensional collapse); and k-means on the
+   mean tokens of all the probe's crops against their organ labels (NMI, ARI: the twin of compare_methods'
+   organ clustering).
 2. **Nodule malignancy, training pool only** (``--nodules``, a ``dagman data nodules`` folder, e.g. the one
    ``compare_methods.py`` builds): ``compare_methods.py``'s fixed patient-grouped split is made, the held-out
    test nodules are dropped *before anything is encoded*, and ``dagman classify``'s cross-validation runs on
@@ -55,11 +57,32 @@ def organ_probe(enc, probe_path: str) -> dict[str, dict[str, float]]:
     (of ``"dim"`` dimensions)."""
     from dagman.train.probe import load_probe_set, probe_network
 
-    scores = probe_network(enc, load_probe_set(probe_path), stages=True)
+    probe = load_probe_set(probe_path)
+    scores = probe_network(enc, probe, stages=True)
     # "mean" is s4 again; keep the stage names and "sa"
-    return {part: {k.removeprefix(f"probe/{part}_"): v for k, v in scores.items()
-                   if k.startswith(f"probe/{part}_") and k != f"probe/{part}_mean"}
-            for part in ("knn", "rank", "dim")}
+    out = {part: {k.removeprefix(f"probe/{part}_"): v for k, v in scores.items()
+                  if k.startswith(f"probe/{part}_") and k != f"probe/{part}_mean"}
+           for part in ("knn", "rank", "dim")}
+    out["kmeans"] = probe_kmeans(enc, probe)
+    return out
+
+
+def probe_kmeans(enc, probe, seeds: int = 3) -> dict[str, dict[str, float]]:
+    """The validation twin of compare_methods' organ clustering: k-means (k = the probe's classes, standardised
+    features, :func:`dagman.tasks.cluster.kmeans_labels`) on the mean last-stage tokens of *all* the probe's
+    crops (both training volumes), scored against their organ labels; NMI and ARI, mean +- std over ``seeds``
+    k-means seeds."""
+    from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
+
+    from dagman.tasks.cluster import kmeans_labels
+    from dagman.train.probe import probe_features
+
+    x = probe_features(enc, probe.inputs)["mean"]
+    y = np.asarray(probe.class_ids)
+    labels = [kmeans_labels(x, len(probe.class_names), seed=s) for s in range(seeds)]
+    scores = {"nmi": [normalized_mutual_info_score(y, km) for km in labels],
+              "ari": [adjusted_rand_score(y, km) for km in labels]}
+    return {k: {"mean": float(np.mean(v)), "std": float(np.std(v))} for k, v in scores.items()}
 
 
 def training_pool(nodules: Path, crop_size: int = 32):
@@ -149,6 +172,9 @@ def main(argv=None) -> int:
                 knn, rank, dim = row["probe"]["knn"], row["probe"]["rank"], row["probe"]["dim"]
                 print(name, "probe k-NN20:", " ".join(f"{k} {v:.3f}" for k, v in knn.items()), flush=True)
                 print(name, "effective rank:", " ".join(f"{k} {rank[k]:.1f}/{dim[k]:.0f}" for k in rank), flush=True)
+                km = row["probe"]["kmeans"]
+                print(name, "probe k-means (mean tokens):", " ".join(f"{k.upper()} {v['mean']:.3f}±{v['std']:.3f}"
+                                                                  for k, v in km.items()), flush=True)
             if pool is not None:
                 row["nodules_cv"] = nodule_cv(ckpt, args.size, pool, args.fractions, args.ft_fractions, args.seeds,
                                               seed, args.ft_features)

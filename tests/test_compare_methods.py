@@ -115,7 +115,7 @@ def test_a_changed_preset_is_refused_instead_of_mixing_recipes(cm, tmp_path, mon
         cm.check_presets(tmp_path, dataclasses.replace(budget, size="tiny"))  # the run folders are not keyed on size
     changed = {**config_presets.SIZE_PRESETS, "cpu": {**config_presets.SIZE_PRESETS["cpu"], "mask": {"unit_stage": 3}}}
     monkeypatch.setattr(config_presets, "SIZE_PRESETS", changed)
-    with pytest.raises(SystemExit, match="size_preset of this checkout differ"):
+    with pytest.raises(SystemExit, match="size_preset of this checkout and command differ"):
         cm.check_presets(tmp_path, budget)
     assert json.loads((tmp_path / "presets.json").read_text()) == recorded  # the record is never overwritten
     # a comparison whose units read the SA encoders through their SA [CLS] token (recorded before "features")
@@ -123,7 +123,7 @@ def test_a_changed_preset_is_refused_instead_of_mixing_recipes(cm, tmp_path, mon
     older = tmp_path / "older"
     older.mkdir()
     (older / "presets.json").write_text(json.dumps({k: v for k, v in recorded.items() if k != "features"}))
-    with pytest.raises(SystemExit, match="features of this checkout differ"):
+    with pytest.raises(SystemExit, match="features of this checkout and command differ"):
         cm.check_presets(older, budget)
 
 
@@ -144,3 +144,59 @@ def test_random_init_draws_row_gives_mean_lowest_and_highest_per_column(cm):
     row = cm.draws_row(draws, (0.25, 1.0), lambda d, f: (d["fractions"].get(str(f)) or {}).get("knn_10", {}).get("mean"))
     assert row == "| random init, 3 weight draws: mean [lowest, highest] | 0.130 [0.100, 0.160] | 0.250 [0.200, 0.300] |"
     assert cm.draws_row(draws[:1], (0.25,), lambda d, f: 0.1) is None  # one draw: no spread to show
+
+
+def test_set_overrides_change_the_pretrained_units_only(cm):
+    base = dataclasses.replace(cm.Budget.quick(), size="cpu")
+    recipe = dataclasses.replace(base, overrides=("loss.koleo_head_weight=0.01",))
+    # random init and the references do not read pretrained weights: shared by every recipe of the size preset
+    assert base.fingerprint("u", pretrained=False) == recipe.fingerprint("u", pretrained=False)
+    assert base.fingerprint("u") != recipe.fingerprint("u")
+    # a budget without overrides hashes as it did before the field existed, so earlier stores stay valid
+    fields = dataclasses.asdict(base)
+    del fields["overrides"]
+    import hashlib
+
+    before = hashlib.sha256(json.dumps([fields, "u"], sort_keys=True, default=str).encode()).hexdigest()[:16]
+    assert base.fingerprint("u") == before
+
+
+def test_set_overrides_are_checked_before_anything_runs(cm):
+    cm.check_overrides(["loss.koleo_head_weight=0.01"], "cpu", ["dagman", "smit"])
+    cm.check_overrides([], "cpu", ["dagman"])
+    with pytest.raises(ValueError, match="architecture comes from --size"):
+        cm.check_overrides(["model.embed_dim=24"], "cpu", ["dagman"])
+    with pytest.raises(ValueError, match="KEY=VALUE"):
+        cm.check_overrides(["loss.koleo_head_weight"], "cpu", ["dagman"])
+    with pytest.raises(ValueError, match="--method dagman: .*no_such_key"):
+        cm.check_overrides(["loss.no_such_key=1"], "cpu", ["dagman"])
+    with pytest.raises(SystemExit) as e:  # on the command line: argparse's one-line error, status 2
+        cm.main(["--set", "model.depths=[1,1,1,1]", "--report-only", "--out", "/nonexistent"])
+    assert e.value.code == 2
+
+
+def test_a_recipe_is_recorded_and_another_one_refused(cm, tmp_path, monkeypatch):
+    budget = dataclasses.replace(cm.Budget.quick(), size="cpu")
+    recipe = dataclasses.replace(budget, overrides=("loss.koleo_head_weight=0.01",))
+    cm.check_presets(tmp_path, recipe)
+    assert json.loads((tmp_path / "presets.json").read_text())["overrides"] == ["loss.koleo_head_weight=0.01"]
+    assert cm.recorded_overrides(tmp_path) == ["loss.koleo_head_weight=0.01"]
+    cm.check_presets(tmp_path, recipe)
+    with pytest.raises(SystemExit, match="overrides of this checkout and command differ"):
+        cm.check_presets(tmp_path, budget)
+    # a folder recorded before --set existed holds the presets without overrides
+    older = tmp_path / "older"
+    older.mkdir()
+    cm.check_presets(older, budget)
+    record = json.loads((older / "presets.json").read_text())
+    del record["overrides"]
+    (older / "presets.json").write_text(json.dumps(record))
+    cm.check_presets(older, budget)
+    assert cm.recorded_overrides(older) == [] and cm.recorded_overrides(tmp_path / "none") == []
+    with pytest.raises(SystemExit, match="overrides"):
+        cm.check_presets(older, recipe)
+    # the pretraining command carries the recipe
+    calls = []
+    monkeypatch.setattr(cm, "dagman_cli", lambda args, log: calls.append([str(a) for a in args]))
+    cm.pretrain(tmp_path, tmp_path / "cache", recipe, "dagman", 0)
+    assert calls and calls[0][-1] == "loss.koleo_head_weight=0.01" and "--steps" in calls[0]

@@ -78,7 +78,10 @@ def test_per_stage_probe_of_a_random_encoder(rv, tmp_path):
     np.testing.assert_array_equal(feats["s4"], feats["mean"])
     assert sorted(probe_features(enc, inputs[:4])) == ["mean"]  # stages only when asked
     scores = rv.organ_probe(enc, str(path))
-    assert sorted(scores) == ["dim", "knn", "rank"]
+    assert sorted(scores) == ["dim", "kmeans", "knn", "rank"]
+    # two well-separated intensity classes: k-means with k = 2 recovers them exactly, for every k-means seed
+    assert scores["kmeans"]["nmi"] == {"mean": pytest.approx(1.0), "std": pytest.approx(0.0)}
+    assert scores["kmeans"]["ari"]["mean"] == pytest.approx(1.0)
     assert sorted(scores["knn"]) == sorted(scores["rank"]) == ["s0", "s1", "s2", "s3", "s4"]
     assert scores["knn"]["s4"] == 1.0  # bright vs dark crops: any feature that keeps the intensity separates them
     assert [scores["dim"][f"s{i}"] for i in range(5)] == list(enc.backbone.stage_widths)
@@ -88,6 +91,24 @@ def test_per_stage_probe_of_a_random_encoder(rv, tmp_path):
     other = probe_features(rv.encoder("none", "tiny", None, seed=1), inputs[:4])
     np.testing.assert_array_equal(feats["mean"], again["mean"])
     assert not np.allclose(feats["mean"], other["mean"])
+
+
+def test_probe_kmeans_of_unrelated_labels_is_near_zero(rv):
+    """Labels drawn independently of the crops: the clustering cannot agree with them (ARI ~ 0), while the same
+    crops with labels that follow their intensity score 1."""
+    from dagman.train.probe import ProbeSet
+
+    rng = np.random.default_rng(1)
+    n = 60
+    bright = np.arange(n) % 3
+    inputs = (0.1 + 0.3 * bright[:, None, None, None] + rng.normal(0, 0.01, (n, 32, 32, 32))).astype(np.float16)
+    enc = rv.encoder("none", "tiny", None)
+    names = ["a", "b", "c"]
+    follow = rv.probe_kmeans(enc, ProbeSet(inputs, bright, np.arange(n) >= 40, names, 2.0, (-750.0, 1750.0)))
+    unrelated = rng.permutation(bright)
+    shuffled = rv.probe_kmeans(enc, ProbeSet(inputs, unrelated, np.arange(n) >= 40, names, 2.0, (-750.0, 1750.0)))
+    assert follow["ari"]["mean"] == pytest.approx(1.0)
+    assert abs(shuffled["ari"]["mean"]) < 0.1 and shuffled["nmi"]["mean"] < 0.15
 
 
 def test_histogram_features_by_hand():
