@@ -681,6 +681,23 @@ NODULE_SETS = (("unmatched", "all nodules (diameter predicts malignancy)"),
                ("matched", "SIZE-MATCHED nodules (benign and malignant with the same diameter distribution)"))
 
 
+FEATURE_NAMES = {"mean": "mean tokens", "sa": "SA [CLS] token"}
+
+
+def separation(ci, ref_ci, draws=()) -> str:
+    """'▲' when the interval ``ci`` lies entirely above random init's interval ``ref_ci`` and above each of its
+    weight ``draws`` (values; None ignored), '▼' when entirely below both, '' otherwise or when an interval is
+    missing: the reading of "beats random init" used in docs/RESULTS.md."""
+    if not ci or not ref_ci:
+        return ""
+    vals = [float(v) for v in draws if v is not None]
+    if ci[0] > max([ref_ci[1], *vals]):
+        return "▲"
+    if ci[1] < min([ref_ci[0], *vals]):
+        return "▼"
+    return ""
+
+
 def _frac_cells(r: dict | None, fractions, key: str = "test_auc") -> list[str]:
     if r is None:
         return ["pending" for _ in fractions]
@@ -722,7 +739,31 @@ def write_tables(out: Path, budget: Budget, res: dict, meta: dict) -> str:
              "untrained), diameter-only and shape-only (logistic regression on the nodule's diameter / 9 mask shape "
              "features, same folds, subsets and seeds). Where random init was drawn several times (--random-draws), "
              "the row under it gives the spread of its cell over the weight draws: a pretrained encoder whose "
-             "interval sits inside that range is not told apart from random init by this instrument.", ""]
+             "interval sits inside that range is not told apart from random init by this instrument. ▲ / ▼ after a "
+             "cell: its 95% interval lies entirely above / below random init's interval and beyond the highest / "
+             "lowest of its weight draws (where drawn); every such cell is listed in the first table.", ""]
+    head = len(lines)
+    found: list[str] = []
+
+    def mark(cells, e, own, ref, draws, keys, where):
+        """Append ▲ / ▼ to the cells of encoder ``e`` (not random init or a reference row) whose interval
+        separates: ``own(k)`` / ``ref(k)`` give the encoder's and random init's interval of column ``k``,
+        ``draws(k)`` random init's drawn values; ``where(k)`` names the column in the list of separations."""
+        if e == RANDOM or e in REFS:
+            return cells
+        out = []
+        for text, k in zip(cells, keys):
+            sign = separation(own(k), ref(k), draws(k))
+            if sign:
+                found.append(f"| {e} | {where(k)} | {'above' if sign == '▲' else 'below'} | {text} |")
+            out.append(f"{text} {sign}" if sign else text)
+        return out
+
+    def get(d, *keys):
+        for k in keys:
+            d = (d or {}).get(k)
+        return d
+
     fr = [f"{f:.0%}" for f in budget.fractions]
     for nset, ntitle in NODULE_SETS:
         n_test = next((r["fractions"][str(budget.fractions[-1])]["n_test"] for r in res[nset]["lp"]["mean"].values()
@@ -737,8 +778,14 @@ def write_tables(out: Path, budget: Budget, res: dict, meta: dict) -> str:
                     continue
                 r = res[nset]["lp"]["ref" if e in REFS else "mean" if e == RANDOM else feat].get(e)
                 name = f"{e} (reference)" if e in REFS or e == RANDOM else e
-                lines.append(f"| {name} | {r['feature_source'] if r else ''} | " +
-                             " | ".join(_frac_cells(r["fractions"] if r else None, budget.fractions)) + " |")
+                ref = get(res[nset]["lp"]["mean"].get(RANDOM), "fractions")
+                draws = [d for d in res["draws"]["lp"].get(nset) or [] if d]
+                cells = mark(_frac_cells(r["fractions"] if r else None, budget.fractions), e,
+                             lambda f: get(r, "fractions", str(f), "test_auc_ci"),
+                             lambda f: get(ref, str(f), "test_auc_ci"),
+                             lambda f: [get(d, "fractions", str(f), "test_auc", "mean") for d in draws],
+                             budget.fractions, lambda f: f"{ntitle}: linear probe, {FEATURE_NAMES[feat]}, {f:.0%}")
+                lines.append(f"| {name} | {r['feature_source'] if r else ''} | " + " | ".join(cells) + " |")
                 row = e == RANDOM and draws_row(
                     res["draws"]["lp"].get(nset), budget.fractions,
                     lambda d, f: (d["fractions"].get(str(f)) or {}).get("test_auc", {}).get("mean"),
@@ -753,7 +800,11 @@ def write_tables(out: Path, budget: Budget, res: dict, meta: dict) -> str:
                       "|---|" + "---|" * len(ffr)]
             for e in ENCODERS:
                 name = f"{e} (reference)" if e == RANDOM else e
-                lines.append(f"| {name} | " + " | ".join(_frac_cells(res[nset]["ft"].get(e), ffr)) + " |")
+                r, ref = res[nset]["ft"].get(e), res[nset]["ft"].get(RANDOM)
+                cells = mark(_frac_cells(r, ffr), e, lambda f: get(r, str(f), "test_auc_ci"),
+                             lambda f: get(ref, str(f), "test_auc_ci"), lambda f: (), ffr,
+                             lambda f: f"{ntitle}: fine-tuning, {f:.0%}")
+                lines.append(f"| {name} | " + " | ".join(cells) + " |")
             for e in REFS:
                 r = res[nset]["lp"]["ref"].get(e)
                 lines.append(f"| {e} (reference, linear probe) | " +
@@ -777,6 +828,10 @@ def write_tables(out: Path, budget: Budget, res: dict, meta: dict) -> str:
                 continue
             cells = [fmt(r["fractions"][str(f)][probe], r["fractions"][str(f)][probe]["ci"])
                      if probe in r["fractions"].get(str(f), {}) else "n/a" for f in budget.fractions]
+            cells = mark(cells, e, lambda f: get(r, "fractions", str(f), probe, "ci"),
+                         lambda f: get(res["recognition"].get(RANDOM), "fractions", str(f), probe, "ci"),
+                         lambda f: [get(d, "fractions", str(f), probe, "mean") for d in res["draws"]["recognition"]],
+                         budget.fractions, lambda f: f"organ recognition, {ptitle}, {f:.0%}")
             c = r.get("ceiling")
             cells.append(f"{c['value']:.3f} [{c['ci'][0]:.3f}, {c['ci'][1]:.3f}]" if c else "n/a")
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
@@ -791,8 +846,13 @@ def write_tables(out: Path, budget: Budget, res: dict, meta: dict) -> str:
     for e in ENCODERS:
         c = res["cluster"].get(e)
         if c:
+            # the UMAP distances depend on each embedding's scale: only the scores against the labels are marked
+            cells = mark([fmt(c[k], c[k]["ci"]) for k in CLUSTER_KEYS], e,
+                         lambda k: c[k]["ci"] if k.startswith("kmeans") else None,
+                         lambda k: get(res["cluster"].get(RANDOM), k, "ci"), lambda k: (), CLUSTER_KEYS,
+                         lambda k: f"organ clustering, {k.replace('kmeans_', 'k-means ').replace('nmi', 'NMI').replace('ari', 'ARI')}")
             lines.append(f"| {e + ' (reference)' if e == RANDOM else e} | {c['n_crops']} | {c['n_classes']} | " +
-                         " | ".join(fmt(c[k], c[k]["ci"]) for k in CLUSTER_KEYS) + " |")
+                         " | ".join(cells) + " |")
     lines += ["", "## Head diversity: per-head attention entropy (nats) per stage: mean over heads / spread "
               "(std across heads) [95% CI over crops]", "", "| encoder | " +
               " | ".join(f"stage {i}" for i in range(1, 5)) + " |", "|---|" + "---|" * 4]
@@ -811,6 +871,9 @@ def write_tables(out: Path, budget: Budget, res: dict, meta: dict) -> str:
     for e in ENCODERS:
         cells = [fmt(res["seg"][e][str(f)], res["seg"][e][str(f)]["ci"]) if res["seg"].get(e, {}).get(str(f))
                  else "pending" for f in budget.seg_fractions]
+        cells = mark(cells, e, lambda f: get(res["seg"].get(e), str(f), "ci"),
+                     lambda f: get(res["seg"].get(RANDOM), str(f), "ci"), lambda f: (), budget.seg_fractions,
+                     lambda f: f"nodule segmentation Dice, {f:.0%}")
         lines.append(f"| {e + ' (reference)' if e == RANDOM else e} | " + " | ".join(cells) + " |")
     top = str(max(budget.seg_fractions))
     lines += ["", f"### Real CT, hand-drawn lesions (pyradiomics lung1, lung2; n = 2): Dice of the {float(top):.0%} "
@@ -820,6 +883,9 @@ def write_tables(out: Path, budget: Budget, res: dict, meta: dict) -> str:
         real = (res["seg"].get(e, {}).get(top) or {}).get("real_dice") or {}
         lines.append(f"| {e + ' (reference)' if e == RANDOM else e} | " +
                      " | ".join(f"{real[c]:.3f}" if c in real else "n/a" for c in REAL_LESIONS) + " |")
+    lines[head:head] = ["## Where an encoder separates from random init (▲ above, ▼ below)", "",
+                        *(["| encoder | evaluation, column | | cell |", "|---|---|---|---|", *found] if found else
+                          ["No cell of a pretrained encoder separates from random init."]), ""]
     text = "\n".join(lines) + "\n"
     name = f"comparison{output_suffix(budget)}"
     (out / f"{name}.md").write_text(text)

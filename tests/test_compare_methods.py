@@ -200,3 +200,41 @@ def test_a_recipe_is_recorded_and_another_one_refused(cm, tmp_path, monkeypatch)
     monkeypatch.setattr(cm, "dagman_cli", lambda args, log: calls.append([str(a) for a in args]))
     cm.pretrain(tmp_path, tmp_path / "cache", recipe, "dagman", 0)
     assert calls and calls[0][-1] == "loss.koleo_head_weight=0.01" and "--steps" in calls[0]
+
+
+def test_separation_by_hand(cm):
+    assert cm.separation([0.19, 0.26], [0.11, 0.13]) == "▲"
+    assert cm.separation([0.19, 0.26], [0.11, 0.13], draws=[0.12, 0.20]) == ""  # a weight draw reaches inside
+    assert cm.separation([0.19, 0.26], [0.11, 0.13], draws=[0.12, None, 0.18]) == "▲"
+    assert cm.separation([0.70, 0.75], [0.85, 0.92], draws=[0.88]) == "▼"
+    assert cm.separation([0.70, 0.75], [0.85, 0.92], draws=[0.74]) == ""
+    assert cm.separation([0.10, 0.13], [0.11, 0.14]) == ""  # overlapping
+    assert cm.separation(None, [0.1, 0.2]) == cm.separation([0.1, 0.2], None) == ""
+
+
+def test_the_tables_mark_and_list_each_separating_cell(cm, tmp_path):
+    budget = dataclasses.replace(cm.Budget.quick(), size="cpu", fractions=(0.25, 1.0))
+
+    def rec(v25, ci25, v100, ci100):
+        cell = lambda v, ci: {"knn_10": {"mean": v, "std": 0.0, "values": [v], "ci": ci}}  # noqa: E731
+        return {"fractions": {"0.25": cell(v25, ci25), "1.0": cell(v100, ci100)}, "train_case": "a", "test_case": "b",
+                "classes": ["x", "y"], "chance": 0.5, "n_test": 10}
+
+    res = {nset: {"lp": {"mean": {}, "sa": {}, "ref": {}}, "ft": {}} for nset, _ in cm.NODULE_SETS}
+    res.update(cluster={}, diversity={}, seg={}, draws={"lp": {}, "recognition": []})
+    res["recognition"] = {cm.RANDOM: rec(0.12, [0.11, 0.13], 0.11, [0.08, 0.14]),
+                          "dagman": rec(0.23, [0.19, 0.26], 0.22, [0.16, 0.28]),
+                          "smit": rec(0.05, [0.02, 0.07], 0.12, [0.09, 0.15])}
+    # random init drawn again: its highest draw at 100% (0.18) reaches dagman's interval, at 25% (0.16) does not
+    res["draws"]["recognition"] = [res["recognition"][cm.RANDOM], rec(0.16, None, 0.18, None)]
+    meta = {"machine": "test", "evaluation_seconds_recorded": 0.0, "command": "x"}
+    text = cm.write_tables(tmp_path, budget, res, meta)
+    summary = text.split("## Where an encoder separates from random init")[1].split("\n## ")[0]
+    assert "| dagman | organ recognition, k-NN k=10, 25% | above | 0.230 [0.190, 0.260] |" in summary
+    assert "| smit | organ recognition, k-NN k=10, 25% | below |" in summary
+    assert summary.count("| above |") == 1 and summary.count("| below |") == 1  # dagman at 100%: inside the draws
+    table = text.split("### k-NN k=10")[1].split("###")[0]
+    assert "| dagman | 0.230 [0.190, 0.260] ▲ | 0.220 [0.160, 0.280] |" in table
+    assert "▲" not in table.split("| dagman")[0]  # random init's own rows are never marked
+    empty = cm.write_tables(tmp_path, budget, {**res, "recognition": {cm.RANDOM: res["recognition"][cm.RANDOM]}}, meta)
+    assert "No cell of a pretrained encoder separates from random init." in empty
