@@ -544,20 +544,18 @@ def recognition(manifest: dict, ckpt: str, budget: Budget, draw: int = 0) -> dic
     return out
 
 
-def _cluster_scores(emb: np.ndarray, km: np.ndarray, cls: np.ndarray) -> np.ndarray:
-    from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
-
-    from dagman.tasks.cluster import mean_inter_distance, mean_intra_distance
+def _cluster_scores(emb: np.ndarray, feats: np.ndarray, cls: np.ndarray, k: int, seed: int) -> np.ndarray:
+    from dagman.tasks.cluster import kmeans_agreement, mean_inter_distance, mean_intra_distance
 
     return np.array([mean_intra_distance(emb, cls), mean_inter_distance(emb, cls),
-                     normalized_mutual_info_score(cls, km), adjusted_rand_score(cls, km)])
+                     *kmeans_agreement(feats, cls, k, seed)])
 
 
 CLUSTER_KEYS = ("umap_intra", "umap_inter", "kmeans_nmi", "kmeans_ari")
 
 
 def clustering(manifest: dict, ckpt: str, budget: Budget) -> dict:
-    from dagman.tasks.cluster import kmeans_labels, umap_embedding
+    from dagman.tasks.cluster import umap_embedding
     from dagman.tasks.encoder import extract_features
 
     enc = open_encoder(ckpt, budget.size)
@@ -566,8 +564,7 @@ def clustering(manifest: dict, ckpt: str, budget: Budget) -> dict:
         inputs, cls, names = cluster_crops(manifest, budget, seed=s)
         feats = extract_features(enc, inputs, batch_size=16, progress=False)
         emb = umap_embedding(feats, seed=s)
-        km = kmeans_labels(feats, len(names), seed=s)
-        per_seed.append(_cluster_scores(emb, km, cls))
+        per_seed.append(_cluster_scores(emb, feats, cls, len(names), s))
     per_seed = np.array(per_seed)
     out = {"feature_source": enc.feature_source, "n_crops": int(len(cls)), "n_classes": len(names),
            "classes": names}

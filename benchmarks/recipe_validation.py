@@ -70,19 +70,15 @@ def organ_probe(enc, probe_path: str) -> dict[str, dict[str, float]]:
 def probe_kmeans(enc, probe, seeds: int = 3) -> dict[str, dict[str, float]]:
     """The validation twin of compare_methods' organ clustering: k-means (k = the probe's classes, standardised
     features, :func:`dagman.tasks.cluster.kmeans_labels`) on the mean last-stage tokens of *all* the probe's
-    crops (both training volumes), scored against their organ labels; NMI and ARI, mean +- std over ``seeds``
-    k-means seeds."""
-    from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
-
-    from dagman.tasks.cluster import kmeans_labels
+    crops (both training volumes), scored against their organ labels (:func:`dagman.tasks.cluster.kmeans_agreement`);
+    NMI and ARI, mean +- std over ``seeds`` k-means seeds."""
+    from dagman.tasks.cluster import kmeans_agreement
     from dagman.train.probe import probe_features
 
     x = probe_features(enc, probe.inputs)["mean"]
-    y = np.asarray(probe.class_ids)
-    labels = [kmeans_labels(x, len(probe.class_names), seed=s) for s in range(seeds)]
-    scores = {"nmi": [normalized_mutual_info_score(y, km) for km in labels],
-              "ari": [adjusted_rand_score(y, km) for km in labels]}
-    return {k: {"mean": float(np.mean(v)), "std": float(np.std(v))} for k, v in scores.items()}
+    per_seed = np.array([kmeans_agreement(x, probe.class_ids, len(probe.class_names), s) for s in range(seeds)])
+    return {k: {"mean": float(per_seed[:, j].mean()), "std": float(per_seed[:, j].std())}
+            for j, k in enumerate(("nmi", "ari"))}
 
 
 def training_pool(nodules: Path, crop_size: int = 32):

@@ -99,6 +99,9 @@ def test_kmeans_scores_equal_sklearn_on_the_kmeans_labels():
     assert m["kmeans_nmi"] == pytest.approx(normalized_mutual_info_score(classes, km), abs=1e-12)
     assert m["kmeans_ari"] == pytest.approx(adjusted_rand_score(classes, km), abs=1e-12)
     assert 0.05 < m["kmeans_nmi"] < 0.99
+    from dagman.tasks.cluster import kmeans_agreement
+
+    assert kmeans_agreement(feats, classes, seed=5) == (m["kmeans_nmi"], m["kmeans_ari"])  # k: the classes present
     assert m["umap_intra"] == pytest.approx(_brute_intra(emb, classes))
     z = standardise(feats)
     assert m["feature_inter"] == pytest.approx(_brute_inter(z, classes))

@@ -529,6 +529,17 @@ def kmeans_labels(features: np.ndarray, k: int, seed: int = 0) -> np.ndarray:
     return KMeans(n_clusters=k, n_init=10, random_state=seed).fit_predict(standardise(features))
 
 
+def kmeans_agreement(features: np.ndarray, classes: np.ndarray, k: int | None = None,
+                     seed: int = 0) -> tuple[float, float]:
+    """How well k-means on ``features`` (:func:`kmeans_labels`, ``k`` clusters, default the number of distinct
+    ``classes``) recovers the ``classes``: (normalised mutual information, adjusted Rand index)."""
+    from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
+
+    cls = np.asarray(classes)
+    km = kmeans_labels(features, len(np.unique(cls)) if k is None else k, seed)
+    return float(normalized_mutual_info_score(cls, km)), float(adjusted_rand_score(cls, km))
+
+
 def cluster_metrics(features: np.ndarray, classes: np.ndarray, seed: int = 0,
                     embedding: np.ndarray | None = None) -> dict:
     """Every clustering number of one encoder's features (definitions in the module docstring).
@@ -538,7 +549,7 @@ def cluster_metrics(features: np.ndarray, classes: np.ndarray, seed: int = 0,
     ``umap_intra``, ``umap_inter``, ``umap_ratio``, ``umap_silhouette`` (UMAP space), ``feature_intra``,
     ``feature_inter``, ``feature_ratio``, ``silhouette`` (standardised features), ``kmeans_nmi``,
     ``kmeans_ari``, and ``n_points``, ``n_classes``, ``feature_dim``."""
-    from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score, silhouette_score
+    from sklearn.metrics import silhouette_score
 
     feats = np.asarray(features, dtype=np.float64)
     cls = np.asarray(classes)
@@ -548,7 +559,6 @@ def cluster_metrics(features: np.ndarray, classes: np.ndarray, seed: int = 0,
         raise DagmanError(f"clustering metrics need 2 <= classes < points, got {k} classes and {len(cls)} points")
     z = standardise(feats)
     emb = umap_embedding(feats, seed) if embedding is None else np.asarray(embedding, dtype=np.float64)
-    km = kmeans_labels(feats, k, seed)
 
     def silhouette(p):
         return float(silhouette_score(p, cls)) if np.ptp(p, axis=0).max() > 0 else float("nan")
@@ -561,8 +571,7 @@ def cluster_metrics(features: np.ndarray, classes: np.ndarray, seed: int = 0,
         out[f"{prefix}_ratio"] = inter / intra if intra > 0 else float("nan")
     out["umap_silhouette"] = silhouette(emb)
     out["silhouette"] = silhouette(z)
-    out["kmeans_nmi"] = float(normalized_mutual_info_score(cls, km))
-    out["kmeans_ari"] = float(adjusted_rand_score(cls, km))
+    out["kmeans_nmi"], out["kmeans_ari"] = kmeans_agreement(feats, cls, k, seed)
     out.update(n_points=int(len(cls)), n_classes=int(k), feature_dim=int(feats.shape[1]))
     return out
 
