@@ -180,9 +180,9 @@ def check_presets(out: Path, budget: Budget) -> None:
         return
     changed = sorted(k for k in now if before.get(k) != now[k])
     if changed:
-        raise SystemExit(f"compare_methods: the {' and '.join(changed)} of this checkout and command differ from those that "
-                         f"computed {out} (recorded in {path}): one table would mix recipes. Use a new --out, or "
-                         f"delete {out / 'results'} and {out / 'runs'}.")
+        raise SystemExit(f"compare_methods: the {' and '.join(changed)} of this checkout and command differ from "
+                         f"those that computed {out} (recorded in {path}): one table would mix recipes. Use a new "
+                         f"--out, or delete {out / 'results'} and {out / 'runs'}.")
 
 
 def command_line(argv: list[str]) -> str:
@@ -847,7 +847,7 @@ def write_tables(out: Path, budget: Budget, res: dict, meta: dict) -> str:
             cells = mark([fmt(c[k], c[k]["ci"]) for k in CLUSTER_KEYS], e,
                          lambda k: c[k]["ci"] if k.startswith("kmeans") else None,
                          lambda k: get(res["cluster"].get(RANDOM), k, "ci"), lambda k: (), CLUSTER_KEYS,
-                         lambda k: f"organ clustering, {k.replace('kmeans_', 'k-means ').replace('nmi', 'NMI').replace('ari', 'ARI')}")
+                         lambda k: f"organ clustering, k-means {k.removeprefix('kmeans_').upper()}")
             lines.append(f"| {e + ' (reference)' if e == RANDOM else e} | {c['n_crops']} | {c['n_classes']} | " +
                          " | ".join(cells) + " |")
     lines += ["", "## Head diversity: per-head attention entropy (nats) per stage: mean over heads / spread "
