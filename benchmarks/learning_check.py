@@ -17,7 +17,10 @@ as in training), at step 0 (the initial weights) and after training:
   view the method scores (the teacher's patch-dropped view by default), and, for information, on the clean view
   (``importance_entropy_clean_view``: whether S looks at the anatomy or only at the tokens the teacher kept).
 
-`--measure-only` measures the checkpoint already in `WORK/run` with the config it was trained with (no training).
+`--measure-only` measures the checkpoint already in `WORK/run` with the config it was trained with (no training),
+with the overrides given applied on top of it (e.g. `mask.student=random`: the same network measured with random
+masks instead of its own); `--measure-on train` measures on the training volumes instead of the held-out one
+(validation data: a recipe may be chosen on it).
 `--heads` adds where an image-level collapse sits (:func:`head_geometry`): the teacher's pooled token, each
 image-level projection output z and its logits over the prototypes, at step 0 and after training.
 
@@ -37,7 +40,7 @@ from pathlib import Path
 
 import torch
 
-from dagman.config import from_dict, load_config, plan_steps
+from dagman.config import load_config, override_config, plan_steps
 from dagman.data.cache import atomic_write_json, read_manifest
 from dagman.data.views import TwoViewDataset
 from dagman.models.swin import upsample_mask
@@ -215,6 +218,8 @@ def main(argv=None) -> int:
     p.add_argument("--holdout", default=None, help="id prefix of the held-out volume (default: the last one)")
     p.add_argument("--measure-only", action="store_true",
                    help="measure the checkpoint in WORK/run with its own config; no training")
+    p.add_argument("--measure-on", choices=["heldout", "train"], default="heldout",
+                   help="with --measure-only: the held-out volume (default) or the training volumes")
     p.add_argument("--heads", action="store_true",
                    help="also print where an image-level collapse sits (teacher pooled token, projection output z, "
                         "logits over the prototypes), step 0 against the end")
@@ -232,17 +237,20 @@ def main(argv=None) -> int:
     path = work / "run" / "checkpoints" / "last.pt"
     if args.measure_only:
         ckpt = load_checkpoint(path)
-        cfg = from_dict(ckpt["config"])
+        cfg = override_config(ckpt["config"], args.overrides)
         schedules = Schedules.from_config(cfg, plan_steps(cfg, len(train_ids)))
         state = build_state(cfg, info, schedules)
         restore_state(state, ckpt, path)
-        print(f"held-out learning measures ({held_id}, {args.crops} crop pairs), {path} at step {state.step}:")
-        measures = heldout_measures(state, held_cache, args.crops, args.seed)
+        on, where = ((held_cache, f"held-out learning measures ({held_id}") if args.measure_on == "heldout" else
+                     (train_cache, f"learning measures on the TRAINING volumes ({len(train_ids)}"))
+        extra = f"; with {' '.join(args.overrides)}" if args.overrides else ""
+        print(f"{where}, {args.crops} crop pairs{extra}), {path} at step {state.step}:")
+        measures = heldout_measures(state, on, args.crops, args.seed)
         print("\n".join(verdicts(measures)))
         _print_info(measures)
         if args.heads:
-            _print_heads(head_geometry(build_state(cfg, info, schedules), held_cache, args.crops, args.seed),
-                         head_geometry(state, held_cache, args.crops, args.seed), f"step {state.step}")
+            _print_heads(head_geometry(build_state(cfg, info, schedules), on, args.crops, args.seed),
+                         head_geometry(state, on, args.crops, args.seed), f"step {state.step}")
         return 0
     from dagman.train.probe import probe_set_for
 

@@ -449,3 +449,14 @@ def test_preset_module_default_weights_are_the_dataclass_defaults():
     from dagman.config_presets import DEFAULT_WEIGHTS
 
     assert DEFAULT_WEIGHTS == {n: getattr(LossConfig(), f"{n}_weight") for n in ("amip", "ampd", "aitd", "gitd")}
+
+
+def test_override_config_applies_overrides_on_a_saved_config():
+    from dagman.config import load_config, override_config, to_dict
+
+    saved = to_dict(load_config(size="cpu", method="dagman", overrides=["loss.koleo_head_weight=0.01"]))
+    cfg = override_config(saved, ["mask.student=random", "mask.ratio=0.5"])
+    assert (cfg.mask.student, cfg.mask.ratio, cfg.loss.koleo_head_weight) == ("random", 0.5, 0.01)
+    assert override_config(saved) == load_config(size="cpu", method="dagman", overrides=["loss.koleo_head_weight=0.01"])
+    with pytest.raises(ConfigError, match="no_such"):
+        override_config(saved, ["mask.no_such=1"])

@@ -99,6 +99,19 @@ def test_learning_check_trains_then_measure_only_repeats_the_final_numbers(scrip
         assert float(line.split()[1]) == pytest.approx(final[key], abs=1e-4)
     assert f"{final['importance_entropy_clean_view']:8.4f}" in printed
 
+    def l1_ratio(text):
+        return float(next(x for x in text.splitlines() if x.split() and x.split()[0] == "l1_ratio").split()[1])
+
+    # the same checkpoint with random masks, and on the training volumes: other numbers, said in the header
+    assert learning_check.main(["--cache", str(cache), "--work", str(work), "--size", "cpu", "--crops", "2",
+                                "--measure-only", "mask.student=random"]) == 0
+    random_masks = capsys.readouterr().out
+    assert "with mask.student=random" in random_masks and l1_ratio(random_masks) != pytest.approx(final["l1_ratio"])
+    assert learning_check.main(["--cache", str(cache), "--work", str(work), "--size", "cpu", "--crops", "2",
+                                "--measure-only", "--measure-on", "train"]) == 0
+    on_train = capsys.readouterr().out
+    assert "TRAINING volumes" in on_train and l1_ratio(on_train) != pytest.approx(final["l1_ratio"])
+
 
 def test_head_geometry_sees_both_routes_of_an_image_level_collapse(scripts, cache):
     """head_geometry on constructed teachers: a GITD projection that ignores its input gives the same z for every

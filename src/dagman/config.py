@@ -75,6 +75,7 @@ __all__ = [
     "METHOD_PRESETS",
     "NUM_STAGES",
     "load_config",
+    "override_config",
     "preset_config",
     "from_dict",
     "to_dict",
@@ -759,6 +760,15 @@ def load_config(
     tree["size"], tree["method"] = chosen_size, chosen_method
     tree = _merge(tree, file_data, where)
     for key, value in parsed:
+        tree = _merge(tree, _nest(key, value))
+    return from_dict(tree)
+
+
+def override_config(data: Mapping[str, Any], overrides: Iterable[str] = ()) -> Config:
+    """A saved config (a :func:`to_dict` tree, e.g. a checkpoint's ``config``) with the ``key=value``
+    ``overrides`` applied on top, in order, and validated. Raises ConfigError (one line) on any problem."""
+    tree = to_dict(from_dict(data))
+    for key, value in (parse_override(o) for o in overrides):
         tree = _merge(tree, _nest(key, value))
     return from_dict(tree)
 
