@@ -225,6 +225,8 @@ def main(argv=None) -> int:
                         "logits over the prototypes), step 0 against the end")
     p.add_argument("overrides", nargs="*", help="config key=value overrides, as for dagman pretrain")
     args = p.parse_args(argv)
+    if args.measure_on != "heldout" and not args.measure_only:
+        p.error("--measure-on train measures a trained run: add --measure-only")
     work = Path(args.work)
     train_cache, held_cache, train_ids, held_id = work_and_split(work, args.cache, args.holdout,
                                                                  fresh=not args.measure_only)

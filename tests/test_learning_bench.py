@@ -111,6 +111,9 @@ def test_learning_check_trains_then_measure_only_repeats_the_final_numbers(scrip
                                 "--measure-only", "--measure-on", "train"]) == 0
     on_train = capsys.readouterr().out
     assert "TRAINING volumes" in on_train and l1_ratio(on_train) != pytest.approx(final["l1_ratio"])
+    with pytest.raises(SystemExit) as e:  # training while measuring on the training volumes: refused, one line
+        learning_check.main(["--cache", str(cache), "--work", str(work), "--measure-on", "train"])
+    assert e.value.code == 2 and "add --measure-only" in capsys.readouterr().err
 
 
 def test_head_geometry_sees_both_routes_of_an_image_level_collapse(scripts, cache):
