@@ -151,12 +151,21 @@ def check_overrides(overrides, size: str, methods) -> None:
             raise ValueError(f"--set with --method {method}: {e}") from None
 
 
+def presets_record(out: Path) -> dict | None:
+    """``OUT/presets.json`` (None when there is none: a first run, a comparison begun before the record, or a
+    torn file); a record from before ``--set`` existed has no overrides."""
+    try:
+        record = json.loads((out / "presets.json").read_text())
+    except (OSError, ValueError):
+        return None
+    record.setdefault("overrides", [])
+    return record
+
+
 def recorded_overrides(out: Path) -> list[str]:
     """The ``--set`` overrides recorded in ``OUT/presets.json`` (none when there is no record)."""
-    try:
-        return list(json.loads((out / "presets.json").read_text()).get("overrides", []))
-    except (OSError, ValueError):
-        return []
+    record = presets_record(out)
+    return list(record["overrides"]) if record else []
 
 
 def check_presets(out: Path, budget: Budget) -> None:
@@ -170,10 +179,8 @@ def check_presets(out: Path, budget: Budget) -> None:
     now = json.loads(json.dumps({"size": budget.size, "size_preset": SIZE_PRESETS.get(budget.size, {}),
                                  "method_presets": {m: METHOD_PRESETS[m] for m in PRESETS},
                                  "features": FEATURES, "overrides": list(budget.overrides)}))
-    try:
-        before = json.loads(path.read_text())
-        before.setdefault("overrides", [])  # recorded before --set existed: none
-    except (OSError, ValueError):  # first run, a comparison begun before the record, or a torn file
+    before = presets_record(out)
+    if before is None:
         from dagman.fileio import atomic_write
 
         atomic_write(path, lambda fh: fh.write(json.dumps(now, indent=1, sort_keys=True).encode()))
@@ -770,23 +777,23 @@ def write_tables(out: Path, budget: Budget, res: dict, meta: dict) -> str:
             lines += [f"## Nodule malignancy, {ntitle}: linear probe, test AUC — {title}", "",
                       f"Test nodules: {n_test}. Columns: share of the training pool's patients used.", "",
                       "| encoder | features | " + " | ".join(fr) + " |", "|---|---|" + "---|" * len(fr)]
+            ref = get(res[nset]["lp"]["mean"].get(RANDOM), "fractions")
+            draws = [d for d in res["draws"]["lp"].get(nset) or [] if d]
+
+            def drawn(d, f):
+                return get(d, "fractions", str(f), "test_auc", "mean")
+
             for e in ENCODERS + REFS:
                 if feat == "sa" and e in PRESETS and not has_sa_block(e, budget.size):
                     continue
                 r = res[nset]["lp"]["ref" if e in REFS else "mean" if e == RANDOM else feat].get(e)
                 name = f"{e} (reference)" if e in REFS or e == RANDOM else e
-                ref = get(res[nset]["lp"]["mean"].get(RANDOM), "fractions")
-                draws = [d for d in res["draws"]["lp"].get(nset) or [] if d]
                 cells = mark(_frac_cells(r["fractions"] if r else None, budget.fractions), e,
                              lambda f: get(r, "fractions", str(f), "test_auc_ci"),
-                             lambda f: get(ref, str(f), "test_auc_ci"),
-                             lambda f: [get(d, "fractions", str(f), "test_auc", "mean") for d in draws],
+                             lambda f: get(ref, str(f), "test_auc_ci"), lambda f: [drawn(d, f) for d in draws],
                              budget.fractions, lambda f: f"{ntitle}: linear probe, {FEATURE_NAMES[feat]}, {f:.0%}")
                 lines.append(f"| {name} | {r['feature_source'] if r else ''} | " + " | ".join(cells) + " |")
-                row = e == RANDOM and draws_row(
-                    res["draws"]["lp"].get(nset), budget.fractions,
-                    lambda d, f: (d["fractions"].get(str(f)) or {}).get("test_auc", {}).get("mean"),
-                    before=("mean tokens",))
+                row = e == RANDOM and draws_row(draws, budget.fractions, drawn, before=("mean tokens",))
                 if row:
                     lines.append(row)
             lines.append("")
@@ -817,6 +824,10 @@ def write_tables(out: Path, budget: Budget, res: dict, meta: dict) -> str:
                   "patient's own crops (5-fold CV), a supervised upper reference. Reference row: random-init.", ""]
     for probe, ptitle in RECOGNITION_PROBES:
         lines += [f"### {ptitle}", "", "| encoder | " + " | ".join(fr) + " | ceiling |", "|---|" + "---|" * (len(fr) + 1)]
+
+        def drawn(d, f):
+            return get(d, "fractions", str(f), probe, "mean")
+
         for e in ENCODERS:
             r = res["recognition"].get(e)
             name = f"{e} (reference)" if e == RANDOM else e
@@ -827,14 +838,12 @@ def write_tables(out: Path, budget: Budget, res: dict, meta: dict) -> str:
                      if probe in r["fractions"].get(str(f), {}) else "n/a" for f in budget.fractions]
             cells = mark(cells, e, lambda f: get(r, "fractions", str(f), probe, "ci"),
                          lambda f: get(res["recognition"].get(RANDOM), "fractions", str(f), probe, "ci"),
-                         lambda f: [get(d, "fractions", str(f), probe, "mean") for d in res["draws"]["recognition"]],
+                         lambda f: [drawn(d, f) for d in res["draws"]["recognition"]],
                          budget.fractions, lambda f: f"organ recognition, {ptitle}, {f:.0%}")
             c = r.get("ceiling")
             cells.append(f"{c['value']:.3f} [{c['ci'][0]:.3f}, {c['ci'][1]:.3f}]" if c else "n/a")
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
-            row = e == RANDOM and draws_row(
-                res["draws"]["recognition"], budget.fractions,
-                lambda d, f: (d["fractions"].get(str(f)) or {}).get(probe, {}).get("mean"), after=("",))
+            row = e == RANDOM and draws_row(res["draws"]["recognition"], budget.fractions, drawn, after=("",))
             if row:
                 lines.append(row)
         lines.append("")
