@@ -759,18 +759,20 @@ def load_config(
     tree = _merge(tree, METHOD_PRESETS[chosen_method])
     tree["size"], tree["method"] = chosen_size, chosen_method
     tree = _merge(tree, file_data, where)
+    return from_dict(_apply_overrides(tree, parsed))
+
+
+def _apply_overrides(tree: dict[str, Any], parsed: Iterable[tuple[str, Any]]) -> dict[str, Any]:
+    """``tree`` with the parsed ``(key, value)`` overrides merged in, in order."""
     for key, value in parsed:
         tree = _merge(tree, _nest(key, value))
-    return from_dict(tree)
+    return tree
 
 
 def override_config(data: Mapping[str, Any], overrides: Iterable[str] = ()) -> Config:
     """A saved config (a :func:`to_dict` tree, e.g. a checkpoint's ``config``) with the ``key=value``
     ``overrides`` applied on top, in order, and validated. Raises ConfigError (one line) on any problem."""
-    tree = to_dict(from_dict(data))
-    for key, value in (parse_override(o) for o in overrides):
-        tree = _merge(tree, _nest(key, value))
-    return from_dict(tree)
+    return from_dict(_apply_overrides(to_dict(from_dict(data)), [parse_override(o) for o in overrides]))
 
 
 # ----------------------------------------------------------------------------------------------------------
