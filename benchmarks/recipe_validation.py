@@ -55,27 +55,26 @@ def organ_probe(enc, probe_path: str) -> dict[str, dict[str, float]]:
     and the SA [CLS] token (``sa``, when the encoder has an SA block): ``"knn"``, the k-NN (k = 20) balanced
     accuracy of the probe set's test crops, and ``"rank"``, the effective rank of each feature over all its crops
     (of ``"dim"`` dimensions)."""
-    from dagman.train.probe import load_probe_set, probe_network
+    from dagman.train.probe import load_probe_set, probe_features, probe_scores
 
     probe = load_probe_set(probe_path)
-    scores = probe_network(enc, probe, stages=True)
+    feats = probe_features(enc, probe.inputs, stages=True)
+    scores = probe_scores(feats, probe)
     # "mean" is s4 again; keep the stage names and "sa"
     out = {part: {k.removeprefix(f"probe/{part}_"): v for k, v in scores.items()
                   if k.startswith(f"probe/{part}_") and k != f"probe/{part}_mean"}
            for part in ("knn", "rank", "dim")}
-    out["kmeans"] = probe_kmeans(enc, probe)
+    out["kmeans"] = probe_kmeans(feats["mean"], probe)
     return out
 
 
-def probe_kmeans(enc, probe, seeds: int = 3) -> dict[str, dict[str, float]]:
+def probe_kmeans(x: np.ndarray, probe, seeds: int = 3) -> dict[str, dict[str, float]]:
     """The validation twin of compare_methods' organ clustering: k-means (k = the probe's classes, standardised
-    features, :func:`dagman.tasks.cluster.kmeans_labels`) on the mean last-stage tokens of *all* the probe's
+    features, :func:`dagman.tasks.cluster.kmeans_labels`) on ``x``, the mean last-stage tokens of *all* the probe's
     crops (both training volumes), scored against their organ labels (:func:`dagman.tasks.cluster.kmeans_agreement`);
     NMI and ARI, mean +- std over ``seeds`` k-means seeds."""
     from dagman.tasks.cluster import kmeans_agreement
-    from dagman.train.probe import probe_features
 
-    x = probe_features(enc, probe.inputs)["mean"]
     per_seed = np.array([kmeans_agreement(x, probe.class_ids, len(probe.class_names), s) for s in range(seeds)])
     return {k: {"mean": float(per_seed[:, j].mean()), "std": float(per_seed[:, j].std())}
             for j, k in enumerate(("nmi", "ari"))}

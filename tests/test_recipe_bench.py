@@ -102,11 +102,13 @@ def test_probe_kmeans_of_unrelated_labels_is_near_zero(rv):
     n = 60
     bright = np.arange(n) % 3
     inputs = (0.1 + 0.3 * bright[:, None, None, None] + rng.normal(0, 0.01, (n, 32, 32, 32))).astype(np.float16)
-    enc = rv.encoder("none", "tiny", None)
+    from dagman.train.probe import probe_features
+
+    x = probe_features(rv.encoder("none", "tiny", None), inputs)["mean"]
     names = ["a", "b", "c"]
-    follow = rv.probe_kmeans(enc, ProbeSet(inputs, bright, np.arange(n) >= 40, names, 2.0, (-750.0, 1750.0)))
+    follow = rv.probe_kmeans(x, ProbeSet(inputs, bright, np.arange(n) >= 40, names, 2.0, (-750.0, 1750.0)))
     unrelated = rng.permutation(bright)
-    shuffled = rv.probe_kmeans(enc, ProbeSet(inputs, unrelated, np.arange(n) >= 40, names, 2.0, (-750.0, 1750.0)))
+    shuffled = rv.probe_kmeans(x, ProbeSet(inputs, unrelated, np.arange(n) >= 40, names, 2.0, (-750.0, 1750.0)))
     assert follow["ari"]["mean"] == pytest.approx(1.0)
     assert abs(shuffled["ari"]["mean"]) < 0.1 and shuffled["nmi"]["mean"] < 0.15
 

@@ -31,7 +31,7 @@ import torch
 
 from dagman.errors import ConfigError, DataError
 
-__all__ = ["ProbeSet", "build_probe_set", "effective_rank", "load_probe_set", "probe_network", "probe_set_for",
+__all__ = ["ProbeSet", "build_probe_set", "effective_rank", "load_probe_set", "probe_network", "probe_scores", "probe_set_for",
            "PROBE_K"]
 
 PROBE_FORMAT_VERSION = 1
@@ -209,11 +209,17 @@ def probe_network(net: torch.nn.Module, probe: ProbeSet, *, k: int = PROBE_K, ba
     ``probe/knn_s0`` ... (see :func:`probe_features`) = balanced accuracy of the k-NN vote of the test crops;
     ``probe/rank_*`` and ``probe/dim_*`` = effective rank (:func:`effective_rank`) and width of each feature over
     all the probe's crops; ``probe/chance``."""
+    feats = probe_features(net, probe.inputs, batch_size=batch_size, device=device, stages=stages)
+    return probe_scores(feats, probe, k=k)
+
+
+def probe_scores(feats: dict[str, np.ndarray], probe: ProbeSet, *, k: int = PROBE_K) -> dict[str, float]:
+    """:func:`probe_network`'s metrics from features already computed (:func:`probe_features` of the probe's
+    inputs), for a caller that reads the same features again."""
     from sklearn.metrics import balanced_accuracy_score
 
     from dagman.tasks.knn import knn_predict
 
-    feats = probe_features(net, probe.inputs, batch_size=batch_size, device=device, stages=stages)
     test = np.asarray(probe.is_test, dtype=bool)
     y = np.asarray(probe.class_ids, dtype=np.int64)
     metrics = {"probe/chance": 1.0 / len(probe.class_names)}
