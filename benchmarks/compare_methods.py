@@ -54,7 +54,11 @@ is refused rather than mixing two recipes in one table):
 Replication: ``--pretrain-seed K`` (K > 0) pretrains the presets again with seed K into ``OUT/runs/M_sK`` and
 evaluates them with the same evaluation seeds, folds and subsets; their units are stored beside seed 0's (keys
 ending ``_pK``), random init and the reference rows are shared, and the tables go to ``OUT/comparison_pK.md``
-/ ``.json`` and ``OUT/figures/label_fraction_curves_pK.png``. ``--methods`` limits a run to some presets.
+/ ``.json`` and ``OUT/figures/label_fraction_curves_pK.png``. ``--methods`` limits a run to some presets. Once a
+preset has two or more pretraining seeds stored under one budget, every run also writes ``OUT/comparison_seeds.md``
+/ ``.json``: per cell the value of each pretraining run, their mean with a 95% t-interval over the seeds, random
+init's mean with the same interval over its weight draws, and whether the two intervals separate -- whether the
+recipe, not one run of it, beats random init.
 
 Random init is one draw of weights; its cells move between draws. ``--random-draws N`` (default 10) draws it N
 times (torch seeds 0..N-1) for the cheap units -- nodule linear probes on the mean tokens, organ recognition --
@@ -69,6 +73,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -702,6 +707,13 @@ def separation(ci, ref_ci, draws=()) -> str:
     return ""
 
 
+def dig(d, *keys):
+    """``d[k0][k1]...``, None where a level is missing (a pending unit)."""
+    for k in keys:
+        d = (d or {}).get(k)
+    return d
+
+
 def _frac_cells(r: dict | None, fractions, key: str = "test_auc") -> list[str]:
     if r is None:
         return ["pending" for _ in fractions]
@@ -763,11 +775,6 @@ def write_tables(out: Path, budget: Budget, res: dict, meta: dict) -> str:
             out.append(f"{text} {sign}" if sign else text)
         return out
 
-    def get(d, *keys):
-        for k in keys:
-            d = (d or {}).get(k)
-        return d
-
     fr = [f"{f:.0%}" for f in budget.fractions]
     for nset, ntitle in NODULE_SETS:
         n_test = next((r["fractions"][str(budget.fractions[-1])]["n_test"] for r in res[nset]["lp"]["mean"].values()
@@ -777,11 +784,11 @@ def write_tables(out: Path, budget: Budget, res: dict, meta: dict) -> str:
             lines += [f"## Nodule malignancy, {ntitle}: linear probe, test AUC — {title}", "",
                       f"Test nodules: {n_test}. Columns: share of the training pool's patients used.", "",
                       "| encoder | features | " + " | ".join(fr) + " |", "|---|---|" + "---|" * len(fr)]
-            ref = get(res[nset]["lp"]["mean"].get(RANDOM), "fractions")
+            ref = dig(res[nset]["lp"]["mean"].get(RANDOM), "fractions")
             draws = [d for d in res["draws"]["lp"].get(nset) or [] if d]
 
             def drawn(d, f):
-                return get(d, "fractions", str(f), "test_auc", "mean")
+                return dig(d, "fractions", str(f), "test_auc", "mean")
 
             for e in ENCODERS + REFS:
                 if feat == "sa" and e in PRESETS and not has_sa_block(e, budget.size):
@@ -789,8 +796,8 @@ def write_tables(out: Path, budget: Budget, res: dict, meta: dict) -> str:
                 r = res[nset]["lp"]["ref" if e in REFS else "mean" if e == RANDOM else feat].get(e)
                 name = f"{e} (reference)" if e in REFS or e == RANDOM else e
                 cells = mark(_frac_cells(r["fractions"] if r else None, budget.fractions), e,
-                             lambda f: get(r, "fractions", str(f), "test_auc_ci"),
-                             lambda f: get(ref, str(f), "test_auc_ci"), lambda f: [drawn(d, f) for d in draws],
+                             lambda f: dig(r, "fractions", str(f), "test_auc_ci"),
+                             lambda f: dig(ref, str(f), "test_auc_ci"), lambda f: [drawn(d, f) for d in draws],
                              budget.fractions, lambda f: f"{ntitle}: linear probe, {FEATURE_NAMES[feat]}, {f:.0%}")
                 lines.append(f"| {name} | {r['feature_source'] if r else ''} | " + " | ".join(cells) + " |")
                 row = e == RANDOM and draws_row(draws, budget.fractions, drawn, before=("mean tokens",))
@@ -805,8 +812,8 @@ def write_tables(out: Path, budget: Budget, res: dict, meta: dict) -> str:
             for e in ENCODERS:
                 name = f"{e} (reference)" if e == RANDOM else e
                 r, ref = res[nset]["ft"].get(e), res[nset]["ft"].get(RANDOM)
-                cells = mark(_frac_cells(r, ffr), e, lambda f: get(r, str(f), "test_auc_ci"),
-                             lambda f: get(ref, str(f), "test_auc_ci"), lambda f: (), ffr,
+                cells = mark(_frac_cells(r, ffr), e, lambda f: dig(r, str(f), "test_auc_ci"),
+                             lambda f: dig(ref, str(f), "test_auc_ci"), lambda f: (), ffr,
                              lambda f: f"{ntitle}: fine-tuning, {f:.0%}")
                 lines.append(f"| {name} | " + " | ".join(cells) + " |")
             for e in REFS:
@@ -826,7 +833,7 @@ def write_tables(out: Path, budget: Budget, res: dict, meta: dict) -> str:
         lines += [f"### {ptitle}", "", "| encoder | " + " | ".join(fr) + " | ceiling |", "|---|" + "---|" * (len(fr) + 1)]
 
         def drawn(d, f):
-            return get(d, "fractions", str(f), probe, "mean")
+            return dig(d, "fractions", str(f), probe, "mean")
 
         for e in ENCODERS:
             r = res["recognition"].get(e)
@@ -836,8 +843,8 @@ def write_tables(out: Path, budget: Budget, res: dict, meta: dict) -> str:
                 continue
             cells = [fmt(r["fractions"][str(f)][probe], r["fractions"][str(f)][probe]["ci"])
                      if probe in r["fractions"].get(str(f), {}) else "n/a" for f in budget.fractions]
-            cells = mark(cells, e, lambda f: get(r, "fractions", str(f), probe, "ci"),
-                         lambda f: get(res["recognition"].get(RANDOM), "fractions", str(f), probe, "ci"),
+            cells = mark(cells, e, lambda f: dig(r, "fractions", str(f), probe, "ci"),
+                         lambda f: dig(res["recognition"].get(RANDOM), "fractions", str(f), probe, "ci"),
                          lambda f: [drawn(d, f) for d in res["draws"]["recognition"]],
                          budget.fractions, lambda f: f"organ recognition, {ptitle}, {f:.0%}")
             c = r.get("ceiling")
@@ -855,7 +862,7 @@ def write_tables(out: Path, budget: Budget, res: dict, meta: dict) -> str:
             # the UMAP distances depend on each embedding's scale: only the scores against the labels are marked
             cells = mark([fmt(c[k], c[k]["ci"]) for k in CLUSTER_KEYS], e,
                          lambda k: c[k]["ci"] if k.startswith("kmeans") else None,
-                         lambda k: get(res["cluster"].get(RANDOM), k, "ci"), lambda k: (), CLUSTER_KEYS,
+                         lambda k: dig(res["cluster"].get(RANDOM), k, "ci"), lambda k: (), CLUSTER_KEYS,
                          lambda k: f"organ clustering, k-means {k.removeprefix('kmeans_').upper()}")
             lines.append(f"| {e + ' (reference)' if e == RANDOM else e} | {c['n_crops']} | {c['n_classes']} | " +
                          " | ".join(cells) + " |")
@@ -877,8 +884,8 @@ def write_tables(out: Path, budget: Budget, res: dict, meta: dict) -> str:
     for e in ENCODERS:
         cells = [fmt(res["seg"][e][str(f)], res["seg"][e][str(f)]["ci"]) if res["seg"].get(e, {}).get(str(f))
                  else "pending" for f in budget.seg_fractions]
-        cells = mark(cells, e, lambda f: get(res["seg"].get(e), str(f), "ci"),
-                     lambda f: get(res["seg"].get(RANDOM), str(f), "ci"), lambda f: (), budget.seg_fractions,
+        cells = mark(cells, e, lambda f: dig(res["seg"].get(e), str(f), "ci"),
+                     lambda f: dig(res["seg"].get(RANDOM), str(f), "ci"), lambda f: (), budget.seg_fractions,
                      lambda f: f"nodule segmentation Dice, {f:.0%}")
         lines.append(f"| {e + ' (reference)' if e == RANDOM else e} | " + " | ".join(cells) + " |")
     top = str(max(budget.seg_fractions))
@@ -897,6 +904,127 @@ def write_tables(out: Path, budget: Budget, res: dict, meta: dict) -> str:
     (out / f"{name}.md").write_text(text)
     (out / f"{name}.json").write_text(json.dumps({"budget": dataclasses.asdict(budget), "meta": meta, "results": res},
                                                  indent=1, default=_jsonable))
+    return text
+
+
+def seed_cells(budget: Budget) -> list[tuple]:
+    """The cells compared across pretraining seeds, each ``(name, unit, read, draws)``: ``unit(res, e)`` is encoder
+    ``e``'s result in a comparison's results, ``read(result)`` its value in this cell, ``draws(res)`` random init's
+    per-draw results (None where it was drawn once). The SA [CLS] rows are left out: every encoder is read
+    through its mean tokens, the library's feature."""
+    cells = []
+    for nset, ntitle in NODULE_SETS:
+        for f in budget.fractions:
+            cells.append((f"{ntitle}: linear probe, mean tokens, {f:.0%}",
+                          lambda res, e, nset=nset: dig(res, nset, "lp", "mean", e),
+                          lambda r, f=f: dig(r, "fractions", str(f), "test_auc", "mean"),
+                          lambda res, nset=nset: dig(res, "draws", "lp", nset)))
+        for f in budget.ft_fractions if nset == "unmatched" else budget.ft_matched_fractions:
+            cells.append((f"{ntitle}: fine-tuning, {f:.0%}", lambda res, e, nset=nset: dig(res, nset, "ft", e),
+                          lambda r, f=f: dig(r, str(f), "test_auc", "mean"), lambda res: None))
+    for probe, ptitle in RECOGNITION_PROBES:
+        for f in budget.fractions:
+            cells.append((f"organ recognition, {ptitle}, {f:.0%}", lambda res, e: dig(res, "recognition", e),
+                          lambda r, f=f, probe=probe: dig(r, "fractions", str(f), probe, "mean"),
+                          lambda res: dig(res, "draws", "recognition")))
+    for k in ("kmeans_nmi", "kmeans_ari"):
+        cells.append((f"organ clustering, k-means {k.removeprefix('kmeans_').upper()}",
+                      lambda res, e: dig(res, "cluster", e), lambda r, k=k: dig(r, k, "mean"), lambda res: None))
+    for f in budget.seg_fractions:
+        cells.append((f"nodule segmentation Dice, {f:.0%}", lambda res, e: dig(res, "seg", e),
+                      lambda r, f=f: dig(r, str(f), "mean"), lambda res: None))
+    return cells
+
+
+def recipe_verdict(seeds: list[float], draws: list[float]) -> str:
+    """'above' / 'below' when the 95% t-interval of the mean over pretraining seeds and that of random init's mean
+    over its weight draws do not overlap, 'level' when they do; '' with fewer than two of either (no interval)."""
+    if len(seeds) < 2 or len(draws) < 2:
+        return ""
+    (lo, hi), (rlo, rhi) = t_interval(seeds), t_interval(draws)
+    return "above" if lo > rhi else "below" if hi < rlo else "level"
+
+
+def stored_comparisons(out: Path, budget: Budget) -> dict[int, dict]:
+    """Pretraining seed -> the results of ``OUT/comparison[_pK].json`` computed under this budget (all but the
+    pretraining seed equal, the recipe included); files of another budget are left out."""
+    def key(b: dict) -> str:
+        return json.dumps({k: v for k, v in b.items() if k != "pretrain_seeds"}, sort_keys=True, default=_jsonable)
+
+    mine, found = key(json.loads(json.dumps(dataclasses.asdict(budget), default=_jsonable))), {}
+    for path in sorted(out.glob("comparison*.json")):
+        if path.stem != "comparison" and not re.fullmatch(r"comparison_p\d+", path.stem):
+            continue
+        doc = json.loads(path.read_text())
+        if key(doc["budget"]) == mine:
+            found[int(doc["budget"]["pretrain_seeds"][0])] = doc["results"]
+    return found
+
+
+def write_seed_table(out: Path, budget: Budget, meta: dict) -> str | None:
+    """``OUT/comparison_seeds.md`` / ``.json``: every preset pretrained with two or more seeds (the comparisons of
+    this budget stored in OUT), per cell its value for each pretraining seed, their mean with a 95% t-interval,
+    random init's mean over its weight draws with the same interval, and whether the two intervals separate --
+    whether the *recipe* beats random init, where the per-encoder tables ask it of one pretraining run. None
+    (nothing written) when no preset has two seeds."""
+    runs = stored_comparisons(out, budget)
+    # random init is shared by every seed: read it where the most weight draws are stored
+    base = max(runs.values(), key=lambda r: len(dig(r, "draws", "recognition") or []), default=None)
+    table: dict = {}
+    for e in PRESETS:
+        rows = []
+        for name, unit, read, draws in seed_cells(budget):
+            vals = {k: read(unit(r, e)) for k, r in sorted(runs.items())}
+            vals = {k: v for k, v in vals.items() if v is not None}
+            if len(vals) < 2:
+                continue
+            drawn = [v for v in (read(d) for d in draws(base) or [] if d) if v is not None]
+            ref = drawn or [v for v in [read(unit(base, RANDOM))] if v is not None]
+            rows.append({"cell": name, "seeds": vals, "mean": float(np.mean(list(vals.values()))),
+                         "ci": t_interval(list(vals.values())), "random_init": ref,
+                         "random_init_ci": t_interval(ref) if len(ref) > 1 else None,
+                         "verdict": recipe_verdict(list(vals.values()), ref)})
+        if rows:
+            table[e] = rows
+    if not table:
+        return None
+    lines = [f"# The recipe across pretraining seeds ({budget.size}, {budget.steps} pretraining steps, CPU)", "",
+             f"Machine: {meta['machine']}. From the comparisons stored in this folder under one budget"
+             + (f" (recipe: {' '.join(budget.overrides)})" if budget.overrides else "") + ": "
+             + ", ".join(f"`comparison{f'_p{k}' if k else ''}.json`" for k in sorted(runs)) + ".", "",
+             "SEMI-SYNTHETIC nodules (real LIDC-IDRI shapes and malignancy ratings in real chest CTs). Each cell is "
+             "one encoder's test-set value (mean over the evaluation seeds). Per preset: the value of each pretraining "
+             "run, their mean and its 95% Student-t interval over the pretraining seeds; random init: its mean over "
+             "the weight draws and the same interval. *above* / *below*: the two intervals do not overlap -- the "
+             "recipe, not one run of it, beats / trails random init on this test set; *level*: they overlap; blank: "
+             "random init was drawn once here (its interval over draws is unknown). The intervals are over weights "
+             "(pretraining seeds, weight draws) on a fixed test set; the test-set sampling error is in the per-run "
+             "tables' bootstrap intervals.", ""]
+    found = [f"| {e} | {r['cell']} | {r['verdict']} | {r['mean']:.3f} [{r['ci'][0]:.3f}, {r['ci'][1]:.3f}] | "
+             f"{np.mean(r['random_init']):.3f} [{r['random_init_ci'][0]:.3f}, {r['random_init_ci'][1]:.3f}] |"
+             for e, rows in table.items() for r in rows if r["verdict"] in ("above", "below")]
+    lines += ["## Where a recipe separates from random init", "",
+              *(["| preset | evaluation, column | | seeds: mean [95% t] | random init: mean [95% t] |",
+                 "|---|---|---|---|---|", *found] if found else ["No cell separates."]), ""]
+    for e, rows in table.items():
+        seeds = sorted({k for r in rows for k in r["seeds"]})
+        lines += [f"## {e}: pretraining seeds {', '.join(map(str, seeds))}", "",
+                  "| evaluation, column | " + " | ".join(f"seed {k}" for k in seeds)
+                  + " | seeds: mean [95% t] | random init: mean [95% t] (draws) | |",
+                  "|---|" + "---|" * (len(seeds) + 3)]
+        for r in rows:
+            ref, rci = r["random_init"], r["random_init_ci"]
+            rcell = (f"{np.mean(ref):.3f} [{rci[0]:.3f}, {rci[1]:.3f}] ({len(ref)})" if rci
+                     else f"{ref[0]:.3f} (1)" if ref else "pending")
+            lines.append(f"| {r['cell']} | " + " | ".join(f"{r['seeds'][k]:.3f}" if k in r["seeds"] else "pending"
+                                                        for k in seeds)
+                         + f" | {r['mean']:.3f} [{r['ci'][0]:.3f}, {r['ci'][1]:.3f}] | {rcell} | {r['verdict']} |")
+        lines.append("")
+    text = "\n".join(lines)
+    (out / "comparison_seeds.md").write_text(text)
+    (out / "comparison_seeds.json").write_text(json.dumps({"budget": dataclasses.asdict(budget), "meta": meta,
+                                                           "seeds": sorted(runs), "presets": table},
+                                                          indent=1, default=_jsonable))
     return text
 
 
@@ -1092,6 +1220,8 @@ def main(argv=None) -> int:
     sfx = output_suffix(budget)
     say(f"done in {hours:.2f} h -> {out / f'comparison{sfx}.md'}, {out / f'comparison{sfx}.json'}, "
         f"{out / 'figures' / f'label_fraction_curves{sfx}.png'}")
+    if write_seed_table(out, budget, meta):
+        say(f"across pretraining seeds -> {out / 'comparison_seeds.md'}")
     return 0
 
 

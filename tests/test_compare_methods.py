@@ -238,3 +238,45 @@ def test_the_tables_mark_and_list_each_separating_cell(cm, tmp_path):
     assert "▲" not in table.split("| dagman")[0]  # random init's own rows are never marked
     empty = cm.write_tables(tmp_path, budget, {**res, "recognition": {cm.RANDOM: res["recognition"][cm.RANDOM]}}, meta)
     assert "No cell of a pretrained encoder separates from random init." in empty
+
+
+def test_recipe_verdict_compares_the_t_intervals_of_seeds_and_draws(cm):
+    assert cm.recipe_verdict([0.19, 0.21, 0.20], [0.12, 0.13, 0.11, 0.12]) == "above"
+    assert cm.recipe_verdict([0.10, 0.11, 0.09], [0.14, 0.15, 0.16]) == "below"
+    # the seed 0 and 1 runs alone would separate; the third pretraining seed widens the interval over seeds
+    assert cm.recipe_verdict([0.191, 0.227, 0.146], [0.119, 0.111, 0.156, 0.130, 0.125]) == "level"
+    assert cm.recipe_verdict([0.2], [0.1, 0.11]) == cm.recipe_verdict([0.2, 0.3], [0.1]) == ""
+
+
+def test_the_seed_table_reads_every_stored_seed_of_the_same_budget(cm, tmp_path):
+    budget = dataclasses.replace(cm.Budget.quick(), size="cpu", fractions=(0.25,))
+
+    def rec(v):
+        return {"fractions": {"0.25": {p: {"mean": v, "ci": [v - 0.01, v + 0.01]} for p, _ in cm.RECOGNITION_PROBES}}}
+
+    def store(seed, dagman_value, b=budget, name=None):
+        res = {"recognition": {cm.RANDOM: rec(0.12), "dagman": rec(dagman_value)},
+               "draws": {"lp": {}, "recognition": [rec(0.12), rec(0.11), rec(0.13), rec(0.12)]}}
+        doc = {"budget": dataclasses.asdict(dataclasses.replace(b, pretrain_seeds=(seed,))), "results": res}
+        (tmp_path / (name or f"comparison{f'_p{seed}' if seed else ''}.json")).write_text(json.dumps(doc))
+
+    meta = {"machine": "test"}
+    store(0, 0.20)
+    assert cm.write_seed_table(tmp_path, budget, meta) is None  # one pretraining seed: no recipe-level table
+    assert not (tmp_path / "comparison_seeds.md").exists()
+    store(1, 0.22)
+    store(2, 0.21)
+    store(3, 0.90, b=dataclasses.replace(budget, steps=budget.steps + 1))  # another budget: left out
+    store(4, 0.90, name="comparison_p4_old.json")  # not a comparison's name: left out
+    text = cm.write_seed_table(tmp_path, budget, meta)
+    row = next(line for line in text.splitlines() if line.startswith("| organ recognition, k-NN k=10, 25% |"))
+    lo, hi = cm.t_interval([0.20, 0.22, 0.21])
+    assert row.startswith("| organ recognition, k-NN k=10, 25% | 0.200 | 0.220 | 0.210 | "
+                          f"0.210 [{lo:.3f}, {hi:.3f}] | 0.120 [")
+    assert row.endswith("(4) | above |")
+    assert "## dagman: pretraining seeds 0, 1, 2" in text and "seed 3" not in text
+    saved = json.loads((tmp_path / "comparison_seeds.json").read_text())
+    assert saved["seeds"] == [0, 1, 2]
+    cell = next(r for r in saved["presets"]["dagman"] if r["cell"] == "organ recognition, linear probe, 25%")
+    assert cell["seeds"] == {"0": 0.2, "1": 0.22, "2": 0.21} and cell["verdict"] == "above"
+    assert "| dagman | organ recognition, k-NN k=10, 25% | above |" in text.split("## dagman")[0]
