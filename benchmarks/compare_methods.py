@@ -61,9 +61,9 @@ init's mean with the same interval over its weight draws, and whether the two in
 recipe, not one run of it, beats random init.
 
 Random init is one draw of weights; its cells move between draws. ``--random-draws N`` (default 10) draws it N
-times (torch seeds 0..N-1) for the cheap units -- nodule linear probes on the mean tokens, organ recognition --
-and the tables show, under its reference row, the mean of each cell over the draws and its lowest and highest
-draw. Draw 0 stays the reference row (its CIs are over test cases only, not over weight draws).
+times (torch seeds 0..N-1) for the cheap units -- nodule linear probes on the mean tokens, organ recognition and
+clustering -- and the tables show, under its reference row, the mean of each cell over the draws and its lowest
+and highest draw. Draw 0 stays the reference row (its CIs are over test cases only, not over weight draws).
 """
 
 from __future__ import annotations
@@ -566,11 +566,14 @@ def _cluster_scores(emb: np.ndarray, feats: np.ndarray, cls: np.ndarray, k: int,
 CLUSTER_KEYS = ("umap_intra", "umap_inter", "kmeans_nmi", "kmeans_ari")
 
 
-def clustering(manifest: dict, ckpt: str, budget: Budget) -> dict:
+def clustering(manifest: dict, ckpt: str, budget: Budget, draw: int = 0) -> dict:
+    """Organ clustering: per seed, crops inside the labelled structures, frozen features -> UMAP -> mean intra- /
+    inter-class distance and k-means NMI / ARI on the features; mean and t-interval over seeds. ``draw``: the
+    torch seed of random init's weights (ignored for a checkpoint)."""
     from dagman.tasks.cluster import umap_embedding
     from dagman.tasks.encoder import extract_features
 
-    enc = open_encoder(ckpt, budget.size)
+    enc = open_encoder(ckpt, budget.size, seed=draw)
     per_seed = []
     for s in range(budget.seeds):
         inputs, cls, names = cluster_crops(manifest, budget, seed=s)
@@ -862,10 +865,15 @@ def write_tables(out: Path, budget: Budget, res: dict, meta: dict) -> str:
             # the UMAP distances depend on each embedding's scale: only the scores against the labels are marked
             cells = mark([fmt(c[k], c[k]["ci"]) for k in CLUSTER_KEYS], e,
                          lambda k: c[k]["ci"] if k.startswith("kmeans") else None,
-                         lambda k: dig(res["cluster"].get(RANDOM), k, "ci"), lambda k: (), CLUSTER_KEYS,
+                         lambda k: dig(res["cluster"].get(RANDOM), k, "ci"),
+                         lambda k: [dig(d, k, "mean") for d in res["draws"].get("cluster") or []], CLUSTER_KEYS,
                          lambda k: f"organ clustering, k-means {k.removeprefix('kmeans_').upper()}")
             lines.append(f"| {e + ' (reference)' if e == RANDOM else e} | {c['n_crops']} | {c['n_classes']} | " +
                          " | ".join(cells) + " |")
+            row = e == RANDOM and draws_row(res["draws"].get("cluster"), CLUSTER_KEYS,
+                                            lambda d, k: dig(d, k, "mean"), before=("", ""))
+            if row:
+                lines.append(row)
     lines += ["", "## Head diversity: per-head attention entropy (nats) per stage: mean over heads / spread "
               "(std across heads) [95% CI over crops]", "", "| encoder | " +
               " | ".join(f"stage {i}" for i in range(1, 5)) + " |", "|---|" + "---|" * 4]
@@ -929,7 +937,8 @@ def seed_cells(budget: Budget) -> list[tuple]:
                           lambda res: dig(res, "draws", "recognition")))
     for k in ("kmeans_nmi", "kmeans_ari"):
         cells.append((f"organ clustering, k-means {k.removeprefix('kmeans_').upper()}",
-                      lambda res, e: dig(res, "cluster", e), lambda r, k=k: dig(r, k, "mean"), lambda res: None))
+                      lambda res, e: dig(res, "cluster", e), lambda r, k=k: dig(r, k, "mean"),
+                      lambda res: dig(res, "draws", "cluster")))
     for f in budget.seg_fractions:
         cells.append((f"nodule segmentation Dice, {f:.0%}", lambda res, e: dig(res, "seg", e),
                       lambda r, f=f: dig(r, str(f), "mean"), lambda res: None))
@@ -961,6 +970,11 @@ def stored_comparisons(out: Path, budget: Budget) -> dict[int, dict]:
     return found
 
 
+def flat_draws(draws: dict | None) -> list[list]:
+    """Every list of random init's per-draw results in a results' ``draws`` entry (nodule sets nested)."""
+    return [w for v in (draws or {}).values() for w in (v.values() if isinstance(v, dict) else [v])]
+
+
 def write_seed_table(out: Path, budget: Budget, meta: dict) -> str | None:
     """``OUT/comparison_seeds.md`` / ``.json``: every preset pretrained with two or more seeds (the comparisons of
     this budget stored in OUT), per cell its value for each pretraining seed, their mean with a 95% t-interval,
@@ -969,7 +983,8 @@ def write_seed_table(out: Path, budget: Budget, meta: dict) -> str | None:
     (nothing written) when no preset has two seeds."""
     runs = stored_comparisons(out, budget)
     # random init is shared by every seed: read it where the most weight draws are stored
-    base = max(runs.values(), key=lambda r: len(dig(r, "draws", "recognition") or []), default=None)
+    base = max(runs.values(), default=None,
+               key=lambda r: sum(d is not None for v in flat_draws(dig(r, "draws")) for d in v))
     table: dict = {}
     for e in PRESETS:
         rows = []
@@ -1097,7 +1112,7 @@ def main(argv=None) -> int:
                         "0's, random init shared, tables in comparison_pK.md")
     p.add_argument("--random-draws", type=int, default=None, metavar="N",
                    help="draw random init's weights N times (torch seeds 0..N-1) for the cheap units -- the nodule "
-                        "linear probes and organ recognition -- and show the spread under its row (default 10; "
+                        "linear probes, organ recognition and clustering -- and show the spread under its row (default 10; "
                         "quick 2; 1 = the single reference draw)")
     p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", dest="overrides",
                    help="config overrides for every pretraining, on top of the size and method presets (dagman "
@@ -1142,7 +1157,7 @@ def main(argv=None) -> int:
     seed = budget.pretrain_seeds[0]
     ckpts = {e: checkpoint_of(out, e, seed) for e in ENCODERS}
     res: dict = {nset: {"lp": {"mean": {}, "sa": {}, "ref": {}}, "ft": {}} for nset, _ in NODULE_SETS}
-    res.update(recognition={}, cluster={}, diversity={}, seg={}, draws={"lp": {}, "recognition": []})
+    res.update(recognition={}, cluster={}, diversity={}, seg={}, draws={"lp": {}, "recognition": [], "cluster": []})
     if args.report_only:
         cache, nodules = out / "cache", out / "nodules"
         manifest, seg_data = {}, None
@@ -1193,7 +1208,8 @@ def main(argv=None) -> int:
     evaluate(RANDOM)  # needs no pretraining; its segmentation checks that the protocol trains at all
     n_draws = args.random_draws or (2 if args.quick else 10)
     if n_draws > 1:  # further weight draws of random init, cheap units only (draw 0 is the reference row)
-        say(f"random init: {n_draws - 1} further weight draws (nodule linear probes, organ recognition)")
+        say(f"random init: {n_draws - 1} further weight draws (nodule linear probes, organ recognition, "
+            "clustering)")
         for nset, _ in NODULE_SETS:
             res["draws"]["lp"][nset] = [res[nset]["lp"]["mean"][RANDOM]] + [results.get(
                 f"lp{tags[nset]}_mean_{RANDOM}_d{k}", lambda k=k: nodule_lp(data[nset], RANDOM, "none", budget, "mean",
@@ -1201,6 +1217,9 @@ def main(argv=None) -> int:
                 for k in range(1, n_draws)]
         res["draws"]["recognition"] = [res["recognition"][RANDOM]] + [results.get(
             f"recognition_{RANDOM}_d{k}", lambda k=k: recognition(manifest, "none", budget, draw=k), pretrained=False)
+            for k in range(1, n_draws)]
+        res["draws"]["cluster"] = [res["cluster"][RANDOM]] + [results.get(
+            f"cluster_{RANDOM}_d{k}", lambda k=k: clustering(manifest, "none", budget, draw=k), pretrained=False)
             for k in range(1, n_draws)]
     for method in args.methods:  # pretrain, then evaluate, one preset at a time
         if not args.report_only:

@@ -280,3 +280,24 @@ def test_the_seed_table_reads_every_stored_seed_of_the_same_budget(cm, tmp_path)
     cell = next(r for r in saved["presets"]["dagman"] if r["cell"] == "organ recognition, linear probe, 25%")
     assert cell["seeds"] == {"0": 0.2, "1": 0.22, "2": 0.21} and cell["verdict"] == "above"
     assert "| dagman | organ recognition, k-NN k=10, 25% | above |" in text.split("## dagman")[0]
+
+
+def test_clustering_cells_are_judged_against_random_inits_draws(cm, tmp_path):
+    budget = dataclasses.replace(cm.Budget.quick(), size="cpu")
+
+    def clu(nmi, ci):
+        c = {k: {"mean": 1.0, "std": 0.0, "values": [1.0], "ci": [0.9, 1.1]} for k in cm.CLUSTER_KEYS}
+        c["kmeans_nmi"] = {"mean": nmi, "std": 0.0, "values": [nmi], "ci": ci}
+        return {**c, "n_crops": 10, "n_classes": 3}
+
+    res = {nset: {"lp": {"mean": {}, "sa": {}, "ref": {}}, "ft": {}} for nset, _ in cm.NODULE_SETS}
+    res.update(recognition={}, diversity={}, seg={}, draws={"lp": {}, "recognition": []})
+    res["cluster"] = {cm.RANDOM: clu(0.27, [0.20, 0.34]), "dagman": clu(0.40, [0.37, 0.43])}
+    meta = {"machine": "test", "evaluation_seconds_recorded": 0.0, "command": "x"}
+    table = lambda text: text.split("## Organ clustering")[1].split("\n## ")[0]  # noqa: E731
+    assert "0.400 [0.370, 0.430] ▲" in table(cm.write_tables(tmp_path, budget, res, meta))
+    res["draws"]["cluster"] = [res["cluster"][cm.RANDOM], clu(0.38, None), clu(0.30, None)]
+    text = table(cm.write_tables(tmp_path, budget, res, meta))
+    assert "▲" not in text  # one weight draw of random init reaches inside dagman's interval
+    assert "| random init, 3 weight draws: mean [lowest, highest] |  |  | 1.000 [1.000, 1.000] | " \
+           "1.000 [1.000, 1.000] | 0.317 [0.270, 0.380] | 1.000 [1.000, 1.000] |" in text
