@@ -717,6 +717,16 @@ def dig(d, *keys):
     return d
 
 
+def lp_auc(r: dict | None, f) -> float | None:
+    """A nodule linear probe's test AUC (mean over evaluation seeds) at label fraction ``f``."""
+    return dig(r, "fractions", str(f), "test_auc", "mean")
+
+
+def recognition_score(r: dict | None, probe: str, f) -> float | None:
+    """Organ recognition's balanced accuracy of ``probe`` (mean over subsets) at label fraction ``f``."""
+    return dig(r, "fractions", str(f), probe, "mean")
+
+
 def _frac_cells(r: dict | None, fractions, key: str = "test_auc") -> list[str]:
     if r is None:
         return ["pending" for _ in fractions]
@@ -790,9 +800,6 @@ def write_tables(out: Path, budget: Budget, res: dict, meta: dict) -> str:
             ref = dig(res[nset]["lp"]["mean"].get(RANDOM), "fractions")
             draws = [d for d in res["draws"]["lp"].get(nset) or [] if d]
 
-            def drawn(d, f):
-                return dig(d, "fractions", str(f), "test_auc", "mean")
-
             for e in ENCODERS + REFS:
                 if feat == "sa" and e in PRESETS and not has_sa_block(e, budget.size):
                     continue
@@ -800,10 +807,10 @@ def write_tables(out: Path, budget: Budget, res: dict, meta: dict) -> str:
                 name = f"{e} (reference)" if e in REFS or e == RANDOM else e
                 cells = mark(_frac_cells(r["fractions"] if r else None, budget.fractions), e,
                              lambda f: dig(r, "fractions", str(f), "test_auc_ci"),
-                             lambda f: dig(ref, str(f), "test_auc_ci"), lambda f: [drawn(d, f) for d in draws],
+                             lambda f: dig(ref, str(f), "test_auc_ci"), lambda f: [lp_auc(d, f) for d in draws],
                              budget.fractions, lambda f: f"{ntitle}: linear probe, {FEATURE_NAMES[feat]}, {f:.0%}")
                 lines.append(f"| {name} | {r['feature_source'] if r else ''} | " + " | ".join(cells) + " |")
-                row = e == RANDOM and draws_row(draws, budget.fractions, drawn, before=("mean tokens",))
+                row = e == RANDOM and draws_row(draws, budget.fractions, lp_auc, before=("mean tokens",))
                 if row:
                     lines.append(row)
             lines.append("")
@@ -836,7 +843,7 @@ def write_tables(out: Path, budget: Budget, res: dict, meta: dict) -> str:
         lines += [f"### {ptitle}", "", "| encoder | " + " | ".join(fr) + " | ceiling |", "|---|" + "---|" * (len(fr) + 1)]
 
         def drawn(d, f):
-            return dig(d, "fractions", str(f), probe, "mean")
+            return recognition_score(d, probe, f)
 
         for e in ENCODERS:
             r = res["recognition"].get(e)
@@ -925,7 +932,7 @@ def seed_cells(budget: Budget) -> list[tuple]:
         for f in budget.fractions:
             cells.append((f"{ntitle}: linear probe, mean tokens, {f:.0%}",
                           lambda res, e, nset=nset: dig(res, nset, "lp", "mean", e),
-                          lambda r, f=f: dig(r, "fractions", str(f), "test_auc", "mean"),
+                          lambda r, f=f: lp_auc(r, f),
                           lambda res, nset=nset: dig(res, "draws", "lp", nset)))
         for f in budget.ft_fractions if nset == "unmatched" else budget.ft_matched_fractions:
             cells.append((f"{ntitle}: fine-tuning, {f:.0%}", lambda res, e, nset=nset: dig(res, nset, "ft", e),
@@ -933,7 +940,7 @@ def seed_cells(budget: Budget) -> list[tuple]:
     for probe, ptitle in RECOGNITION_PROBES:
         for f in budget.fractions:
             cells.append((f"organ recognition, {ptitle}, {f:.0%}", lambda res, e: dig(res, "recognition", e),
-                          lambda r, f=f, probe=probe: dig(r, "fractions", str(f), probe, "mean"),
+                          lambda r, f=f, probe=probe: recognition_score(r, probe, f),
                           lambda res: dig(res, "draws", "recognition")))
     for k in ("kmeans_nmi", "kmeans_ari"):
         cells.append((f"organ clustering, k-means {k.removeprefix('kmeans_').upper()}",
@@ -1014,7 +1021,7 @@ def write_seed_table(out: Path, budget: Budget, meta: dict) -> str | None:
              "recipe, not one run of it, beats / trails random init on this test set; *level*: they overlap; blank: "
              "random init was drawn once here (its interval over draws is unknown). The intervals are over weights "
              "(pretraining seeds, weight draws) on a fixed test set; the test-set sampling error is in the per-run "
-             "tables' bootstrap intervals.", ""]
+             "tables' bootstrap intervals. Many cells are tested at once: a lone separation may be chance.", ""]
     found = [f"| {e} | {r['cell']} | {r['verdict']} | {r['mean']:.3f} [{r['ci'][0]:.3f}, {r['ci'][1]:.3f}] | "
              f"{np.mean(r['random_init']):.3f} [{r['random_init_ci'][0]:.3f}, {r['random_init_ci'][1]:.3f}] |"
              for e, rows in table.items() for r in rows if r["verdict"] in ("above", "below")]
