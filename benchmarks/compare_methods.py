@@ -957,8 +957,7 @@ def recipe_verdict(seeds: list[float], draws: list[float]) -> str:
     over its weight draws do not overlap, 'level' when they do; '' with fewer than two of either (no interval)."""
     if len(seeds) < 2 or len(draws) < 2:
         return ""
-    (lo, hi), (rlo, rhi) = t_interval(seeds), t_interval(draws)
-    return "above" if lo > rhi else "below" if hi < rlo else "level"
+    return {"▲": "above", "▼": "below"}.get(separation(t_interval(seeds), t_interval(draws)), "level")
 
 
 def stored_comparisons(out: Path, budget: Budget) -> dict[int, dict]:
@@ -1217,17 +1216,18 @@ def main(argv=None) -> int:
     if n_draws > 1:  # further weight draws of random init, cheap units only (draw 0 is the reference row)
         say(f"random init: {n_draws - 1} further weight draws (nodule linear probes, organ recognition, "
             "clustering)")
+        def drawn(first: dict | None, key: str, compute) -> list:
+            """Draw 0 (the reference unit ``first``), then draws 1..N-1 stored as ``KEY_dK``; ``compute(k)``."""
+            return [first] + [results.get(f"{key}_d{k}", lambda k=k: compute(k), pretrained=False)
+                              for k in range(1, n_draws)]
+
         for nset, _ in NODULE_SETS:
-            res["draws"]["lp"][nset] = [res[nset]["lp"]["mean"][RANDOM]] + [results.get(
-                f"lp{tags[nset]}_mean_{RANDOM}_d{k}", lambda k=k: nodule_lp(data[nset], RANDOM, "none", budget, "mean",
-                                                                         draw=k), pretrained=False)
-                for k in range(1, n_draws)]
-        res["draws"]["recognition"] = [res["recognition"][RANDOM]] + [results.get(
-            f"recognition_{RANDOM}_d{k}", lambda k=k: recognition(manifest, "none", budget, draw=k), pretrained=False)
-            for k in range(1, n_draws)]
-        res["draws"]["cluster"] = [res["cluster"][RANDOM]] + [results.get(
-            f"cluster_{RANDOM}_d{k}", lambda k=k: clustering(manifest, "none", budget, draw=k), pretrained=False)
-            for k in range(1, n_draws)]
+            res["draws"]["lp"][nset] = drawn(res[nset]["lp"]["mean"][RANDOM], f"lp{tags[nset]}_mean_{RANDOM}",
+                                             lambda k: nodule_lp(data[nset], RANDOM, "none", budget, "mean", draw=k))
+        res["draws"]["recognition"] = drawn(res["recognition"][RANDOM], f"recognition_{RANDOM}",
+                                            lambda k: recognition(manifest, "none", budget, draw=k))
+        res["draws"]["cluster"] = drawn(res["cluster"][RANDOM], f"cluster_{RANDOM}",
+                                        lambda k: clustering(manifest, "none", budget, draw=k))
     for method in args.methods:  # pretrain, then evaluate, one preset at a time
         if not args.report_only:
             pretrain(out, cache, budget, method, seed)

@@ -31,8 +31,8 @@ import torch
 
 from dagman.errors import ConfigError, DataError
 
-__all__ = ["ProbeSet", "build_probe_set", "effective_rank", "load_probe_set", "probe_network", "probe_scores", "probe_set_for",
-           "PROBE_K"]
+__all__ = ["ProbeSet", "build_probe_set", "effective_rank", "load_probe_set", "probe_features", "probe_network",
+           "probe_scores", "probe_set_for", "PROBE_K"]
 
 PROBE_FORMAT_VERSION = 1
 #: the k of the probe's k-NN vote
