@@ -125,11 +125,15 @@ class Budget:
                    ft_matched_fractions=(), seg_nodules=12, seg_steps=4, seg_fractions=(1.0,), cluster_crops=2,
                    recognition_crops=3, diversity_crops=3, n_boot=200)
 
-    def fingerprint(self, *parts, pretrained: bool = True) -> str:
+    def fingerprint(self, *parts, pretrained: bool = True, legacy: bool = False) -> str:
         """``pretrained=False``: a unit that reads no pretrained weights (random init, the references) does not
-        depend on the pretraining seed or the recipe's overrides, so every seed's run and every recipe of the same
-        size preset share it."""
-        budget = self if pretrained else dataclasses.replace(self, pretrain_seeds=(0,), overrides=())
+        depend on the pretraining seed, the recipe's overrides or the pretraining length, so every seed's run,
+        every recipe and every length of the same size preset share it. ``legacy``: the hash such a unit had
+        before the length was taken out of it (:meth:`Results.get` accepts it once and rewrites the file)."""
+        if pretrained:
+            budget = self
+        else:
+            budget = dataclasses.replace(self, pretrain_seeds=(0,), overrides=(), steps=self.steps if legacy else 0)
         fields = dataclasses.asdict(budget)
         if not fields["overrides"]:  # the stores computed before --set existed stay valid
             del fields["overrides"]
@@ -228,6 +232,11 @@ class Results:
             try:
                 data = json.loads(path.read_text())
                 if data.get("fingerprint") == fp:
+                    return data["value"]
+                if not pretrained and data.get("fingerprint") == self.budget.fingerprint(
+                        key, *parts, pretrained=False, legacy=True):  # stored before the length left the hash
+                    data["fingerprint"] = fp
+                    atomic_write(path, lambda fh: fh.write(json.dumps(data).encode()))
                     return data["value"]
             except (OSError, ValueError):
                 pass

@@ -86,12 +86,38 @@ def test_a_replication_seed_shares_random_init_but_not_pretrained_units(cm, tmp_
     rep = dataclasses.replace(base, pretrain_seeds=(1,))
     assert base.fingerprint("u", pretrained=False) == rep.fingerprint("u", pretrained=False)
     assert base.fingerprint("u") != rep.fingerprint("u")
-    assert base.fingerprint("u") == base.fingerprint("u", pretrained=False)  # seed 0: earlier stores stay valid
+    # seed 0: stores written before the length left random init's hash are still recognised (legacy hash)
+    assert base.fingerprint("u") == base.fingerprint("u", pretrained=False, legacy=True)
     calls = []
     cm.Results(tmp_path, base).get("recognition_random-init", lambda: calls.append(1) or 0.1, pretrained=False)
     cm.Results(tmp_path, rep).get("recognition_random-init", lambda: calls.append(1) or 0.2, pretrained=False)
     assert len(calls) == 1
     assert cm.output_suffix(base) == "" and cm.output_suffix(rep) == "_p1"
+
+
+def test_random_init_units_are_shared_across_pretraining_lengths_and_old_stores_are_upgraded(cm, tmp_path):
+    """Random init reads no pretrained weights, so a comparison at another --steps reuses its units; a unit stored
+    under the former hash (steps included) is read back without recomputing and rewritten under the new one."""
+    short = cm.Budget.quick()
+    long = dataclasses.replace(short, steps=short.steps * 2)
+    assert short.fingerprint("u", pretrained=False) == long.fingerprint("u", pretrained=False)
+    assert short.fingerprint("u") != long.fingerprint("u")
+    assert short.fingerprint("u", pretrained=False, legacy=True) != long.fingerprint("u", pretrained=False, legacy=True)
+    store = tmp_path / "results"
+    store.mkdir()
+    old = {"fingerprint": short.fingerprint("lp_random-init", pretrained=False, legacy=True), "seconds": 3.0,
+           "value": {"auc": 0.7}}
+    (store / "lp_random-init.json").write_text(json.dumps(old))
+    calls = []
+    got = cm.Results(tmp_path, short).get("lp_random-init", lambda: calls.append(1) or {"auc": 0.1}, pretrained=False)
+    assert got == {"auc": 0.7} and not calls
+    assert json.loads((store / "lp_random-init.json").read_text())["fingerprint"] == short.fingerprint(
+        "lp_random-init", pretrained=False)
+    # the longer budget now finds it too; a pretrained unit under a legacy-looking hash is not accepted
+    assert cm.Results(tmp_path, long).get("lp_random-init", lambda: calls.append(1), pretrained=False) == {"auc": 0.7}
+    (store / "lp_dagman.json").write_text(json.dumps({**old, "fingerprint": short.fingerprint("lp_dagman")}))
+    assert cm.Results(tmp_path, long).get("lp_dagman", lambda: calls.append(1) or {"auc": 0.2}) == {"auc": 0.2}
+    assert calls == [1]
 
 
 def test_default_budget_covers_the_issue(cm):
