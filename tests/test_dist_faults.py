@@ -170,9 +170,9 @@ def test_by_hand_launch_a_hung_rank_ends_the_run_after_the_collective_timeout(ca
         if procs[1].poll() is None:
             os.kill(procs[1].pid, signal.SIGCONT)
         _kill_all(procs)
-    assert rc == 2
-    assert 4 <= waited < 40, waited  # the 5 s timeout, not forever (nor at once)
     err = (tmp_path / "rank0.err").read_text()
+    assert rc == 2, err[-3000:]  # the surviving rank's own words when it ends any other way
+    assert 4 <= waited < 40, waited  # the 5 s timeout, not forever (nor at once)
     assert "Traceback" not in err
     line = next(ln for ln in err.splitlines() if ln.startswith("dagman: error:"))
     assert "another process stopped answering (rank 1 of 2?) for train.dist_timeout_s=5 s during step" in line
