@@ -515,6 +515,20 @@ RECOGNITION_PAIR = ("totalseg_abdomen", "totalseg_dicom_abdomen")  # (training p
 RECOGNITION_PROBES = (("knn_10", "k-NN k=10"), ("knn_20", "k-NN k=20"), ("linear_probe", "linear probe"))
 
 
+def recognition_crops(manifest: dict, budget: Budget) -> list:
+    """The structure crops of organ recognition, one :class:`~dagman.tasks.cluster.Crops` per patient of
+    :data:`RECOGNITION_PAIR` (training patient, test patient): 32 voxels at 2 mm, ``recognition_crops`` per
+    structure, TotalSegmentator's organ groups, seed 0. ``manifest``: the example CTs' manifest."""
+    from dagman.data import examples
+    from dagman.tasks.cluster import make_structure_crops
+
+    root = examples.default_examples_dir()
+    vols = {v["case"]: v for v in manifest["volumes"]}
+    return [make_structure_crops(root / vols[c]["image"], root / vols[c]["label"], spacing=2.0, size=32,
+                                 crops_per_structure=budget.recognition_crops, names=root / "manifest.json",
+                                 groups="totalseg", seed=0, progress=False) for c in RECOGNITION_PAIR]
+
+
 def recognition(manifest: dict, ckpt: str, budget: Budget, draw: int = 0) -> dict:
     """Organ recognition across patients (``dagman recognize``'s code): structure crops of the training patient
     and of the held-out one, frozen features, k-NN and linear probe at every label fraction of the training
@@ -523,17 +537,12 @@ def recognition(manifest: dict, ckpt: str, budget: Budget, draw: int = 0) -> dic
     ``draw``: the torch seed of random init's weights (ignored for a checkpoint)."""
     from sklearn.metrics import balanced_accuracy_score
 
-    from dagman.data import examples
-    from dagman.tasks.cluster import encode_crops, make_structure_crops
+    from dagman.tasks.cluster import encode_crops
     from dagman.tasks.metrics import bootstrap_ci
     from dagman.tasks.recognition import ceiling, recognise
 
-    root = examples.default_examples_dir()
-    vols = {v["case"]: v for v in manifest["volumes"]}
     enc = open_encoder(ckpt, budget.size, seed=draw)
-    crops = [make_structure_crops(root / vols[c]["image"], root / vols[c]["label"], spacing=2.0, size=32,
-                                  crops_per_structure=budget.recognition_crops, names=root / "manifest.json",
-                                  groups="totalseg", seed=0, progress=False) for c in RECOGNITION_PAIR]
+    crops = recognition_crops(manifest, budget)
     feats = [encode_crops(enc, c, batch_size=16, progress=False) for c in crops]
     names = [[c.class_names[i] for i in c.class_ids] for c in crops]
 

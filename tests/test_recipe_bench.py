@@ -1,4 +1,4 @@
-"""benchmarks/recipe_validation.py and benchmarks/organ_intensity_reference.py: the parts that decide their numbers
+"""benchmarks/recipe_validation.py, benchmarks/organ_intensity_reference.py and benchmarks/patient_shift.py: the parts that decide their numbers
 (the split that keeps the evaluation's test nodules unread, the per-stage probe, the histogram features), on
 SYNTHETIC data; the real runs are in docs/RESULTS.md."""
 
@@ -130,3 +130,41 @@ def test_histogram_features_by_hand():
     assert centre[0, oir.BINS] == pytest.approx(10 * 0.35)
     air = oir.histogram_features(np.zeros((1, 4, 4, 4), np.float32))  # outside the histogram's range
     assert air[0, :oir.BINS].sum() == pytest.approx(0.0) and air[0, oir.BINS:].tolist() == [0.0, 0.0]
+
+
+@pytest.fixture(scope="module")
+def ps():
+    return _load("patient_shift")
+
+
+def test_patient_shift_ratio_and_centring_on_constructed_features(ps):
+    """Two classes at +-e1 in patient a; patient b the same plus an offset of 3 e2. Class means 2 apart within a
+    patient, each class 3 from itself across: shift 1.5; one offset per scan, so centring removes it (0)."""
+    ya = yb = np.array([0, 0, 1, 1])
+    fa = np.array([[1.0, 0.0], [1.0, 0.0], [-1.0, 0.0], [-1.0, 0.0]])
+    fb = fa + np.array([0.0, 3.0])
+    assert ps.shift_ratio(fa, ya, fb, yb) == pytest.approx(1.5)
+    assert ps.shift_ratio(fa - fa.mean(0), ya, fb - fb.mean(0), yb) == pytest.approx(0.0)
+    with pytest.raises(ValueError, match="fewer than 2"):
+        ps.shift_ratio(fa, ya, fb, np.zeros(4, int))
+
+
+def test_patient_shift_measure_tells_a_per_scan_offset_from_mixed_organs(ps):
+    rng = np.random.default_rng(0)
+    centres = np.eye(6)[:3] * 2.0  # three organs, apart
+    centres[:, 5] = 10.0  # on a component every crop shares (real features: cosine near 1 between any two crops)
+    ya = yb = np.repeat(np.arange(3), 6)
+    fa = centres[ya] + rng.normal(0, 0.3, (18, 6))
+    offset = np.zeros(6)
+    offset[4] = 6.0  # the test scan moved along a direction no organ uses
+    fb = centres[yb] + rng.normal(0, 0.3, (18, 6)) + offset
+    m = ps.measure(fa, ya, fb, yb, k=3)
+    assert m["classes"] == 3 and m["within"] == 1.0  # the organs are apart inside the unseen patient
+    assert m["shift"] > 1.0 > m["shift_centred"]  # farther across than between organs, until centred
+    assert m["cross_centred"] == 1.0
+    # rows of a class the other patient lacks are left out, not mislabelled
+    m2 = ps.measure(np.vstack([fa, centres[:1] + 9]), np.append(ya, 7), fb, yb, k=3)
+    assert m2["classes"] == 3 and m2["within"] == 1.0
+    # organs that only differ by noise: within-patient k-NN near chance
+    noise = ps.measure(rng.normal(0, 1, (18, 6)), ya, rng.normal(0, 1, (18, 6)), yb, k=3)
+    assert noise["within"] < 0.7
