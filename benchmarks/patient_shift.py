@@ -36,11 +36,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 K = 10
 
 
-def unit_rows(x: np.ndarray) -> np.ndarray:
-    x = np.asarray(x, dtype=np.float64)
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-
-
 def shift_ratio(fa: np.ndarray, ya: np.ndarray, fb: np.ndarray, yb: np.ndarray) -> float:
     """Mean over the classes of both ``ya`` and ``yb`` of ||mean_a(c) - mean_b(c)||, over the mean over pairs of
     those classes of ||mean_a(c) - mean_a(c')|| (patient a's between-class distance)."""
@@ -68,7 +63,7 @@ def measure(fa: np.ndarray, ya: np.ndarray, fb: np.ndarray, yb: np.ndarray, k: i
     rows ``fb`` (``yb``); integer labels; rows of classes the other patient lacks are left out."""
     from sklearn.metrics import balanced_accuracy_score
 
-    from dagman.tasks.knn import knn_predict
+    from dagman.tasks.knn import knn_predict, unit_rows
 
     shared = np.intersect1d(ya, yb)
     keep_a, keep_b = np.isin(ya, shared), np.isin(yb, shared)

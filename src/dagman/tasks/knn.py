@@ -23,7 +23,8 @@ KNN_TEMPERATURE = 0.07
 KNN_K = (10, 20)
 
 
-def _unit_rows(x: np.ndarray) -> np.ndarray:
+def unit_rows(x: np.ndarray) -> np.ndarray:
+    """``x`` (samples x dimensions) as float64 rows of unit L2 norm (the k-NN's cosine geometry)."""
     x = np.asarray(x, dtype=np.float64)
     if x.ndim != 2:
         raise DataError(f"features must be a 2D array (samples x dimensions), got shape {x.shape}")
@@ -37,8 +38,8 @@ def knn_scores(train_x, train_y, test_x, *, k: int = 20, temperature: float = KN
 
     ``train_y``: integer classes ``0 .. num_classes - 1`` (default: ``max + 1``). ``k`` is capped at the number
     of training samples. Test rows are processed ``block`` at a time (memory ``block x n_train``)."""
-    train = _unit_rows(train_x)
-    test = _unit_rows(test_x)
+    train = unit_rows(train_x)
+    test = unit_rows(test_x)
     y = np.asarray(train_y).astype(np.int64).reshape(-1)
     if train.shape[0] != y.shape[0]:
         raise DataError(f"{train.shape[0]} training features but {y.shape[0]} training labels")
