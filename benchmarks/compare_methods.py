@@ -1105,7 +1105,8 @@ def curves_figure(out: Path, budget: Budget, res: dict) -> Path:
         ax.set_xticks(list(fractions), [f"{f:.0%}" for f in fractions])
         ax.set_title(title, fontsize=9)
         ax.set_xlabel("label fraction")
-    axes[0].legend(fontsize=7)
+    if axes[0].get_legend_handles_labels()[0]:  # nothing stored yet (a --report-only of an empty folder): no legend
+        axes[0].legend(fontsize=7)
     fig.tight_layout()
     (out / "figures").mkdir(exist_ok=True)
     path = out / "figures" / f"label_fraction_curves{output_suffix(budget)}.png"
@@ -1258,6 +1259,13 @@ def main(argv=None) -> int:
     meta = {"machine": describe_machine(), "hours": hours, "evaluation_seconds_recorded": seconds_total,
             "command": command_line(sys.argv[1:] if argv is None else list(argv)),
             "torch": torch.__version__}
+    before = out / f"comparison{output_suffix(budget)}.json"
+    if args.report_only and before.is_file():  # the tables name the machine and command that computed them
+        try:
+            stored_meta = json.loads(before.read_text())["meta"]
+            meta.update({k: stored_meta[k] for k in ("machine", "command", "torch") if k in stored_meta})
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
     text = write_tables(out, budget, res, meta)
     curves_figure(out, budget, res)
     print(text)

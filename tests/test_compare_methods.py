@@ -327,3 +327,17 @@ def test_clustering_cells_are_judged_against_random_inits_draws(cm, tmp_path):
     assert "▲" not in text  # one weight draw of random init reaches inside dagman's interval
     assert "| random init, 3 weight draws: mean [lowest, highest] |  |  | 1.000 [1.000, 1.000] | " \
            "1.000 [1.000, 1.000] | 0.317 [0.270, 0.380] | 1.000 [1.000, 1.000] |" in text
+
+
+def test_report_only_keeps_the_machine_that_computed_the_tables(cm, tmp_path):
+    """--report-only rewrites the tables from the stored units; their machine and command stay those of the run
+    that computed them (not of the process that only rewrote them)."""
+    (tmp_path / "comparison.json").write_text(json.dumps({"meta": {"machine": "the box that computed it",
+                                                                   "command": "python the-command-that-ran"}}))
+    assert cm.main(["--quick", "--size", "cpu", "--out", str(tmp_path), "--report-only"]) == 0
+    text = (tmp_path / "comparison.md").read_text()
+    assert "Machine: the box that computed it." in text and "Command: `python the-command-that-ran`" in text
+    assert json.loads((tmp_path / "comparison.json").read_text())["meta"]["machine"] == "the box that computed it"
+    fresh = tmp_path / "fresh"  # nothing stored before: this process's machine
+    assert cm.main(["--quick", "--size", "cpu", "--out", str(fresh), "--report-only"]) == 0
+    assert "Machine: the box" not in (fresh / "comparison.md").read_text()
