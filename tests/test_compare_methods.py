@@ -109,8 +109,10 @@ def test_random_init_units_are_shared_across_pretraining_lengths_and_old_stores_
            "value": {"auc": 0.7}}
     (store / "lp_random-init.json").write_text(json.dumps(old))
     calls = []
-    got = cm.Results(tmp_path, short).get("lp_random-init", lambda: calls.append(1) or {"auc": 0.1}, pretrained=False)
+    store_short = cm.Results(tmp_path, short)
+    got = store_short.get("lp_random-init", lambda: calls.append(1) or {"auc": 0.1}, pretrained=False)
     assert got == {"auc": 0.7} and not calls
+    assert store_short.seconds == 3.0  # the recorded time of the units a table shows, read back or computed
     assert json.loads((store / "lp_random-init.json").read_text())["fingerprint"] == short.fingerprint(
         "lp_random-init", pretrained=False)
     # the longer budget now finds it too; a pretrained unit under a legacy-looking hash is not accepted
