@@ -144,14 +144,15 @@ class Budget:
 def check_overrides(overrides, size: str, methods) -> None:
     """``--set`` must resolve with every preset it is given to, and leave the architecture alone: random init
     (built from the size preset) is the reference of every column. Raises ValueError (one line)."""
-    from dagman.config import load_config
+    from dagman.config import load_config, parse_override
     from dagman.errors import ConfigError
 
     for item in overrides:
-        key = item.split("=", 1)[0].strip()
-        if "=" not in item:
-            raise ValueError(f"--set takes KEY=VALUE, got {item!r}")
-        if key == "model" or key.startswith("model."):
+        try:
+            key, _ = parse_override(item)  # the config's own reading of KEY=VALUE (and its one-line errors)
+        except ConfigError as e:
+            raise ValueError(f"--set {item}: {e}") from None
+        if key.startswith("model."):
             raise ValueError(f"--set {item}: the architecture comes from --size (random init must share it)")
     for method in methods if overrides else ():
         try:

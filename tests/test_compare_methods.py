@@ -194,10 +194,13 @@ def test_set_overrides_are_checked_before_anything_runs(cm):
     cm.check_overrides([], "cpu", ["dagman"])
     with pytest.raises(ValueError, match="architecture comes from --size"):
         cm.check_overrides(["model.embed_dim=24"], "cpu", ["dagman"])
-    with pytest.raises(ValueError, match="KEY=VALUE"):
+    # the config's own reading of KEY=VALUE: its one-line errors, named after the --set item
+    with pytest.raises(ValueError, match="--set loss.koleo_head_weight: .*key=value"):
         cm.check_overrides(["loss.koleo_head_weight"], "cpu", ["dagman"])
-    with pytest.raises(ValueError, match="--method dagman: .*no_such_key"):
+    with pytest.raises(ValueError, match="--set loss.no_such_key=1: .*no_such_key"):
         cm.check_overrides(["loss.no_such_key=1"], "cpu", ["dagman"])
+    with pytest.raises(ValueError, match="--method smit: "):  # a value the config refuses, named with the preset
+        cm.check_overrides(["loss.koleo_head_weight=-1"], "cpu", ["smit"])
     with pytest.raises(SystemExit) as e:  # on the command line: argparse's one-line error, status 2
         cm.main(["--set", "model.depths=[1,1,1,1]", "--report-only", "--out", "/nonexistent"])
     assert e.value.code == 2
