@@ -1,5 +1,6 @@
-"""benchmarks/recipe_validation.py, benchmarks/organ_intensity_reference.py and benchmarks/patient_shift.py: the parts that decide their numbers
-(the split that keeps the evaluation's test nodules unread, the per-stage probe, the histogram features), on
+"""benchmarks/recipe_validation.py, organ_intensity_reference.py and patient_shift.py: the parts that decide their
+numbers (the split that keeps the evaluation's test nodules unread, the per-stage probe, the histogram features, the
+patient-shift measures), on
 SYNTHETIC data; the real runs are in docs/RESULTS.md."""
 
 from __future__ import annotations
