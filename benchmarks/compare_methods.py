@@ -233,11 +233,12 @@ class Results:
         if path.is_file():
             try:
                 data = json.loads(path.read_text())
-                if not pretrained and data.get("fingerprint") == self.budget.fingerprint(
+                stored = data.get("fingerprint")
+                if stored != fp and not pretrained and stored == self.budget.fingerprint(
                         key, *parts, pretrained=False, legacy=True):  # stored before the length left the hash
-                    data["fingerprint"] = fp
+                    data["fingerprint"] = stored = fp
                     atomic_write(path, lambda fh: fh.write(json.dumps(data).encode()))
-                if data.get("fingerprint") == fp:
+                if stored == fp:
                     self.seconds += float(data.get("seconds", 0.0))
                     return data["value"]
             except (OSError, ValueError):
