@@ -339,6 +339,9 @@ def test_unknown_size_or_method_lists_valid_ones():
         (["loss.amip=false", "loss.ampd=false", "loss.aitd=false", "loss.gitd=false"], "at least one"),
         (["loss.ampd_weight=0"], "loss.ampd_weight' must be > 0"),
         (["mask.block_ratio_range=[0.5, 0.1]"], "mask.block_ratio_range"),
+        (["data.slab_prob=1.5"], "data.slab_prob"),
+        (["data.slab_fraction_range=[0, 0.5]"], "data.slab_fraction_range must satisfy 0 < lo <= hi <= 1"),
+        (["data.slab_fraction_range=[0.5, 1.2]"], "data.slab_fraction_range must satisfy 0 < lo <= hi <= 1"),
         (["train.total_steps=0"], "train.total_steps' must be > 0"),
     ],
 )

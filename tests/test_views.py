@@ -123,6 +123,61 @@ def test_view_max_shift_on_a_padded_axis_and_bad_values(tmp_path):
             TwoViewDataset(cache, CROP, view_max_shift=bad)
 
 
+def _zero_planes(view: np.ndarray) -> np.ndarray:
+    """Indices of the z planes of ``view`` (X, Y, Z) that are exactly 0 everywhere."""
+    return np.flatnonzero(np.abs(view).reshape(-1, view.shape[-1]).max(axis=0) == 0)
+
+
+def test_slab_keeps_a_contiguous_run_of_z_planes_of_the_drawn_thickness(cache, volumes):
+    # Synthetic volumes are noise in (0, 1]: no plane of a plain crop is all zero, so every zero plane is the slab's.
+    half = TwoViewDataset(cache, CROP, samples_per_volume=20, slab_prob=1.0, slab_fraction=(0.5, 0.5), **NO_AUG)
+    plain = TwoViewDataset(cache, CROP, samples_per_volume=20, **NO_AUG)
+    firsts = set()
+    for i in range(len(half)):
+        s, p = half[i], plain[i]
+        for key in ("view1", "view2"):
+            v = s[key][0].numpy()
+            zero = _zero_planes(v)
+            kept = np.setdiff1d(np.arange(CROP), zero)
+            assert len(kept) == CROP // 2 and np.all(np.diff(kept) == 1)  # one slab of round(0.5 * 16) planes
+            vol = volumes[s["volume"]]
+            origin = s["origin1"] if key == "view1" else s["origin2"]
+            np.testing.assert_array_equal(v[..., kept], crop_at(vol, origin)[..., kept])  # untouched inside
+            firsts.add(int(kept[0]))
+        # the slab's draws come after every other draw of the view: view 1 is the plain view 1 inside the slab
+        kept1 = np.setdiff1d(np.arange(CROP), _zero_planes(s["view1"][0].numpy()))
+        np.testing.assert_array_equal(s["view1"][0].numpy()[..., kept1], p["view1"][0].numpy()[..., kept1])
+    assert len(firsts) > 4  # the slab moves through the crop
+
+
+def test_slab_probability_and_thickness_range(cache):
+    ds = TwoViewDataset(cache, CROP, samples_per_volume=100, slab_prob=0.5, slab_fraction=(0.25, 0.75), **NO_AUG)
+    kept = [CROP - len(_zero_planes(ds[i][key][0].numpy())) for i in range(len(ds)) for key in ("view1", "view2")]
+    kept = np.asarray(kept)
+    slabbed = kept < CROP
+    assert abs(slabbed.mean() - 0.5) < 0.08  # 600 views
+    assert kept[slabbed].min() >= 4 and kept[slabbed].max() <= 12  # round(0.25 * 16) .. round(0.75 * 16)
+    # off (the default) leaves the stream of draws alone: the same views as a dataset built without the option
+    off = TwoViewDataset(cache, CROP, samples_per_volume=100, slab_prob=0.0, flip_prob=0.5)
+    default = TwoViewDataset(cache, CROP, samples_per_volume=100, flip_prob=0.5)
+    for i in range(0, len(ds), 37):
+        for key in ("view1", "view2"):
+            np.testing.assert_array_equal(off[i][key].numpy(), default[i][key].numpy())
+    for bad in (dict(slab_prob=-0.1), dict(slab_prob=1.1), dict(slab_fraction=(0.0, 0.5)),
+                dict(slab_fraction=(0.6, 0.5)), dict(slab_fraction=(0.5, 1.5))):
+        with pytest.raises(ConfigError, match="slab"):
+            TwoViewDataset(cache, CROP, **bad)
+
+
+def test_slab_from_config_reaches_the_dataset(cache):
+    from dagman.config import load_config
+
+    cfg = load_config(size="tiny", overrides=["data.slab_prob=0.25", "data.slab_fraction_range=[0.5,0.75]"])
+    ds = TwoViewDataset.from_config(cfg.data, cache)
+    assert ds.slab_prob == 0.25 and ds.slab_fraction == (0.5, 0.75)
+    assert TwoViewDataset.from_config(load_config(size="tiny").data, cache).slab_prob == 0.0
+
+
 def _recover_augmentation(view: np.ndarray, crop: np.ndarray):
     """The flips and (a, b) with view == a * flip(crop) + b, found by trying all 8 flip patterns."""
     best = None

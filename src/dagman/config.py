@@ -168,6 +168,13 @@ class DataConfig:
         None, "null: the two views' crop origins are independent (the paper); m: view 2 within m voxels of view 1 "
         "per axis, so the views overlap (voxels)"
     )
+    slab_prob: float = _opt(
+        0.0, "probability that a view keeps only a slab of contiguous z planes, the rest set to 0 (the bottom of the "
+        "HU window, as the zero padding of a scan thinner than the crop); 0 = off, the paper (prob.)"
+    )
+    slab_fraction_range: tuple[float, float] = _opt(
+        (0.25, 1.0), "slab thickness, a fraction of the crop's z edge drawn uniformly (fraction)"
+    )
 
 
 @dataclass(frozen=True)
@@ -841,6 +848,10 @@ def validate(cfg: Config) -> Config:
         )
     _in_unit("data.flip_prob", d.flip_prob, high_open=False)
     _in_unit("data.intensity_prob", d.intensity_prob, high_open=False)
+    _in_unit("data.slab_prob", d.slab_prob, high_open=False)
+    lo, hi = d.slab_fraction_range
+    _require(0 < lo <= hi <= 1, f"data.slab_fraction_range must satisfy 0 < lo <= hi <= 1, got "
+             f"{_show(d.slab_fraction_range)}")
     lo, hi = d.intensity_scale_range
     _require(0 < lo <= hi, f"data.intensity_scale_range must satisfy 0 < lo <= hi, got {_show((lo, hi))}")
     lo, hi = d.intensity_shift_range

@@ -5,7 +5,8 @@ Data flow (one sample)::
     cache (float16 (X, Y, Z) .npy, memory-mapped)  --index i, epoch e-->  rng = default_rng([seed, e, i])
         -> volume v = i mod n_volumes
         -> view1, view2: independent uniform crop origins (or, with ``view_max_shift=m``, view2's origin
-           within m voxels of view1's per axis, so the views overlap), per-axis flips, intensity x * a + b
+           within m voxels of view1's per axis, so the views overlap), per-axis flips, intensity x * a + b,
+           and (with ``slab_prob > 0``) only a slab of z planes kept, the rest 0
         -> {"view1": (1, S, S, S), "view2": (1, S, S, S), "volume": v, "origin1": (3,), "origin2": (3,)}
 
 Determinism: every random number of sample ``i`` at epoch ``e`` comes from ``np.random.default_rng([seed,
@@ -105,6 +106,14 @@ class TwoViewDataset(Dataset):
             plus a shift drawn uniformly from ``[-m, m]`` per axis, clipped to the volume, so the views share
             at least ``S - m`` voxels per axis and agree on the anatomy they both contain (DINO's crops of one
             image overlap in the same way).
+        slab_prob: probability that a view keeps only a slab of contiguous planes along the last (z) axis,
+            every other plane set to exactly 0 after the intensity change: the zero padding a scan thinner than
+            the crop gets when it is cut for evaluation (a 20-slice series at 2 mm fills 20 of 32 planes). The
+            two views draw their slabs independently, so the cross-view terms reward features that do not
+            change with how much of the crop was scanned. 0 (default): off, and no random number is drawn for
+            it (the draws of every other augmentation are those of a dataset without the option).
+        slab_fraction: the slab's thickness, ``round(f * Sz)`` planes (at least 1) with ``f`` drawn uniformly
+            from ``(low, high)`` in ``(0, 1]``; its first plane uniform over the positions that fit.
 
     Item ``i`` (or ``(epoch, i)``; plain ``i`` uses the epoch of :meth:`set_epoch`) is a dict::
 
@@ -138,6 +147,8 @@ class TwoViewDataset(Dataset):
         max_open_volumes: int = 64,
         pad_value: float | None = 0.0,
         view_max_shift: int | None = None,
+        slab_prob: float = 0.0,
+        slab_fraction: tuple[float, float] = (0.25, 1.0),
     ) -> None:
         self.cache = Path(cache)
         self.crop_shape = _crop_shape(crop_size)
@@ -163,6 +174,12 @@ class TwoViewDataset(Dataset):
                                            or int(view_max_shift) != view_max_shift):
             raise ConfigError(f"view_max_shift must be null or a non-negative int (voxels), got {view_max_shift!r}")
         self.view_max_shift = None if view_max_shift is None else int(view_max_shift)
+        if not 0.0 <= float(slab_prob) <= 1.0:
+            raise ConfigError(f"slab_prob must be in [0, 1], got {slab_prob!r}")
+        self.slab_prob = float(slab_prob)
+        self.slab_fraction = _interval("slab_fraction", slab_fraction, 1.0)
+        if not 0.0 < self.slab_fraction[0] <= self.slab_fraction[1] <= 1.0:
+            raise ConfigError(f"slab_fraction must satisfy 0 < low <= high <= 1, got {slab_fraction!r}")
         self.epoch = 0
 
         self.entries: list[CacheEntry] = cache_entries(self.cache)
@@ -178,7 +195,8 @@ class TwoViewDataset(Dataset):
         return cls(data.cache if cache is None else cache, data.crop_size, flip_prob=data.flip_prob,
                    intensity_scale=tuple(data.intensity_scale_range),
                    intensity_shift=tuple(data.intensity_shift_range), intensity_prob=data.intensity_prob,
-                   samples_per_volume=samples_per_volume, seed=seed, view_max_shift=data.view_max_shift)
+                   samples_per_volume=samples_per_volume, seed=seed, view_max_shift=data.view_max_shift,
+                   slab_prob=data.slab_prob, slab_fraction=tuple(data.slab_fraction_range))
 
     # ----------------------------------------------------------------------------------------- checks
     def _check_entries(self) -> None:
@@ -346,7 +364,7 @@ class TwoViewDataset(Dataset):
         (``m = view_max_shift``) per axis, clipped to the range a uniform origin could take.
         The random numbers are always drawn in the same order and number (origin, flips, scale, shift),
         whatever the settings, so turning one augmentation off does not change the others' draws (an
-        anchored view draws its shift after them).
+        anchored view draws its shift after them; with ``slab_prob > 0`` the slab's three numbers come last).
         """
         crop = self.crop_shape
         excess = np.asarray(vol.shape) - np.asarray(crop)
@@ -378,6 +396,14 @@ class TwoViewDataset(Dataset):
             out *= scale
         if shift != 0.0:
             out += shift
+        if self.slab_prob > 0.0:
+            keep, frac, where = rng.random(), rng.uniform(*self.slab_fraction), rng.random()
+            if keep < self.slab_prob:
+                sz = out.shape[-1]
+                thick = min(max(int(round(frac * sz)), 1), sz)
+                first = int(where * (sz - thick + 1))
+                out[..., :first] = 0.0
+                out[..., first + thick:] = 0.0
         return origin
 
 
