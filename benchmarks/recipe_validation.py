@@ -4,6 +4,7 @@
         none RUN_A RUN_B ...            # 'none' = random init (of --size), a run folder or encoder file
     python benchmarks/recipe_validation.py --probe probe-train.npz --random-seeds 5 none   # init-noise floor
     python benchmarks/recipe_validation.py --nodules DIR --ft-fractions 0.25 -- RUN     # '--' after a list option
+    python benchmarks/recipe_validation.py --probe probe-train.npz --probe-slab 20 none RUN   # + thin-series probe
 
 Two instruments, both on data a recipe may be chosen on (DEVELOPERS.md: evaluation sets are looked at once
 per recipe, never tuned on):
@@ -14,7 +15,11 @@ per recipe, never tuned on):
    SA [CLS] token (``sa``, encoders pretrained with an SA block); beside it the effective rank of each of
    those features over the probe's crops (RankMe; a falling rank is dimensional collapse); and k-means on the
    mean tokens of all the probe's crops against their organ labels (NMI, ARI: the twin of compare_methods'
-   organ clustering).
+   organ clustering). With ``--probe-slab N`` the probe runs a second time with its *test* crops thinned to a
+   slab of N z planes (the rest 0, :func:`thin_test_crops`): the padding a series of N slices gets when it is cut
+   into crops of more planes, which is what every crop of a thin held-out series looks like (a 20-slice series
+   at 2 mm fills 20 of 32 planes). It asks whether the features still find the organ when the crop was not fully
+   scanned, on training volumes.
 2. **Nodule malignancy, training pool only** (``--nodules``, a ``dagman data nodules`` folder, e.g. the one
    ``compare_methods.py`` builds): ``compare_methods.py``'s fixed patient-grouped split is made, the held-out
    test nodules are dropped *before anything is encoded*, and ``dagman classify``'s cross-validation runs on
@@ -50,14 +55,34 @@ def encoder(ckpt: str, size: str, use_sa: bool | None, seed: int = 0):
     return open_encoder(ckpt, size, use_sa=use_sa, seed=seed).eval()
 
 
-def organ_probe(enc, probe_path: str) -> dict[str, dict[str, float]]:
+def thin_test_crops(probe, planes: int, seed: int = 0):
+    """A copy of ``probe`` whose test crops keep only ``planes`` contiguous z planes (the last axis), every other
+    plane set to 0, as a series of ``planes`` slices is zero-padded when a crop of more planes is cut from it
+    around a voxel inside it: the crop's centre plane lies ``j`` planes above the slab's first, ``j`` uniform in
+    ``[0, planes)`` (``numpy.random.default_rng(seed)``). Training crops are left as they are."""
+    import dataclasses
+
+    inputs = np.array(probe.inputs, copy=True)
+    size = inputs.shape[-1]
+    if not 1 <= planes <= size:
+        raise ValueError(f"--probe-slab {planes}: must be in 1..{size} (the crop's z edge)")
+    rng = np.random.default_rng(seed)
+    centre = size // 2
+    for i in np.flatnonzero(probe.is_test):
+        first = centre - int(rng.integers(0, planes))
+        inputs[i, ..., :max(first, 0)] = 0
+        inputs[i, ..., max(first + planes, 0):] = 0
+    return dataclasses.replace(probe, inputs=inputs)
+
+
+def organ_probe(enc, probe) -> dict[str, dict[str, float]]:
     """The trainer's probe (:func:`dagman.train.probe.probe_network`) on every stage's mean tokens (``s0``..``s4``)
     and the SA [CLS] token (``sa``, when the encoder has an SA block): ``"knn"``, the k-NN (k = 20) balanced
     accuracy of the probe set's test crops, and ``"rank"``, the effective rank of each feature over all its crops
-    (of ``"dim"`` dimensions)."""
+    (of ``"dim"`` dimensions). ``probe``: a probe set or its file."""
     from dagman.train.probe import load_probe_set, probe_features, probe_scores
 
-    probe = load_probe_set(probe_path)
+    probe = load_probe_set(probe) if isinstance(probe, (str, Path)) else probe
     feats = probe_features(enc, probe.inputs, stages=True)
     scores = probe_scores(feats, probe)
     # "mean" is s4 again; keep the stage names and "sa"
@@ -135,6 +160,8 @@ def main(argv=None) -> int:
     p.add_argument("checkpoints", nargs="+", help="run folders, encoder files, or 'none' (random init)")
     p.add_argument("--size", default="cpu", help="architecture of random init (default cpu)")
     p.add_argument("--probe", help="organ probe set (.npz) built from TRAINING volumes")
+    p.add_argument("--probe-slab", type=int, metavar="N",
+                   help="also run the probe with its test crops thinned to N z planes (the rest 0): a thin series")
     p.add_argument("--nodules", type=Path, help="a `dagman data nodules` folder (its test split is never read)")
     p.add_argument("--fractions", type=float, nargs="+", default=[0.05, 0.25, 1.0])
     p.add_argument("--ft-fractions", type=float, nargs="+", default=[0.05, 0.25])
@@ -148,10 +175,18 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if not args.probe and not args.nodules:
         p.error("give --probe, --nodules or both")
+    if args.probe_slab is not None and not args.probe:
+        p.error("--probe-slab thins the test crops of --probe: give --probe too")
     import torch
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    probe = thin = None
+    if args.probe:
+        from dagman.train.probe import load_probe_set
+
+        probe = load_probe_set(args.probe)
+        thin = thin_test_crops(probe, args.probe_slab) if args.probe_slab else None
     pool = None
     if args.nodules:
         pool, dropped = training_pool(args.nodules)
@@ -163,13 +198,18 @@ def main(argv=None) -> int:
             name = ckpt if ckpt != "none" else f"random init (seed {seed})"
             row: dict = {"encoder": name}
             if args.probe:
-                row["probe"] = organ_probe(encoder(ckpt, args.size, None, seed), args.probe)
+                enc = encoder(ckpt, args.size, None, seed)
+                row["probe"] = organ_probe(enc, probe)
                 knn, rank, dim = row["probe"]["knn"], row["probe"]["rank"], row["probe"]["dim"]
                 print(name, "probe k-NN20:", " ".join(f"{k} {v:.3f}" for k, v in knn.items()), flush=True)
                 print(name, "effective rank:", " ".join(f"{k} {rank[k]:.1f}/{dim[k]:.0f}" for k in rank), flush=True)
                 km = row["probe"]["kmeans"]
                 print(name, "probe k-means (mean tokens):", " ".join(f"{k.upper()} {v['mean']:.3f}±{v['std']:.3f}"
                                                                   for k, v in km.items()), flush=True)
+                if thin is not None:
+                    row["probe_slab"] = {"planes": args.probe_slab, **organ_probe(enc, thin)}
+                    print(name, f"probe k-NN20, test crops thinned to {args.probe_slab} z planes:",
+                          " ".join(f"{k} {v:.3f}" for k, v in row["probe_slab"]["knn"].items()), flush=True)
             if pool is not None:
                 row["nodules_cv"] = nodule_cv(ckpt, args.size, pool, args.fractions, args.ft_fractions, args.seeds,
                                               seed, args.ft_features)
