@@ -974,11 +974,20 @@ def seed_cells(budget: Budget) -> list[tuple]:
     return cells
 
 
+MIN_RECIPE_SEEDS = 3  # two runs can agree by chance (organ clustering ARI at 12000 steps: 0.0614 and 0.0615)
+NO_VERDICT_FEW_SEEDS = f"none: < {MIN_RECIPE_SEEDS} seeds"
+
+
 def recipe_verdict(seeds: list[float], draws: list[float]) -> str:
     """'above' / 'below' when the 95% t-interval of the mean over pretraining seeds and that of random init's mean
-    over its weight draws do not overlap, 'level' when they do; '' with fewer than two of either (no interval)."""
-    if len(seeds) < 2 or len(draws) < 2:
+    over its weight draws do not overlap, 'level' when they do; '' with fewer than two draws (no interval), and
+    :data:`NO_VERDICT_FEW_SEEDS` with fewer than :data:`MIN_RECIPE_SEEDS` seeds: two runs that happen to agree give a
+    t-interval far narrower than the recipe's spread (with one degree of freedom the interval is valid on average,
+    but a verdict from it rests on whether two draws landed close)."""
+    if len(draws) < 2:
         return ""
+    if len(seeds) < MIN_RECIPE_SEEDS:
+        return NO_VERDICT_FEW_SEEDS
     return {"▲": "above", "▼": "below"}.get(separation(t_interval(seeds), t_interval(draws)), "level")
 
 
@@ -1040,7 +1049,9 @@ def write_seed_table(out: Path, budget: Budget, meta: dict) -> str | None:
              "run, their mean and its 95% Student-t interval over the pretraining seeds; random init: its mean over "
              "the weight draws and the same interval. *above* / *below*: the two intervals do not overlap -- the "
              "recipe, not one run of it, beats / trails random init on this test set; *level*: they overlap; blank: "
-             "random init was drawn once here (its interval over draws is unknown). The intervals are over weights "
+             "random init was drawn once here (its interval over draws is unknown); "
+             f"*{NO_VERDICT_FEW_SEEDS}*: fewer than {MIN_RECIPE_SEEDS} pretraining seeds, no verdict (two runs can "
+             "agree by chance, which makes their interval narrow). The intervals are over weights "
              "(pretraining seeds, weight draws) on a fixed test set; the test-set sampling error is in the per-run "
              "tables' bootstrap intervals. Many cells are tested at once: a lone separation may be chance.", ""]
     found = [f"| {e} | {r['cell']} | {r['verdict']} | {r['mean']:.3f} [{r['ci'][0]:.3f}, {r['ci'][1]:.3f}] | "

@@ -55,11 +55,12 @@ def encoder(ckpt: str, size: str, use_sa: bool | None, seed: int = 0):
     return open_encoder(ckpt, size, use_sa=use_sa, seed=seed).eval()
 
 
-def thin_test_crops(probe, planes: int, seed: int = 0):
+def thin_test_crops(probe, planes: int, seed: int = 0, train_too: bool = False):
     """A copy of ``probe`` whose test crops keep only ``planes`` contiguous z planes (the last axis), every other
     plane set to 0, as a series of ``planes`` slices is zero-padded when a crop of more planes is cut from it
     around a voxel inside it: the crop's centre plane lies ``j`` planes above the slab's first, ``j`` uniform in
-    ``[0, planes)`` (``numpy.random.default_rng(seed)``). Training crops are left as they are."""
+    ``[0, planes)`` (``numpy.random.default_rng(seed)``, test crops first). Training crops are left as they are,
+    or (``train_too``) thinned the same way after them: matched padding, to tell the mismatch from the voxels lost."""
     import dataclasses
 
     inputs = np.array(probe.inputs, copy=True)
@@ -68,7 +69,8 @@ def thin_test_crops(probe, planes: int, seed: int = 0):
         raise ValueError(f"--probe-slab {planes}: must be in 1..{size} (the crop's z edge)")
     rng = np.random.default_rng(seed)
     centre = size // 2
-    for i in np.flatnonzero(probe.is_test):
+    test = np.asarray(probe.is_test, dtype=bool)
+    for i in [*np.flatnonzero(test), *(np.flatnonzero(~test) if train_too else [])]:
         first = centre - int(rng.integers(0, planes))
         inputs[i, ..., :max(first, 0)] = 0
         inputs[i, ..., max(first + planes, 0):] = 0
@@ -162,6 +164,8 @@ def main(argv=None) -> int:
     p.add_argument("--probe", help="organ probe set (.npz) built from TRAINING volumes")
     p.add_argument("--probe-slab", type=int, metavar="N",
                    help="also run the probe with its test crops thinned to N z planes (the rest 0): a thin series")
+    p.add_argument("--probe-slab-train", action="store_true",
+                   help="with --probe-slab: thin the probe's training crops too (matched padding)")
     p.add_argument("--nodules", type=Path, help="a `dagman data nodules` folder (its test split is never read)")
     p.add_argument("--fractions", type=float, nargs="+", default=[0.05, 0.25, 1.0])
     p.add_argument("--ft-fractions", type=float, nargs="+", default=[0.05, 0.25])
@@ -177,6 +181,8 @@ def main(argv=None) -> int:
         p.error("give --probe, --nodules or both")
     if args.probe_slab is not None and not args.probe:
         p.error("--probe-slab thins the test crops of --probe: give --probe too")
+    if args.probe_slab_train and not args.probe_slab:
+        p.error("--probe-slab-train needs --probe-slab N")
     import torch
 
     if args.threads:
@@ -186,7 +192,7 @@ def main(argv=None) -> int:
         from dagman.train.probe import load_probe_set
 
         probe = load_probe_set(args.probe)
-        thin = thin_test_crops(probe, args.probe_slab) if args.probe_slab else None
+        thin = thin_test_crops(probe, args.probe_slab, train_too=args.probe_slab_train) if args.probe_slab else None
     pool = None
     if args.nodules:
         pool, dropped = training_pool(args.nodules)
@@ -207,8 +213,10 @@ def main(argv=None) -> int:
                 print(name, "probe k-means (mean tokens):", " ".join(f"{k.upper()} {v['mean']:.3f}±{v['std']:.3f}"
                                                                   for k, v in km.items()), flush=True)
                 if thin is not None:
-                    row["probe_slab"] = {"planes": args.probe_slab, **organ_probe(enc, thin)}
-                    print(name, f"probe k-NN20, test crops thinned to {args.probe_slab} z planes:",
+                    row["probe_slab"] = {"planes": args.probe_slab, "train_too": args.probe_slab_train,
+                                         **organ_probe(enc, thin)}
+                    print(name, f"probe k-NN20, {'all' if args.probe_slab_train else 'test'} crops thinned to "
+                          f"{args.probe_slab} z planes:",
                           " ".join(f"{k} {v:.3f}" for k, v in row["probe_slab"]["knn"].items()), flush=True)
             if pool is not None:
                 row["nodules_cv"] = nodule_cv(ckpt, args.size, pool, args.fractions, args.ft_fractions, args.seeds,

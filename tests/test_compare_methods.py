@@ -276,7 +276,11 @@ def test_recipe_verdict_compares_the_t_intervals_of_seeds_and_draws(cm):
     assert cm.recipe_verdict([0.10, 0.11, 0.09], [0.14, 0.15, 0.16]) == "below"
     # the seed 0 and 1 runs alone would separate; the third pretraining seed widens the interval over seeds
     assert cm.recipe_verdict([0.191, 0.227, 0.146], [0.119, 0.111, 0.156, 0.130, 0.125]) == "level"
-    assert cm.recipe_verdict([0.2], [0.1, 0.11]) == cm.recipe_verdict([0.2, 0.3], [0.1]) == ""
+    assert cm.recipe_verdict([0.2, 0.3], [0.1]) == cm.recipe_verdict([0.2, 0.3, 0.25], [0.1]) == ""
+    # two seeds: no verdict, however narrow their interval (ARI at 12000 steps: 0.0614 and 0.0615)
+    assert cm.recipe_verdict([0.0614, 0.0615], [0.03, 0.04, 0.05, 0.035]) == cm.NO_VERDICT_FEW_SEEDS
+    assert cm.recipe_verdict([0.2], [0.1, 0.11]) == cm.NO_VERDICT_FEW_SEEDS
+    assert cm.recipe_verdict([0.0614, 0.0615, 0.0613], [0.03, 0.04, 0.05, 0.035]) == "above"
 
 
 def test_the_seed_table_reads_every_stored_seed_of_the_same_budget(cm, tmp_path):
@@ -296,6 +300,10 @@ def test_the_seed_table_reads_every_stored_seed_of_the_same_budget(cm, tmp_path)
     assert cm.write_seed_table(tmp_path, budget, meta) is None  # one pretraining seed: no recipe-level table
     assert not (tmp_path / "comparison_seeds.md").exists()
     store(1, 0.22)
+    two = cm.write_seed_table(tmp_path, budget, meta)  # two seeds: the values, no verdict
+    assert "No cell separates." in two
+    assert next(line for line in two.splitlines() if line.startswith("| organ recognition, k-NN k=10, 25% |")
+                ).endswith(f"(4) | {cm.NO_VERDICT_FEW_SEEDS} |")
     store(2, 0.21)
     store(3, 0.90, b=dataclasses.replace(budget, steps=budget.steps + 1))  # another budget: left out
     store(4, 0.90, name="comparison_p4_old.json")  # not a comparison's name: left out

@@ -115,6 +115,9 @@ def test_thin_test_crops_keeps_a_slab_around_the_centre_of_test_crops_only(rv):
         starts.add(int(kept[0]))
     assert len(starts) > 5
     np.testing.assert_array_equal(np.asarray(rv.thin_test_crops(probe, planes).inputs), x)  # seeded
+    both = np.asarray(rv.thin_test_crops(probe, planes, train_too=True).inputs)
+    np.testing.assert_array_equal(both[10:], x[10:])  # the test crops' slabs are drawn first: the same
+    assert all((crop.reshape(-1, size).max(axis=0) == 0).sum() >= size - planes for crop in both[:10])
     with pytest.raises(ValueError, match="probe-slab 33"):
         rv.thin_test_crops(probe, 33)
 
