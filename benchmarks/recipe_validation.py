@@ -16,7 +16,7 @@ per recipe, never tuned on):
    those features over the probe's crops (RankMe; a falling rank is dimensional collapse); and k-means on the
    mean tokens of all the probe's crops against their organ labels (NMI, ARI: the twin of compare_methods'
    organ clustering). With ``--probe-slab N`` the probe runs a second time with its *test* crops thinned to a
-   slab of N z planes (the rest 0, :func:`thin_test_crops`): the padding a series of N slices gets when it is cut
+   slab of N z planes (the rest 0, :func:`dagman.train.probe.thin_crops`): the padding a series of N slices gets when it is cut
    into crops of more planes, which is what every crop of a thin held-out series looks like (a 20-slice series
    at 2 mm fills 20 of 32 planes). It asks whether the features still find the organ when the crop was not fully
    scanned, on training volumes.
@@ -53,28 +53,6 @@ def encoder(ckpt: str, size: str, use_sa: bool | None, seed: int = 0):
     if use_sa is None:
         use_sa = ckpt != "none" and encoder_source(ckpt, size=size).sa is not None
     return open_encoder(ckpt, size, use_sa=use_sa, seed=seed).eval()
-
-
-def thin_test_crops(probe, planes: int, seed: int = 0, train_too: bool = False):
-    """A copy of ``probe`` whose test crops keep only ``planes`` contiguous z planes (the last axis), every other
-    plane set to 0, as a series of ``planes`` slices is zero-padded when a crop of more planes is cut from it
-    around a voxel inside it: the crop's centre plane lies ``j`` planes above the slab's first, ``j`` uniform in
-    ``[0, planes)`` (``numpy.random.default_rng(seed)``, test crops first). Training crops are left as they are,
-    or (``train_too``) thinned the same way after them: matched padding, to tell the mismatch from the voxels lost."""
-    import dataclasses
-
-    inputs = np.array(probe.inputs, copy=True)
-    size = inputs.shape[-1]
-    if not 1 <= planes <= size:
-        raise ValueError(f"--probe-slab {planes}: must be in 1..{size} (the crop's z edge)")
-    rng = np.random.default_rng(seed)
-    centre = size // 2
-    test = np.asarray(probe.is_test, dtype=bool)
-    for i in [*np.flatnonzero(test), *(np.flatnonzero(~test) if train_too else [])]:
-        first = centre - int(rng.integers(0, planes))
-        inputs[i, ..., :max(first, 0)] = 0
-        inputs[i, ..., max(first + planes, 0):] = 0
-    return dataclasses.replace(probe, inputs=inputs)
 
 
 def organ_probe(enc, probe) -> dict[str, dict[str, float]]:
@@ -189,10 +167,10 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     probe = thin = None
     if args.probe:
-        from dagman.train.probe import load_probe_set
+        from dagman.train.probe import load_probe_set, thin_crops
 
         probe = load_probe_set(args.probe)
-        thin = thin_test_crops(probe, args.probe_slab, train_too=args.probe_slab_train) if args.probe_slab else None
+        thin = thin_crops(probe, args.probe_slab, train_too=args.probe_slab_train) if args.probe_slab else None
     pool = None
     if args.nodules:
         pool, dropped = training_pool(args.nodules)

@@ -13,7 +13,7 @@ from dagman.errors import ConfigError, DataError
 from dagman.ssl.method import SSLNetwork
 from dagman.ssl.monitor import learning_summary
 from dagman.train.logging import read_metrics
-from dagman.train.probe import ProbeSet, effective_rank, load_probe_set, probe_features, probe_network
+from dagman.train.probe import ProbeSet, effective_rank, load_probe_set, probe_features, probe_network, thin_crops
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -136,6 +136,53 @@ def test_data_probe_command_then_pretraining_logs_the_probe(tmp_path, capsys):
     rc = cli_main(["pretrain", "--size", "tiny", "--data", str(cache), "--out", str(tmp_path / "r2"), "--steps",
                    "2", f"train.probe={out}", "data.spacing_mm=1.5"])
     assert rc != 0 and "cut at 2 mm" in capsys.readouterr().err
+
+
+def test_thin_crops_keeps_a_slab_around_the_centre_of_test_crops_only():
+    n, size, planes = 40, 32, 20
+    inputs = np.full((n, size, size, size), 0.5, dtype=np.float16)
+    probe = ProbeSet(inputs=inputs, class_ids=np.arange(n) % 2, is_test=np.arange(n) >= 10,
+                     class_names=["a", "b"], spacing_mm=2.0, hu_window=(-750.0, 1750.0))
+    thin = thin_crops(probe, planes)
+    x = np.asarray(thin.inputs)
+    np.testing.assert_array_equal(x[:10], inputs[:10])  # training crops untouched
+    np.testing.assert_array_equal(probe.inputs, inputs)  # the original is not modified
+    starts = set()
+    for crop in x[10:]:
+        kept = np.flatnonzero(crop.reshape(-1, size).max(axis=0) > 0)
+        assert np.all(np.diff(kept) == 1) and kept[0] <= size // 2 <= kept[-1]  # one slab holding the centre plane
+        assert np.all(crop[..., kept] == 0.5)
+        # the slab is `planes` planes, cut where it runs past the crop's end
+        assert len(kept) == planes or kept[0] == 0 or kept[-1] == size - 1
+        starts.add(int(kept[0]))
+    assert len(starts) > 5
+    np.testing.assert_array_equal(np.asarray(thin_crops(probe, planes).inputs), x)  # seeded
+    both = np.asarray(thin_crops(probe, planes, train_too=True).inputs)
+    np.testing.assert_array_equal(both[10:], x[10:])  # the test crops' slabs are drawn first: the same
+    assert all((crop.reshape(-1, size).max(axis=0) == 0).sum() >= size - planes for crop in both[:10])
+    with pytest.raises(DataError, match="33 planes"):
+        thin_crops(probe, 33)
+
+
+def test_data_probe_test_slab_thins_only_the_test_crops(tmp_path, capsys):
+    import json
+
+    names = tmp_path / "names.json"
+    names.write_text(json.dumps(NAMES))
+    a, b = _patient(tmp_path / "a", 0), _patient(tmp_path / "b", 1)
+    args = ["data", "probe", "--train", str(a[0]), str(a[1]), "--test", str(b[0]), str(b[1]), "--names", str(names),
+            "--crops-per-structure", "4"]
+    assert cli_main([*args, "--out", str(tmp_path / "full.npz")]) == 0
+    assert cli_main([*args, "--out", str(tmp_path / "thin.npz"), "--test-slab", "20"]) == 0
+    assert "test crops (test crops thinned to 20 z planes)" in capsys.readouterr().out
+    full, thin = load_probe_set(tmp_path / "full.npz"), load_probe_set(tmp_path / "thin.npz")
+    np.testing.assert_array_equal(thin.inputs, thin_crops(full, 20).inputs)
+    test = np.asarray(thin.is_test)
+    np.testing.assert_array_equal(thin.inputs[~test], full.inputs[~test])
+    assert not np.array_equal(thin.inputs[test], full.inputs[test])
+    assert cli_main([*args, "--out", str(tmp_path / "bad.npz"), "--test-slab", "40"]) == 2
+    assert "--test-slab 40: must be in 1..32" in capsys.readouterr().err
+    assert not (tmp_path / "bad.npz").exists()
 
 
 def test_learning_summary_shows_the_probe():

@@ -94,34 +94,6 @@ def test_per_stage_probe_of_a_random_encoder(rv, tmp_path):
     assert not np.allclose(feats["mean"], other["mean"])
 
 
-def test_thin_test_crops_keeps_a_slab_around_the_centre_of_test_crops_only(rv):
-    from dagman.train.probe import ProbeSet
-
-    n, size, planes = 40, 32, 20
-    inputs = np.full((n, size, size, size), 0.5, dtype=np.float16)
-    probe = ProbeSet(inputs=inputs, class_ids=np.arange(n) % 2, is_test=np.arange(n) >= 10,
-                     class_names=["a", "b"], spacing_mm=2.0, hu_window=(-750.0, 1750.0))
-    thin = rv.thin_test_crops(probe, planes)
-    x = np.asarray(thin.inputs)
-    np.testing.assert_array_equal(x[:10], inputs[:10])  # training crops untouched
-    np.testing.assert_array_equal(probe.inputs, inputs)  # the original is not modified
-    starts = set()
-    for crop in x[10:]:
-        kept = np.flatnonzero(crop.reshape(-1, size).max(axis=0) > 0)
-        assert np.all(np.diff(kept) == 1) and kept[0] <= size // 2 <= kept[-1]  # one slab holding the centre plane
-        assert np.all(crop[..., kept] == 0.5)
-        # the slab is `planes` planes, cut where it runs past the crop's end
-        assert len(kept) == planes or kept[0] == 0 or kept[-1] == size - 1
-        starts.add(int(kept[0]))
-    assert len(starts) > 5
-    np.testing.assert_array_equal(np.asarray(rv.thin_test_crops(probe, planes).inputs), x)  # seeded
-    both = np.asarray(rv.thin_test_crops(probe, planes, train_too=True).inputs)
-    np.testing.assert_array_equal(both[10:], x[10:])  # the test crops' slabs are drawn first: the same
-    assert all((crop.reshape(-1, size).max(axis=0) == 0).sum() >= size - planes for crop in both[:10])
-    with pytest.raises(ValueError, match="probe-slab 33"):
-        rv.thin_test_crops(probe, 33)
-
-
 def test_probe_kmeans_of_unrelated_labels_is_near_zero(rv):
     """Labels drawn independently of the crops: the clustering cannot agree with them (ARI ~ 0), while the same
     crops with labels that follow their intensity score 1."""

@@ -32,7 +32,7 @@ import torch
 from dagman.errors import ConfigError, DataError
 
 __all__ = ["ProbeSet", "build_probe_set", "effective_rank", "load_probe_set", "probe_features", "probe_network",
-           "probe_scores", "probe_set_for", "PROBE_K"]
+           "probe_scores", "probe_set_for", "thin_crops", "PROBE_K"]
 
 PROBE_FORMAT_VERSION = 1
 #: the k of the probe's k-NN vote
@@ -155,6 +155,31 @@ def build_probe_set(train_cases: Sequence[tuple], test_case: tuple, *, spacing: 
     return ProbeSet(inputs=np.concatenate(inputs), class_ids=np.asarray(ids, dtype=np.int64),
                     is_test=np.asarray(flags, dtype=bool), class_names=classes, spacing_mm=float(spacing),
                     hu_window=(float(hu_window[0]), float(hu_window[1])))
+
+
+def thin_crops(probe: ProbeSet, planes: int, *, seed: int = 0, train_too: bool = False) -> ProbeSet:
+    """A copy of ``probe`` whose test crops keep only ``planes`` contiguous z planes (the last axis), every other
+    plane set to 0: what a series of ``planes`` slices looks like when a crop of more planes is cut from it around a
+    voxel inside it (zero padding beyond the scan, as :func:`dagman.tasks.cluster.make_structure_crops` pads). The
+    crop's centre plane lies ``j`` planes above the slab's first, ``j`` uniform in ``[0, planes)``
+    (``numpy.random.default_rng(seed)``, test crops first). Training crops are left as they are, or
+    (``train_too``) thinned the same way after them: matched padding, which tells the mismatch from the voxels lost.
+    A probe of thinned test crops asks, on the probe's own (training) patients, whether the features still find the
+    structure in a thin series."""
+    size = probe.inputs.shape[-1]
+    if not 1 <= int(planes) <= size:
+        raise DataError(f"a slab of {planes} planes: must be in 1..{size} (the crops' z edge)")
+    inputs = np.array(probe.inputs, copy=True)
+    rng = np.random.default_rng(seed)
+    test = np.asarray(probe.is_test, dtype=bool)
+    centre = size // 2
+    for i in [*np.flatnonzero(test), *(np.flatnonzero(~test) if train_too else [])]:
+        first = centre - int(rng.integers(0, planes))
+        inputs[i, ..., :max(first, 0)] = 0
+        inputs[i, ..., max(first + planes, 0):] = 0
+    from dataclasses import replace
+
+    return replace(probe, inputs=inputs)
 
 
 @torch.no_grad()
