@@ -497,3 +497,65 @@ def test_koleo_on_the_image_level_projection_outputs():
     assert load_config("paper", "dagman").loss.koleo_head_weight == 0.0
     with pytest.raises(ConfigError, match="koleo_head_weight needs loss.gitd or loss.aitd"):
         load_config("tiny", "dagman", overrides=["loss.koleo_head_weight=0.1", "loss.gitd=false", "loss.aitd=false"])
+
+
+def test_student_slab_thins_the_student_input_only():
+    """mask.student_slab_prob: the student sees a slab of z planes (the rest 0); the teacher's targets, the masks and
+    the reconstruction target are those of the full crop; off (the default) draws nothing."""
+    from dagman.config import plan_steps
+    from dagman.ssl.masking import slab_planes
+    from dagman.ssl.method import StudentNetwork, make_teacher
+    from dagman.train.schedules import Schedules
+
+    def step(*overrides):
+        cfg = load_config("tiny", "dagman", overrides=["train.total_steps=100", *overrides])
+        torch.manual_seed(0)
+        student = StudentNetwork(cfg)
+        teacher = make_teacher(student)
+        views = torch.rand(2, 2, 1, 64, 64, 64, generator=torch.Generator().manual_seed(1))
+        values = Schedules.from_config(cfg, plan_steps(cfg, num_volumes=10)).at(30)
+        torch.manual_seed(3)
+        out = SSLMethod(cfg)(student, teacher, views[0], views[1], values, torch.Generator().manual_seed(2))
+        return cfg, student, views, out
+
+    _, _, views, off = step()
+    _, _, _, zero = step("mask.student_slab_prob=0")
+    assert {k: float(v) for k, v in zero.parts.items()} == {k: float(v) for k, v in off.parts.items()}
+    cfg, student, _, on = step("mask.student_slab_prob=1", "mask.student_slab_fraction_range=[0.5,0.5]")
+    for key in ("aitd", "gitd", "ampd"):  # the teacher saw the full crops
+        torch.testing.assert_close(on.teacher_logits[key], off.teacher_logits[key])
+    assert torch.equal(on.masks["student"], off.masks["student"])
+    assert float(on.parts["amip"]) != pytest.approx(float(off.parts["amip"]))
+    # the student's input: the same draws after the masks give each row one slab of 32 of the 64 planes
+    x = torch.cat([views[0], views[1]])
+    g = torch.Generator().manual_seed(2)
+    from dagman.ssl.masking import student_mask_from_config, teacher_drop_mask
+
+    grid = SSLMethod(cfg).unit_grid(tuple(x.shape[2:]))
+    teacher_drop_mask(4, grid, cfg.mask.teacher_drop_ratio, g)
+    scores = make_teacher(student)(x, mask=on.masks["teacher_drop"]).importance  # attention masks read S
+    student_mask_from_config(cfg.mask, batch=4, grid=grid, generator=g, scores=scores.float(), device=x.device)
+    keep = slab_planes(4, 64, 1.0, (0.5, 0.5), g)
+    assert keep.sum(1).tolist() == [32] * 4
+    torch.manual_seed(3)
+    s_out = student(x * keep[:, None, None, None, :], mask=on.masks["student"])
+    torch.testing.assert_close(on.reconstruction, s_out.reconstruction.detach())
+    with pytest.raises(ConfigError, match="mask.student_slab_fraction_range"):
+        load_config("tiny", "dagman", overrides=["mask.student_slab_fraction_range=[0.5,0.2]"])
+    with pytest.raises(ConfigError, match="mask.student_slab_prob"):
+        load_config("tiny", "dagman", overrides=["mask.student_slab_prob=2"])
+
+
+def test_slab_planes_rows_and_probability():
+    from dagman.ssl.masking import slab_planes
+
+    g = torch.Generator().manual_seed(0)
+    assert slab_planes(5, 16, 0.0, (0.25, 1.0), g).all()  # off: every plane of every row
+    keep = slab_planes(400, 16, 0.5, (0.25, 0.5), torch.Generator().manual_seed(1))
+    thinned = ~keep.all(1)
+    assert abs(float(thinned.float().mean()) - 0.5) < 0.1
+    for row in keep[thinned]:
+        kept = torch.nonzero(row).flatten()
+        assert 4 <= len(kept) <= 8 and bool((kept.diff() == 1).all())  # one slab of round(0.25..0.5 * 16) planes
+    again = slab_planes(400, 16, 0.5, (0.25, 0.5), torch.Generator().manual_seed(1))
+    assert torch.equal(keep, again)

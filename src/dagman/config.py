@@ -196,6 +196,12 @@ class MaskConfig:
     block_min_tokens: int = _opt(4, "blockwise: smallest block (mask units)")
     block_min_aspect: float = _opt(0.3, "blockwise: smallest edge ratio of a block (ratio)")
     block_mask_prob: float = _opt(0.5, "blockwise: probability a view is masked at all, as iBOT (prob.)")
+    student_slab_prob: float = _opt(
+        0.0, "probability that a view's student input (not the teacher's) keeps only a random slab of z planes, the "
+        "rest 0 (a thin series): the student then meets the teacher's full-crop targets from a thin crop; 0 = off, the "
+        "paper (prob.)")
+    student_slab_fraction_range: tuple[float, float] = _opt(
+        (0.25, 1.0), "student slab thickness, a fraction of the crop's z edge drawn uniformly (fraction)")
 
 
 @dataclass(frozen=True)
@@ -848,10 +854,13 @@ def validate(cfg: Config) -> Config:
         )
     _in_unit("data.flip_prob", d.flip_prob, high_open=False)
     _in_unit("data.intensity_prob", d.intensity_prob, high_open=False)
-    _in_unit("data.slab_prob", d.slab_prob, high_open=False)
-    lo, hi = d.slab_fraction_range
-    _require(0 < lo <= hi <= 1, f"data.slab_fraction_range must satisfy 0 < lo <= hi <= 1, got "
-             f"{_show(d.slab_fraction_range)}")
+    for prob_key, range_key, section in (("slab_prob", "slab_fraction_range", d),
+                                         ("student_slab_prob", "student_slab_fraction_range", cfg.mask)):
+        where = "data" if section is d else "mask"
+        _in_unit(f"{where}.{prob_key}", getattr(section, prob_key), high_open=False)
+        lo, hi = getattr(section, range_key)
+        _require(0 < lo <= hi <= 1, f"{where}.{range_key} must satisfy 0 < lo <= hi <= 1, got "
+                 f"{_show((lo, hi))}")
     lo, hi = d.intensity_scale_range
     _require(0 < lo <= hi, f"data.intensity_scale_range must satisfy 0 < lo <= hi, got {_show((lo, hi))}")
     lo, hi = d.intensity_shift_range

@@ -75,6 +75,14 @@ def _interval(name: str, value: tuple[float, float] | None, identity: float) -> 
     return (lo, hi)
 
 
+def slab_bounds(planes: int, fraction: float, where: float) -> tuple[int, int]:
+    """The slab a thinned crop keeps: ``(first, thickness)`` planes of ``planes``, thickness ``round(fraction *
+    planes)`` (at least 1), its first plane ``where`` (in [0, 1)) of the way through the positions that fit. The one
+    rule of the data's view slabs (``data.slab_prob``) and the student's (``mask.student_slab_prob``)."""
+    thick = min(max(int(round(fraction * planes)), 1), planes)
+    return int(where * (planes - thick + 1)), thick
+
+
 def _fmt_shape(shape: Sequence[int]) -> str:
     return "x".join(str(int(s)) for s in shape)
 
@@ -399,9 +407,7 @@ class TwoViewDataset(Dataset):
         if self.slab_prob > 0.0:
             keep, frac, where = rng.random(), rng.uniform(*self.slab_fraction), rng.random()
             if keep < self.slab_prob:
-                sz = out.shape[-1]
-                thick = min(max(int(round(frac * sz)), 1), sz)
-                first = int(where * (sz - thick + 1))
+                first, thick = slab_bounds(out.shape[-1], frac, where)
                 out[..., :first] = 0.0
                 out[..., first + thick:] = 0.0
         return origin

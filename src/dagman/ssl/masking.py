@@ -42,6 +42,7 @@ __all__ = [
     "attention_mask_counts",
     "random_mask",
     "teacher_drop_mask",
+    "slab_planes",
     "blockwise_mask",
     "attention_high_mask",
     "attention_low_mask",
@@ -156,6 +157,25 @@ def teacher_drop_mask(batch: int, grid: Sequence[int], ratio: float, generator: 
     """Noisy-teacher patch drop (method.md sec 4, ``r_t = 0.7``): a :func:`random_mask` of ``round(r_t*N)``
     units per sample; ``ratio = 0`` gives an all-False mask (no noisy teacher). Bool ``(batch, d, h, w)``."""
     return random_mask(batch, grid, ratio, generator, device)
+
+
+def slab_planes(batch: int, planes: int, prob: float, fraction: tuple[float, float],
+                generator: torch.Generator) -> torch.Tensor:
+    """Which z planes each of ``batch`` student inputs keeps (``mask.student_slab_prob``): bool ``(batch, planes)``,
+    all True for a row that is not thinned (probability ``1 - prob``), else one slab of
+    :func:`dagman.data.views.slab_bounds` planes with the thickness fraction uniform in ``fraction``. Three numbers
+    per row from ``generator`` (keep, fraction, position), drawn whether or not the row is thinned."""
+    from dagman.data.views import slab_bounds
+
+    draws = torch.rand(batch, 3, generator=generator, device=generator.device).cpu().tolist()
+    keep = torch.ones(batch, planes, dtype=torch.bool)
+    lo, hi = fraction
+    for row, (u, f, w) in enumerate(draws):
+        if u < prob:
+            first, thick = slab_bounds(planes, lo + (hi - lo) * f, w)
+            keep[row] = False
+            keep[row, first:first + thick] = True
+    return keep
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -36,7 +36,7 @@ from dagman.models.heads import (
 from dagman.models.semantic_attention import SemanticAttention
 from dagman.models.swin import DropPath, MaskTokenEncoder, SwinFeatures, build_backbone
 from dagman.ssl.losses import DistillationLoss, MaskedReconstructionLoss, koleo_loss
-from dagman.ssl.masking import student_mask_from_config, teacher_drop_mask
+from dagman.ssl.masking import slab_planes, student_mask_from_config, teacher_drop_mask
 from dagman.ssl.monitor import entropy_ratio, teacher_monitor
 
 ATTENTION_MASKS = ("attention_hint", "attention_high", "attention_low")
@@ -271,8 +271,15 @@ class SSLMethod(nn.Module):
         s_mask = student_mask_from_config(cfg.mask, batch=n_global, grid=grid, generator=generator,
                                           scores=_gather_rows(scores, b, world), device=x.device)
         s_mask = s_mask.to(x.device)[rows]
-        # 4. student on the masked views
-        s_out = student(x, mask=s_mask)
+        # 4. student on the masked views (thinned to a slab of z planes where mask.student_slab_prob says so; the
+        # teacher's targets and the reconstruction target stay those of the full crop); drawn last, and only when
+        # on, so every other draw is the same as without the option
+        s_in = x
+        if cfg.mask.student_slab_prob > 0:
+            keep = slab_planes(n_global, x.shape[-1], cfg.mask.student_slab_prob,
+                               tuple(cfg.mask.student_slab_fraction_range), generator).to(x.device)[rows]
+            s_in = x * keep[:, None, None, None, :].to(x.dtype)
+        s_out = student(s_in, mask=s_mask)
 
         # 5. named losses
         parts: dict[str, torch.Tensor] = {}
