@@ -22,7 +22,7 @@ volumes (or a separate validation patient) when it steers a recipe.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -177,8 +177,6 @@ def thin_crops(probe: ProbeSet, planes: int, *, seed: int = 0, train_too: bool =
         first = centre - int(rng.integers(0, planes))
         inputs[i, ..., :max(first, 0)] = 0
         inputs[i, ..., max(first + planes, 0):] = 0
-    from dataclasses import replace
-
     return replace(probe, inputs=inputs)
 
 
