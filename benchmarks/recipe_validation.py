@@ -16,10 +16,10 @@ per recipe, never tuned on):
    those features over the probe's crops (RankMe; a falling rank is dimensional collapse); and k-means on the
    mean tokens of all the probe's crops against their organ labels (NMI, ARI: the twin of compare_methods'
    organ clustering). With ``--probe-slab N`` the probe runs a second time with its *test* crops thinned to a
-   slab of N z planes (the rest 0, :func:`dagman.train.probe.thin_crops`): the padding a series of N slices gets when it is cut
-   into crops of more planes, which is what every crop of a thin held-out series looks like (a 20-slice series
-   at 2 mm fills 20 of 32 planes). It asks whether the features still find the organ when the crop was not fully
-   scanned, on training volumes.
+   slab of N z planes (the rest 0, :func:`dagman.train.probe.thin_crops`): the padding a series of N slices gets
+   when it is cut into crops of more planes, which is what every crop of a thin held-out series looks like (a
+   20-slice series at 2 mm fills 20 of 32 planes). It asks whether the features still find the organ when the
+   crop was not fully scanned, on training volumes.
 2. **Nodule malignancy, training pool only** (``--nodules``, a ``dagman data nodules`` folder, e.g. the one
    ``compare_methods.py`` builds): ``compare_methods.py``'s fixed patient-grouped split is made, the held-out
    test nodules are dropped *before anything is encoded*, and ``dagman classify``'s cross-validation runs on
@@ -167,10 +167,14 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     probe = thin = None
     if args.probe:
+        from dagman.errors import DataError
         from dagman.train.probe import load_probe_set, thin_crops
 
         probe = load_probe_set(args.probe)
-        thin = thin_crops(probe, args.probe_slab, train_too=args.probe_slab_train) if args.probe_slab else None
+        try:
+            thin = thin_crops(probe, args.probe_slab, train_too=args.probe_slab_train) if args.probe_slab else None
+        except DataError as err:
+            p.error(f"--probe-slab {args.probe_slab}: {err}")
     pool = None
     if args.nodules:
         pool, dropped = training_pool(args.nodules)
