@@ -407,14 +407,7 @@ def test_koleo_weight_enters_the_total_and_is_off_by_default():
     assert load_config("paper", "dagman").loss.koleo_weight == 0.0  # method.md has no such term
 
     def step(weight):
-        cfg = load_config("tiny", "dagman", overrides=[f"loss.koleo_weight={weight}", "train.total_steps=100"])
-        torch.manual_seed(0)
-        student = StudentNetwork(cfg)
-        teacher = make_teacher(student)
-        views = torch.rand(2, 2, 1, 64, 64, 64, generator=torch.Generator().manual_seed(1))
-        values = Schedules.from_config(cfg, plan_steps(cfg, num_volumes=10)).at(30)
-        torch.manual_seed(3)  # drop-path draws
-        out = SSLMethod(cfg)(student, teacher, views[0], views[1], values, torch.Generator().manual_seed(2))
+        _, student, _, out = _tiny_step(f"loss.koleo_weight={weight}")
         out.loss.backward()
         last = torch.cat([q.grad.flatten() for q in student.net.backbone.layers4.parameters()])
         return out, last
@@ -441,14 +434,14 @@ def test_koleo_weight_enters_the_total_and_is_off_by_default():
         load_config("tiny", "dagman", overrides=["loss.koleo_weight=-1"])
 
 
-def _koleo_step(weight_key: str, weight: float):
-    """One tiny DAGMaN step with ``loss.{weight_key}=weight``: (student, step output, the student's output
-    recomputed from the same masked forward)."""
+def _tiny_step(*overrides: str):
+    """One seeded tiny DAGMaN step (weights from torch seed 0, views from 1, masks from 2, drop path from 3) with
+    ``overrides``: (config, student, views ``(2, B, 1, S, S, S)``, step output)."""
     from dagman.config import plan_steps
     from dagman.ssl.method import StudentNetwork, make_teacher
     from dagman.train.schedules import Schedules
 
-    cfg = load_config("tiny", "dagman", overrides=[f"loss.{weight_key}={weight}", "train.total_steps=100"])
+    cfg = load_config("tiny", "dagman", overrides=[*overrides, "train.total_steps=100"])
     torch.manual_seed(0)
     student = StudentNetwork(cfg)
     teacher = make_teacher(student)
@@ -456,6 +449,13 @@ def _koleo_step(weight_key: str, weight: float):
     values = Schedules.from_config(cfg, plan_steps(cfg, num_volumes=10)).at(30)
     torch.manual_seed(3)
     out = SSLMethod(cfg)(student, teacher, views[0], views[1], values, torch.Generator().manual_seed(2))
+    return cfg, student, views, out
+
+
+def _koleo_step(weight_key: str, weight: float):
+    """One tiny DAGMaN step with ``loss.{weight_key}=weight``: (student, step output, the student's output
+    recomputed from the same masked forward)."""
+    _, student, views, out = _tiny_step(f"loss.{weight_key}={weight}")
     torch.manual_seed(3)
     s_out = student(torch.cat([views[0], views[1]]), mask=out.masks["student"])
     return student, out, s_out
@@ -502,26 +502,13 @@ def test_koleo_on_the_image_level_projection_outputs():
 def test_student_slab_thins_the_student_input_only():
     """mask.student_slab_prob: the student sees a slab of z planes (the rest 0); the teacher's targets, the masks and
     the reconstruction target are those of the full crop; off (the default) draws nothing."""
-    from dagman.config import plan_steps
     from dagman.ssl.masking import slab_planes
-    from dagman.ssl.method import StudentNetwork, make_teacher
-    from dagman.train.schedules import Schedules
+    from dagman.ssl.method import make_teacher
 
-    def step(*overrides):
-        cfg = load_config("tiny", "dagman", overrides=["train.total_steps=100", *overrides])
-        torch.manual_seed(0)
-        student = StudentNetwork(cfg)
-        teacher = make_teacher(student)
-        views = torch.rand(2, 2, 1, 64, 64, 64, generator=torch.Generator().manual_seed(1))
-        values = Schedules.from_config(cfg, plan_steps(cfg, num_volumes=10)).at(30)
-        torch.manual_seed(3)
-        out = SSLMethod(cfg)(student, teacher, views[0], views[1], values, torch.Generator().manual_seed(2))
-        return cfg, student, views, out
-
-    _, _, views, off = step()
-    _, _, _, zero = step("mask.student_slab_prob=0")
+    _, _, views, off = _tiny_step()
+    _, _, _, zero = _tiny_step("mask.student_slab_prob=0")
     assert {k: float(v) for k, v in zero.parts.items()} == {k: float(v) for k, v in off.parts.items()}
-    cfg, student, _, on = step("mask.student_slab_prob=1", "mask.student_slab_fraction_range=[0.5,0.5]")
+    cfg, student, _, on = _tiny_step("mask.student_slab_prob=1", "mask.student_slab_fraction_range=[0.5,0.5]")
     for key in ("aitd", "gitd", "ampd"):  # the teacher saw the full crops
         torch.testing.assert_close(on.teacher_logits[key], off.teacher_logits[key])
     assert torch.equal(on.masks["student"], off.masks["student"])

@@ -854,9 +854,8 @@ def validate(cfg: Config) -> Config:
         )
     _in_unit("data.flip_prob", d.flip_prob, high_open=False)
     _in_unit("data.intensity_prob", d.intensity_prob, high_open=False)
-    for prob_key, range_key, section in (("slab_prob", "slab_fraction_range", d),
-                                         ("student_slab_prob", "student_slab_fraction_range", cfg.mask)):
-        where = "data" if section is d else "mask"
+    for where, section, prob_key, range_key in (("data", d, "slab_prob", "slab_fraction_range"),
+                                                ("mask", cfg.mask, "student_slab_prob", "student_slab_fraction_range")):
         _in_unit(f"{where}.{prob_key}", getattr(section, prob_key), high_open=False)
         lo, hi = getattr(section, range_key)
         _require(0 < lo <= hi <= 1, f"{where}.{range_key} must satisfy 0 < lo <= hi <= 1, got "
